@@ -1,0 +1,356 @@
+"""Extraction throughput, where its time goes, how long the encoder waits on decoding, and peak memory.
+
+Writes ``--videos`` H.264 videos (320x240, 8-10 s, 25-30 fps, x264's default GOP, moving shapes
+on a static textured background) with one caption each in a generic JSONL file, then for each
+model in ``--models`` (random weights; ``tiny`` is ``tests/tiny-vit.json``, other names are
+open_clip architectures, e.g. the real ``ViT-B-32``):
+
+1. ``run_extraction`` over all videos (``--workers`` decoding processes, the default pipeline):
+   videos/s end to end (model build and final assembly included; the figure the CLI prints)
+   and for the pipeline alone (from the first request for decoded frames to the end).
+2. The decode wait: ``runner.DecodeQueue`` is replaced by a subclass whose ``run`` times every
+   ``next()`` of the main loop, and ``runner.encode_part`` by a timed wrapper. The share of the
+   pipeline's wall time spent blocked on decoded frames is what the GPU (on CPU: the encoder)
+   sat waiting on decoding; the first wait, which includes the workers' start-up, is shown apart.
+3. Stages side by side in this process, on the same videos, with the runner's part/batch layout:
+   decode = ``sample_frames`` per video (one process, FFmpeg threads as each worker gets them);
+   preprocess = ``encoder.preprocess`` (timed inside ``encode_part`` by wrapping it on the
+   instance, with a device sync on CUDA); encode = the rest of ``encode_part``: the frame forward
+   pass (``forward_intermediates``, projection, copy to host, array assembly) plus
+   ``encode_texts`` for the captions (shown apart); write = ``PartStore.write`` of the resulting
+   parts into a temporary folder. Seconds and shares of their sum, and encoder frames/s.
+
+Finally peak RSS of ``tvrerank extract --workers 0`` (tiny model, CPU) in a fresh subprocess on
+one 10 s and one 10 min video (160x120, 25 fps), read with ``os.wait4`` in a bare launcher
+process (see ``LAUNCHER``); target: the long one
+within 1.5x of the short one. The last line is
+``videos_per_s_<model>=<x> ... rss_ratio=<x>`` (model names lower-cased, non-alphanumerics dropped).
+
+    python benchmarks/bench_extract.py [--models tiny,ViT-B-32] [--videos 24] [--device auto]
+        [--precision fp32] [--batch-size 64] [--workers 2] [--skip-rss]
+    python benchmarks/bench_extract.py --models ViT-bigG-14 --precision bf16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tvrerank.extract import runner
+from tvrerank.extract.frames import sample_frames
+from tvrerank.toy.videos import write_video
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = next((p for p in (REPO / "tests" / "tiny-vit.json", REPO / "tests" / "data" / "models" / "tiny-vit.json")
+             if p.is_file()), REPO / "tests" / "tiny-vit.json")
+FRAMES = 12
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (240, 220, 40)}
+
+
+# --------------------------------------------------------------------------- data
+def moving_frames(num: int, width: int, height: int, seed: int):
+    """A static textured background with two moving boxes; yields (H, W, 3) uint8 frames."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    background = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 128 // (width + height)], -1)
+    background = np.clip(background + rng.integers(-20, 20, background.shape), 0, 255).astype(np.uint8)
+    colours = list(COLOURS.values())
+    first, second = colours[seed % 4], colours[(seed + 1) % 4]
+    box = max(8, height // 6)
+    for i in range(num):
+        frame = background.copy()
+        x = (i * 3 + seed * 17) % (width - box)
+        y = int((height - box) * (0.5 + 0.4 * np.sin(i / 40 + seed)))
+        frame[y : y + box, x : x + box] = first
+        x2 = (width - box) - (i * 2 + seed * 11) % (width - box)
+        frame[height // 5 : height // 5 + box, x2 : x2 + box] = second
+        yield frame
+
+
+def make_dataset(root: Path, count: int, seed: int = 0) -> tuple[Path, list[Path], list[str]]:
+    """``count`` videos under ``root/videos`` and ``root/captions.jsonl``; (annotations, paths, captions)."""
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    paths, captions, lines = [], [], []
+    for i in range(count):
+        fps, seconds = int(rng.integers(25, 31)), float(rng.uniform(8, 10))
+        frames = moving_frames(int(fps * seconds), 320, 240, seed=i)
+        path = write_video(root / "videos" / f"v{i:04d}.mp4", frames, fps=fps)
+        caption = f"a {names[i % 4]} box and a {names[(i + 1) % 4]} box move across a textured wall (clip {i})"
+        paths.append(path)
+        captions.append(caption)
+        lines.append(json.dumps({"video": f"videos/{path.name}", "caption": caption}))
+    annotations = root / "captions.jsonl"
+    annotations.write_text("\n".join(lines) + "\n")
+    return annotations, paths, captions
+
+
+def slug(name: str) -> str:
+    """``ViT-B-32`` → ``vitb32``; a JSON path → its stem (``my-vit.json`` → ``myvit``)."""
+    return re.sub(r"[^a-z0-9]", "", Path(name).stem.lower() if name.endswith(".json") else name.lower())
+
+
+# --------------------------------------------------------------------------- 1+2: full run
+class TimedDecodeQueue(runner.DecodeQueue):
+    """DecodeQueue whose ``run`` records how long each item took to arrive (``waits``, seconds)."""
+
+    waits: list[float] = []
+    first_request: float | None = None
+
+    def run(self, items):
+        inner = super().run(items)
+        while True:
+            start = time.perf_counter()
+            if TimedDecodeQueue.first_request is None:
+                TimedDecodeQueue.first_request = start
+            try:
+                item = next(inner)
+            except StopIteration:
+                return
+            TimedDecodeQueue.waits.append(time.perf_counter() - start)
+            yield item
+
+
+@contextlib.contextmanager
+def instrumented_runner(encode_times: list[float]):
+    """Swap in TimedDecodeQueue and a timed ``encode_part`` inside ``tvrerank.extract.runner``."""
+    original_queue, original_encode = runner.DecodeQueue, runner.encode_part
+    TimedDecodeQueue.waits, TimedDecodeQueue.first_request = [], None
+
+    def timed_encode_part(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original_encode(*args, **kwargs)
+        finally:
+            encode_times.append(time.perf_counter() - start)
+
+    runner.DecodeQueue, runner.encode_part = TimedDecodeQueue, timed_encode_part
+    try:
+        yield
+    finally:
+        runner.DecodeQueue, runner.encode_part = original_queue, original_encode
+
+
+def full_run(model: str, label: str, annotations: Path, out: Path, args, count: int) -> float:
+    """Run ``run_extraction`` with timing hooks; print its figures; return end-to-end videos/s."""
+    from tvrerank.config import ExtractConfig
+
+    config = ExtractConfig(
+        annotations=(str(annotations),), format="jsonl", videos=str(annotations.parent), out=str(out),
+        model=model, frames=FRAMES, batch_size=args.batch_size, workers=args.workers,
+        device=args.device, precision=args.precision,
+    )
+    encode_times: list[float] = []
+    with instrumented_runner(encode_times):
+        start = time.perf_counter()
+        summary = runner.run_extraction(config, progress=False)
+        end = time.perf_counter()
+    if summary.ok != count:
+        raise SystemExit(f"extraction failed: {summary.line()}")
+    waits, pipeline = TimedDecodeQueue.waits, end - TimedDecodeQueue.first_request
+    wall = end - start
+    print(f"  full run ({args.workers} workers): {wall:6.2f} s = {count / wall:6.2f} videos/s end to end; "
+          f"pipeline {pipeline:6.2f} s = {count / pipeline:6.2f} videos/s "
+          f"(set-up before it {TimedDecodeQueue.first_request - start:.2f} s)")
+    print(f"  waiting on decoded frames: {sum(waits):6.2f} s = {sum(waits) / pipeline:6.1%} of the pipeline "
+          f"(first item {waits[0]:.2f} s incl. worker start-up; "
+          f"after it {sum(waits[1:]) / pipeline:.1%}); encode_part {sum(encode_times):6.2f} s = "
+          f"{sum(encode_times) / pipeline:.1%}; rest (write hand-off, assembly) "
+          f"{pipeline - sum(waits) - sum(encode_times):.2f} s")
+    print(f"  decode_wait_share_{label}={sum(waits) / pipeline:.3f}")
+    return count / wall
+
+
+# --------------------------------------------------------------------------- 3: stages
+def sync(encoder) -> None:
+    """Wait for queued device work (CUDA only)."""
+    import torch
+
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize(encoder.device)
+
+
+@contextlib.contextmanager
+def timed_method(obj, name: str, total: list[float], synchronise=None):
+    """Wrap ``obj.<name>`` on the instance: each call adds its seconds (after ``synchronise``) to ``total``."""
+    original = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        result = original(*args, **kwargs)
+        if synchronise is not None:
+            synchronise()
+        total[0] += time.perf_counter() - start
+        return result
+
+    setattr(obj, name, wrapper)
+    try:
+        yield
+    finally:
+        delattr(obj, name)
+
+
+def stage_times(model: str, paths: list[Path], captions: list[str], args) -> None:
+    """Decode / preprocess / encode / write side by side in this process; prints the breakdown."""
+    from tvrerank.cache.writer import PartStore
+    from tvrerank.extract.encoder import FrozenClipEncoder
+
+    encoder = FrozenClipEncoder(model=model, pretrained=None, precision=args.precision, device=args.device)
+    layout, size = encoder.layout, encoder.config.image_size
+    threads = max(1, (os.cpu_count() or 1) // args.workers) if args.workers else 0
+    start = time.perf_counter()
+    decoded = [(sample_frames(p, num_frames=FRAMES, image_size=size, threads=threads), "") for p in paths]
+    decode = time.perf_counter() - start
+
+    bytes_per_video = FRAMES * layout.tokens_per_frame * layout.token_dim * 2
+    bounds = runner.part_bounds(len(paths), runner.auto_part_videos(FRAMES, args.batch_size, bytes_per_video))
+    pre, text, parts, encode = [0.0], [0.0], [], 0.0
+    with timed_method(encoder, "preprocess", pre, lambda: sync(encoder)), \
+            timed_method(encoder, "encode_texts", text, lambda: sync(encoder)):
+        start = time.perf_counter()
+        for lo, hi in bounds:
+            rows = np.arange(lo, hi)
+            parts.append(runner.encode_part(encoder, rows, decoded[lo:hi], rows, captions[lo:hi],
+                                            frames=FRAMES, batch_size=args.batch_size))
+        sync(encoder)
+        encode = time.perf_counter() - start - pre[0]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = PartStore(Path(tmp) / "stages.h5")
+        store.folder.mkdir()
+        start = time.perf_counter()
+        for index, part in enumerate(parts):
+            store.write(index, part)
+        write = time.perf_counter() - start
+        written = sum(p.stat().st_size for p in store.folder.iterdir())
+
+    frames = sum(sample.num_valid for sample, _ in decoded)
+    total = decode + pre[0] + encode + write
+    print(f"  stages in one process ({frames} frames at {size}px, {len(bounds)} parts, batch {args.batch_size}, "
+          f"{encoder.device.type} {args.precision}, decode threads {threads or 'auto'}):")
+    for name, seconds in (("decode", decode), ("preprocess", pre[0]), ("encode", encode), ("write", write)):
+        print(f"    {name:<10} {seconds:7.3f} s  {seconds / total:6.1%}")
+    print(f"      of which encode_texts {text[0]:.3f} s for {len(captions)} captions; "
+          f"parts written: {written / 2**20:.1f} MiB")
+    print(f"    encoder: {frames / (encode - text[0]):8.1f} frames/s (forward only), "
+          f"{frames / (encode - text[0] + pre[0]):8.1f} frames/s with preprocess; "
+          f"decode {len(paths) / decode:.1f} videos/s in one process")
+
+
+# --------------------------------------------------------------------------- 4: peak RSS
+# Linux carries the forking process's RSS high-water mark into the child's ru_maxrss across exec
+# (and subprocess forks with vfork), so os.wait4 from this process, which holds the models, would
+# report its own peak for both runs. A bare ``python -S`` launcher (~10 MiB) forks, execs and waits.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
+def peak_rss_mib(command: list[str], root: Path, name: str) -> tuple[float, float]:
+    """(peak RSS MiB, seconds) of ``command`` run in a fresh process; raises if it fails."""
+    result, log = root / f"{name}.rusage", root / f"{name}.log"
+    start = time.perf_counter()
+    with open(log, "w") as output:
+        subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(result), *command],
+                       stdout=output, stderr=subprocess.STDOUT, check=True)
+    seconds = time.perf_counter() - start
+    max_rss_kib, code = (int(v) for v in result.read_text().split())
+    if code != 0:
+        raise SystemExit(f"{name} failed ({code}):\n{log.read_text()}")
+    return max_rss_kib / 1024, seconds  # ru_maxrss is in KiB on Linux
+
+
+def extract_command(video: Path, root: Path) -> list[str]:
+    """``tvrerank extract`` of ``video`` alone (tiny model, CPU, decoding in the same process)."""
+    annotations = root / f"{video.stem}.jsonl"
+    annotations.write_text(json.dumps({"video": video.name, "caption": "a box moves"}) + "\n")
+    return [sys.executable, "-m", "tvrerank.cli", "extract", "--annotations", str(annotations),
+            "--format", "jsonl", "--videos", str(video.parent), "--model", str(TINY),
+            "--out", str(root / f"{video.stem}.h5"), "--workers", "0", "--device", "cpu", "--quiet"]
+
+
+def rss_check(root: Path) -> float:
+    """Peak RSS of extracting a 10 s vs a 10 min video; prints both; returns long/short."""
+    print("peak RSS of `tvrerank extract --workers 0` (tiny model, CPU, 160x120 25 fps), fresh process each:")
+    peaks = {}
+    for seconds in (10, 600):
+        start = time.perf_counter()
+        frames = moving_frames(seconds * 25, 160, 120, seed=seconds)
+        video = write_video(root / f"rss-{seconds}s.mp4", frames, fps=25)
+        made = time.perf_counter() - start
+        peak, took = peak_rss_mib(extract_command(video, root), root, video.stem)
+        peaks[seconds] = peak
+        print(f"  {seconds:4d} s video ({video.stat().st_size / 2**20:5.1f} MiB, written in {made:5.1f} s): "
+              f"peak RSS {peak:7.1f} MiB, extract took {took:5.1f} s")
+    imports, _ = peak_rss_mib([sys.executable, "-c", "import torch, open_clip, av, h5py, tvrerank.cli"],
+                              root, "imports")
+    ratio = peaks[600] / peaks[10]
+    print(f"  10 min - 10 s: {peaks[600] - peaks[10]:+.1f} MiB; for scale, importing torch, open_clip, av "
+          f"and h5py alone peaks at {imports:.1f} MiB")
+    print(f"  rss_ratio={ratio:.3f} (target <= 1.5)")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,ViT-B-32", help="comma-separated; tiny = tests/tiny-vit.json")
+    parser.add_argument("--videos", type=int, default=24)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skip-rss", action="store_true", help="skip the 10 s vs 10 min peak-RSS check")
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # keep order with warnings on stderr when piped
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # open_clip's "initialized randomly" on the root logger
+        handler.addFilter(lambda record: "initialized randomly" not in record.getMessage())
+    logging.getLogger("tvrerank.extract.models").setLevel(logging.ERROR)  # our own random-weights warning
+
+    start = time.perf_counter()
+    import open_clip  # noqa: F401  (imported up front so no model's figures carry the import)
+    import torch
+
+    print(f"imported torch {torch.__version__} and open_clip in {time.perf_counter() - start:.1f} s "
+          "(not counted below)")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        annotations, paths, captions = make_dataset(tmp / "data", args.videos)
+        print(f"wrote {args.videos} videos (320x240, 8-10 s, 25-30 fps, "
+              f"{sum(p.stat().st_size for p in paths) / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s; "
+              f"{os.cpu_count()} CPUs; random weights")
+        for name in args.models.split(","):
+            model, label = (str(TINY) if name == "tiny" else name), slug(name)
+            kind = Path(model).name if model.endswith(".json") else "open_clip architecture"
+            print(f"{name} ({kind}, device {args.device}, {args.precision}):")
+            results[label] = full_run(model, label, annotations, tmp / f"{label}.h5", args, args.videos)
+            stage_times(model, paths, captions, args)
+        ratio = None if args.skip_rss else rss_check(tmp)
+    fields = [f"videos_per_s_{label}={rate:.2f}" for label, rate in results.items()]
+    print(" ".join(fields + ([f"rss_ratio={ratio:.3f}"] if ratio is not None else [])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""``cache info`` and ``cache check``: what a cache holds, and whether later stages can trust it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from tvrerank.cache.merge import source_files
+from tvrerank.cache.reader import CacheReader
+from tvrerank.cache.schema import FAILED, OK, PENDING, dataset_specs
+from tvrerank.config import to_dict
+
+#: Rows read at a time when scanning big arrays, so a check never holds a split in memory.
+SCAN_ROWS = 64
+
+
+def cache_info(path: str | Path) -> dict[str, Any]:
+    """Counts, encoder, sampling, token layout, dataset shapes and bytes on disk."""
+    with CacheReader(path) as cache:
+        header = cache.header
+        status = cache["videos/status"][()]
+        shapes = {}
+        cache.file.visititems(
+            lambda name, obj: shapes.__setitem__(name, [list(obj.shape), str(obj.dtype)])
+            if isinstance(obj, h5py.Dataset) else None
+        )
+        files = source_files(path)
+        return {
+            "path": str(path),
+            "schema": cache.file.attrs["schema"],
+            "tool_version": header.tool_version,
+            "created": header.created,
+            "videos": int(len(status)),
+            "videos_ok": int((status == OK).sum()),
+            "videos_failed": int((status == FAILED).sum()),
+            "videos_pending": int((status == PENDING).sum()),
+            "captions": cache.num_captions,
+            "frames": header.sampling.frames,
+            "tokens_per_frame": header.layout.tokens_per_frame,
+            "token_dim": header.layout.token_dim,
+            "embed_dim": header.layout.embed_dim,
+            "text_tokens": header.layout.text_tokens,
+            "text_token_dim": header.layout.text_token_dim,
+            "token_space": header.layout.space,
+            "token_pool": header.layout.pool,
+            "encoder": {k: v for k, v in to_dict(header.encoder).items() if k != "model_config"},
+            "sampling": to_dict(header.sampling),
+            "dataset": header.dataset,
+            "shapes": shapes,
+            "bytes_on_disk": int(sum(f.stat().st_size for f in files if f.exists())),
+            "files": [str(f) for f in files],
+        }
+
+
+def _scan_finite(dataset: h5py.Dataset) -> int:
+    """Rows of ``dataset`` holding NaN or inf, read SCAN_ROWS rows at a time."""
+    bad = 0
+    for start in range(0, dataset.shape[0], SCAN_ROWS):
+        block = dataset[start : start + SCAN_ROWS]
+        finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+        bad += int((~finite).sum())
+    return bad
+
+
+def check_cache(path: str | Path) -> list[str]:
+    """Problems found (empty when the cache is sound): schema, shapes, NaN/inf, completeness."""
+    try:
+        cache = CacheReader(path)
+    except (FileNotFoundError, ValueError) as exc:
+        return [str(exc)]
+    problems = [f"shard file {p} is missing (the merged cache maps onto it)" for p in source_files(path) if not p.exists()]
+    with cache:
+        header, f = cache.header, cache.file
+        n = f["videos/id"].shape[0] if "videos/id" in f else 0
+        m = f["texts/caption"].shape[0] if "texts/caption" in f else 0
+        for name, (shape, dtype) in dataset_specs(n, m, header.layout, header.sampling.frames).items():
+            if name not in f:
+                problems.append(f"missing dataset {name}")
+            elif tuple(f[name].shape) != tuple(shape):
+                problems.append(f"{name}: shape {f[name].shape}, expected {shape}")
+            elif np.dtype(f[name].dtype).kind != np.dtype(dtype).kind:
+                problems.append(f"{name}: dtype {f[name].dtype}, expected {np.dtype(dtype)}")
+        if problems:
+            return problems
+        status = f["videos/status"][()]
+        mask = f["videos/frame_mask"][()]
+        errors = f["videos/error"].asstr()[()]
+        if (pending := int((status == PENDING).sum())):
+            problems.append(f"{pending} videos are still pending (an unfinished extraction)")
+        if (unknown := int((~np.isin(status, [PENDING, OK, FAILED])).sum())):
+            problems.append(f"{unknown} videos have an unknown status")
+        if (empty := int(((status == OK) & ~mask.any(1)).sum())):
+            problems.append(f"{empty} ok videos have no valid frame")
+        if (silent := int(((status == FAILED) & (errors == "")).sum())):
+            problems.append(f"{silent} failed videos have no error message")
+        video = f["texts/video"][()]
+        if len(video) and (video.min() < 0 or video.max() >= n):
+            problems.append("texts/video points outside videos/")
+        lengths = f["texts/length"][()]
+        if len(lengths) and (lengths.min() < 1 or lengths.max() > header.layout.text_tokens):
+            problems.append(f"texts/length outside 1..{header.layout.text_tokens}")
+        for name in ("videos/frame_emb", "videos/video_emb", "videos/tokens", "texts/emb", "texts/tokens"):
+            if (bad := _scan_finite(f[name])):
+                problems.append(f"{name}: {bad} rows hold NaN or inf")
+        norms = np.linalg.norm(f["videos/video_emb"][()].astype(np.float32), axis=1)
+        if (off := int((np.abs(norms[status == OK] - 1) > 1e-2).sum())):
+            problems.append(f"videos/video_emb: {off} ok videos are not L2-normalised")
+    return problems

@@ -1,0 +1,55 @@
+"""Reading a cache: the parsed header plus lazy access to its datasets (nothing loaded up front)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from tvrerank.cache.schema import OK, CacheHeader
+
+
+class CacheReader:
+    """A read-only open cache. Use as a context manager; arrays are read on access."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such cache file")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise ValueError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
+        try:
+            self.header = CacheHeader.from_attrs(self.file.attrs, where=str(self.path))
+        except (KeyError, ValueError) as exc:
+            self.file.close()
+            raise ValueError(f"{self.path}: bad cache header: {exc}") from exc
+
+    def __enter__(self) -> "CacheReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __getitem__(self, name: str) -> h5py.Dataset:
+        return self.file[name]
+
+    @property
+    def num_videos(self) -> int:
+        return self.file["videos/id"].shape[0]
+
+    @property
+    def num_captions(self) -> int:
+        return self.file["texts/caption"].shape[0]
+
+    def strings(self, name: str) -> np.ndarray:
+        return self.file[name].asstr()[()]
+
+    def ok_rows(self) -> np.ndarray:
+        """Rows of the videos that extracted ok."""
+        return np.flatnonzero(self.file["videos/status"][()] == OK)

@@ -1,0 +1,106 @@
+"""The HDF5 cache schema ``tvrerank.cache/1`` (DESIGN.md, "The cache").
+
+N videos, M captions, T frames, P tokens per frame, D token width, E embedding width,
+L text tokens, Dt text token width. Root attributes hold JSON of the encoder, the sampling,
+the token layout and the dataset, plus the schema name, tool version and creation time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from tvrerank import __version__
+from tvrerank.config import EncoderConfig, SamplingConfig, TokenLayout, from_dict, to_dict
+
+SCHEMA = "tvrerank.cache/1"
+PENDING, OK, FAILED = 0, 1, 2
+STR = h5py.string_dtype("utf-8")
+
+
+@dataclass(frozen=True)
+class CacheHeader:
+    """Everything in the root attributes: what made the cache and what its arrays hold."""
+
+    encoder: EncoderConfig
+    sampling: SamplingConfig
+    layout: TokenLayout
+    dataset: dict  # annotations, format, videos root, shard
+    created: str = ""
+    tool_version: str = __version__
+
+    def to_attrs(self) -> dict[str, str]:
+        return {
+            "schema": SCHEMA,
+            "tool_version": self.tool_version,
+            "created": self.created,
+            "encoder": json.dumps(to_dict(self.encoder), sort_keys=True),
+            "sampling": json.dumps(to_dict(self.sampling), sort_keys=True),
+            "token_layout": json.dumps(to_dict(self.layout), sort_keys=True),
+            "dataset": json.dumps(self.dataset, sort_keys=True),
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: Any, where: str = "cache") -> "CacheHeader":
+        schema = attrs.get("schema")
+        if schema != SCHEMA:
+            raise ValueError(f"{where}: schema is {schema!r}, expected {SCHEMA!r} (not a tvrerank cache?)")
+        return cls(
+            encoder=from_dict(EncoderConfig, json.loads(attrs["encoder"])),
+            sampling=from_dict(SamplingConfig, json.loads(attrs["sampling"])),
+            layout=from_dict(TokenLayout, json.loads(attrs["token_layout"])),
+            dataset=json.loads(attrs["dataset"]),
+            created=str(attrs.get("created", "")),
+            tool_version=str(attrs.get("tool_version", "")),
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What two caches must share for their tokens and embeddings to be interchangeable."""
+        return {
+            "encoder": self.encoder.identity(),
+            "sampling": to_dict(self.sampling),
+            "layout": to_dict(self.layout),
+        }
+
+
+def dataset_specs(n: int, m: int, layout: TokenLayout, frames: int) -> dict[str, tuple[tuple, Any]]:
+    """name → (shape, dtype) of every dataset of a cache with n videos and m captions."""
+    t, p, d, e = frames, layout.tokens_per_frame, layout.token_dim, layout.embed_dim
+    return {
+        "videos/id": ((n,), STR),
+        "videos/path": ((n,), STR),
+        "videos/status": ((n,), np.uint8),
+        "videos/error": ((n,), STR),
+        "videos/frame_mask": ((n, t), np.bool_),
+        "videos/frame_emb": ((n, t, e), np.float16),
+        "videos/video_emb": ((n, e), np.float16),
+        "videos/tokens": ((n, t, p, d), np.float16),
+        "texts/caption": ((m,), STR),
+        "texts/video": ((m,), np.int32),
+        "texts/emb": ((m, e), np.float16),
+        "texts/tokens": ((m, layout.text_tokens, layout.text_token_dim), np.float16),
+        "texts/length": ((m,), np.int16),
+    }
+
+
+#: Datasets written per video / per caption as extraction goes (the rest is known up front).
+VIDEO_ARRAYS = ("status", "error", "frame_mask", "frame_emb", "video_emb", "tokens")
+TEXT_ARRAYS = ("emb", "tokens", "length")
+#: Large arrays that a shard merge maps with virtual datasets instead of copying.
+VIRTUAL_ARRAYS = ("videos/frame_emb", "videos/video_emb", "videos/tokens", "texts/emb", "texts/tokens")
+
+
+def chunks_for(name: str, shape: tuple) -> tuple | None:
+    """One video (or a block of captions) per chunk, so a reader touches only what it needs."""
+    if not shape or shape[0] == 0:
+        return None
+    if name == "videos/tokens":
+        return (1,) + tuple(shape[1:])
+    if len(shape) > 1:
+        rows = max(1, min(shape[0], (1 << 20) // max(1, int(np.prod(shape[1:])) * 2)))
+        return (rows,) + tuple(shape[1:])
+    return None

@@ -1,0 +1,162 @@
+"""Writing a cache crash-safely: finished parts on disk, one atomic assembly at the end.
+
+HDF5 files are not crash-safe: a process killed while writing can leave one unreadable. So
+extraction never writes into the final file as it goes. It writes each finished *part* (a
+fixed range of video rows and their captions) as a small HDF5 file in ``CACHE.h5.parts/``,
+each by write-to-temporary then rename, next to a ``plan.json`` that records what the run
+is. Killed at any moment, the finished parts survive; the same command run again skips
+them. When every part is there, ``assemble`` streams them in order into ``CACHE.h5.tmp``
+and renames it to ``CACHE.h5``: the final file either does not exist or is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+
+from tvrerank.cache.schema import OK, STR, TEXT_ARRAYS, VIDEO_ARRAYS, CacheHeader, chunks_for, dataset_specs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PartData:
+    """Results for one part: rows are positions in the cache's videos/ and texts/ tables."""
+
+    video_rows: np.ndarray  # (n,) int64
+    videos: dict[str, np.ndarray]  # VIDEO_ARRAYS, each (n, ...)
+    text_rows: np.ndarray  # (m,) int64
+    texts: dict[str, np.ndarray]  # TEXT_ARRAYS, each (m, ...)
+
+
+class PlanMismatch(ValueError):
+    """An unfinished run in the parts folder was started with other settings."""
+
+
+class PartStore:
+    """The ``CACHE.h5.parts/`` folder of an unfinished extraction."""
+
+    def __init__(self, cache_path: str | Path):
+        cache_path = Path(cache_path)
+        self.folder = cache_path.with_name(cache_path.name + ".parts")
+
+    def part_path(self, index: int) -> Path:
+        return self.folder / f"part-{index:06d}.h5"
+
+    def start(self, plan: dict) -> None:
+        """Create the folder for ``plan``, or check that an existing one holds the same plan."""
+        plan_path = self.folder / "plan.json"
+        if plan_path.exists():
+            previous = json.loads(plan_path.read_text())
+            if previous != plan:
+                changed = sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
+                raise PlanMismatch(
+                    f"{self.folder} holds an unfinished run with other settings ({', '.join(changed)}); "
+                    "rerun it with the same options to resume, or pass --overwrite to start over"
+                )
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = plan_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(plan, indent=1, sort_keys=True))
+        os.replace(tmp, plan_path)
+
+    def finished(self, count: int) -> set[int]:
+        """Indices of parts already written whole (a part file exists only once complete)."""
+        return {i for i in range(count) if self.part_path(i).exists()}
+
+    def write(self, index: int, part: PartData) -> None:
+        final = self.part_path(index)
+        tmp = final.with_suffix(".h5.tmp")
+        with h5py.File(tmp, "w") as f:
+            f["video_rows"], f["text_rows"] = part.video_rows, part.text_rows
+            for name, array in part.videos.items():
+                f.create_dataset(f"videos/{name}", data=array, dtype=STR if name == "error" else array.dtype)
+            for name, array in part.texts.items():
+                f.create_dataset(f"texts/{name}", data=array)
+        os.replace(tmp, final)
+
+    def read(self, index: int) -> PartData:
+        with h5py.File(self.part_path(index), "r") as f:
+            return PartData(
+                video_rows=f["video_rows"][()],
+                videos={k: _read(f[f"videos/{k}"]) for k in VIDEO_ARRAYS},
+                text_rows=f["text_rows"][()],
+                texts={k: f[f"texts/{k}"][()] for k in TEXT_ARRAYS},
+            )
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _read(dataset: h5py.Dataset) -> np.ndarray:
+    if h5py.check_string_dtype(dataset.dtype):
+        return dataset.asstr()[()]
+    return dataset[()]
+
+
+def create_cache(
+    path: str | Path,
+    header: CacheHeader,
+    *,
+    video_ids: Sequence[str],
+    video_paths: Sequence[str],
+    captions: Sequence[str],
+    caption_video: np.ndarray,
+) -> h5py.File:
+    """Create an empty cache with every dataset allocated (status pending); returns it open."""
+    f = h5py.File(path, "w")
+    f.attrs.update(header.to_attrs())
+    specs = dataset_specs(len(video_ids), len(captions), header.layout, header.sampling.frames)
+    for name, (shape, dtype) in specs.items():
+        f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks_for(name, shape))
+    f["videos/id"][:] = list(video_ids)
+    f["videos/path"][:] = list(video_paths)
+    f["texts/caption"][:] = list(captions)
+    f["texts/video"][:] = caption_video
+    return f
+
+
+def write_part(f: h5py.File, part: PartData) -> None:
+    """Copy one part's rows into an open cache (rows are contiguous and increasing)."""
+    for group, rows, arrays in (("videos", part.video_rows, part.videos), ("texts", part.text_rows, part.texts)):
+        if len(rows) == 0:
+            continue
+        window = slice(int(rows[0]), int(rows[-1]) + 1)
+        if window.stop - window.start != len(rows):
+            raise ValueError("part rows must be contiguous")
+        for name, array in arrays.items():
+            f[f"{group}/{name}"][window] = array
+
+
+def assemble(
+    parts: PartStore,
+    count: int,
+    out: str | Path,
+    header: CacheHeader,
+    *,
+    video_ids: Sequence[str],
+    video_paths: Sequence[str],
+    captions: Sequence[str],
+    caption_video: np.ndarray,
+    progress: Iterable[int] | None = None,
+) -> None:
+    """Stream parts 0..count-1 into ``out`` atomically (``out.tmp`` then rename)."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    with create_cache(
+        tmp, header, video_ids=video_ids, video_paths=video_paths, captions=captions,
+        caption_video=caption_video,
+    ) as f:
+        for index in progress if progress is not None else range(count):
+            write_part(f, parts.read(index))
+        ok = int((f["videos/status"][()] == OK).sum())
+        log.debug("assembled %d parts, %d videos ok", count, ok)
+    os.replace(tmp, out)

@@ -1,0 +1,241 @@
+"""The ``tvrerank`` command line: one thin command per stage; the work lives in the subpackages.
+
+Heavy imports (torch, av, open_clip, h5py) happen inside the commands, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+FORMATS = ("jsonl", "csv", "msrvtt", "msvd", "didemo", "lsmdc", "activitynet")
+
+
+def _human(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num_bytes) < 1024 or unit == "TiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} TiB"
+
+
+def _shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        index, count = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise click.BadParameter(f"{value!r}: need 0 <= I < N")
+    return index, count
+
+
+@click.group()
+@click.version_option(package_name="tvrerank")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Text-to-video retrieval with a learned re-ranker over cached frozen-CLIP tokens."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("tvrerank").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@main.command()
+@click.option("--annotations", "annotations", multiple=True, required=True, type=click.Path(),
+              help="Annotation file(s) in a dataset's published format (repeat for split list + captions).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="Annotation format (guessed from the files when omitted).")
+@click.option("--videos", required=True, type=click.Path(file_okay=False), help="Root folder of the videos.")
+@click.option("--model", required=True, help="open_clip model name or path to a model-config JSON.")
+@click.option("--pretrained", default=None,
+              help="open_clip tag, checkpoint file, or local-dir:FOLDER. Omitted: random weights.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Cache file to write (.h5).")
+@click.option("--frames", default=12, show_default=True, help="Frames sampled per video.")
+@click.option("--token-space", type=click.Choice(["joint", "raw"]), default="joint", show_default=True)
+@click.option("--token-pool", type=click.Choice(["none", "2x2"]), default="none", show_default=True)
+@click.option("--text-tokens", default=32, show_default=True, help="Caption token features kept (L).")
+@click.option("--batch-size", default=64, show_default=True, help="Frames (and captions) per forward pass.")
+@click.option("--workers", default=2, show_default=True, help="Decoding processes (0: decode in this process).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--shard", default=None, help="I/N: extract the I-th of N slices (automatic under torchrun).")
+@click.option("--part-videos", default=0, help="Videos per resumable part (0: automatic).")
+@click.option("--overwrite", is_flag=True, help="Start over, discarding an existing cache or unfinished run.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(annotations, fmt, videos, model, pretrained, out, frames, token_space, token_pool, text_tokens,
+            batch_size, workers, device, precision, shard, part_videos, overwrite, quiet) -> None:
+    """Decode videos, run the frozen encoder once, and write the HDF5 cache (resumable)."""
+    from tvrerank.config import ExtractConfig
+    from tvrerank.extract import runner
+
+    shard_index, shard_count = _shard(shard) or runner.shard_from_env()
+    under_launcher = shard is None and shard_count > 1
+    if under_launcher and device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{int(__import__('os').environ.get('LOCAL_RANK', 0))}"
+    config = ExtractConfig(
+        annotations=tuple(annotations), format=fmt, videos=videos, out=out, model=model,
+        pretrained=pretrained, frames=frames, token_space=token_space, token_pool=token_pool,
+        text_tokens=text_tokens, batch_size=batch_size, workers=workers, device=device,
+        precision=precision, shard_index=shard_index, shard_count=shard_count,
+        part_videos=part_videos, overwrite=overwrite,
+    )
+    summary = _run_or_exit(lambda: runner.run_extraction(config, progress=not quiet))
+    click.echo(summary.line())
+    if under_launcher:  # every rank waits; rank 0 merges and judges the whole run
+        summary = _run_or_exit(lambda: runner.merge_after_torchrun(config, summary.seconds))
+        if summary is None:
+            return
+        click.echo(f"merged {shard_count} shards: {summary.line()}")
+    if summary.ok == 0 and summary.videos > 0:
+        click.echo(f"error: every video failed; see videos/error in {summary.out}", err=True)
+        sys.exit(1)
+
+
+def _run_or_exit(fn):
+    """Run a stage; known input errors print one clear line and exit 2 instead of a traceback."""
+    from tvrerank.cache.writer import PlanMismatch
+    from tvrerank.extract.annotations import AnnotationError
+    from tvrerank.extract.models import ModelError
+    from tvrerank.extract.runner import ExtractionError
+
+    try:
+        return fn()
+    except (AnnotationError, ModelError, ExtractionError, PlanMismatch, FileNotFoundError, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+@main.group()
+def cache() -> None:
+    """Inspect, check and merge caches."""
+
+
+@cache.command("info")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cache_info_cmd(path: str, as_json: bool) -> None:
+    """Counts, encoder, sampling, token layout, shapes and size of a cache."""
+    from tvrerank.cache.inspect import cache_info
+
+    info = _run_or_exit(lambda: cache_info(path))
+    if as_json:
+        click.echo(json.dumps(info, sort_keys=True))
+        return
+    enc = info["encoder"]
+    click.echo(f"cache      {info['path']} ({info['schema']}, tvrerank {info['tool_version']}, {info['created']})")
+    click.echo(f"videos     {info['videos']} ({info['videos_ok']} ok, {info['videos_failed']} failed, "
+               f"{info['videos_pending']} pending)")
+    click.echo(f"captions   {info['captions']}")
+    click.echo(f"encoder    {enc['model']} pretrained={enc['pretrained']} image {enc['image_size']}px "
+               f"{enc['precision']}")
+    click.echo(f"sampling   {info['frames']} frames ({info['sampling']['strategy']})")
+    click.echo(f"tokens     {info['tokens_per_frame']} per frame x {info['token_dim']} "
+               f"({info['token_space']}, pool {info['token_pool']}); text {info['text_tokens']} x "
+               f"{info['text_token_dim']}; embeddings {info['embed_dim']}")
+    for name, (shape, dtype) in sorted(info["shapes"].items()):
+        click.echo(f"  {name:<18} {str(tuple(shape)):<24} {dtype}")
+    click.echo(f"on disk    {_human(info['bytes_on_disk'])} in {len(info['files'])} file(s)")
+
+
+@cache.command("check")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def cache_check_cmd(path: str) -> None:
+    """Schema, NaN/inf and completeness; exits non-zero on any problem."""
+    from tvrerank.cache.inspect import check_cache
+
+    problems = check_cache(path)
+    for problem in problems:
+        click.echo(f"problem: {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{path}: ok")
+
+
+@cache.command("merge")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+def cache_merge_cmd(shards, out: str) -> None:
+    """Join shard caches into one with HDF5 virtual datasets (no copy; keep the shards)."""
+    from tvrerank.cache.merge import merge_shards
+
+    merged = _run_or_exit(lambda: merge_shards(shards, out))
+    click.echo(f"merged {len(shards)} shards into {merged}")
+
+
+@main.command()
+@click.option("--model", required=True, help="open_clip model name or model-config JSON.")
+@click.option("--videos", "num_videos", required=True, type=int, help="Number of videos.")
+@click.option("--frames", default=12, show_default=True)
+@click.option("--captions", "num_captions", type=int, default=None, help="Number of captions (default: = videos).")
+@click.option("--token-space", type=click.Choice(["joint", "raw"]), default="joint", show_default=True)
+@click.option("--token-pool", type=click.Choice(["none", "2x2"]), default="none", show_default=True)
+@click.option("--text-tokens", default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def plan(model, num_videos, frames, num_captions, token_space, token_pool, text_tokens, as_json) -> None:
+    """Estimate a cache's size on disk from the model config, without loading weights."""
+    from dataclasses import asdict
+
+    from tvrerank.extract.plan import plan_cache
+
+    estimate = _run_or_exit(lambda: plan_cache(
+        model, num_videos, captions=num_captions, frames=frames, token_space=token_space,
+        token_pool=token_pool, text_tokens=text_tokens,
+    ))
+    if as_json:
+        click.echo(json.dumps(dict(asdict(estimate), bytes_total=estimate.bytes_total)))
+        return
+    click.echo(f"{model}: {estimate.tokens_per_frame} tokens/frame (grid {estimate.grid[0]}x{estimate.grid[1]}) "
+               f"x {estimate.token_dim} ({token_space}, pool {token_pool}), embeddings {estimate.embed_dim}")
+    click.echo(f"per frame  {_human(estimate.bytes_per_frame)}; per video ({frames} frames) "
+               f"{_human(estimate.bytes_per_frame * frames)}")
+    click.echo(f"tokens     {_human(estimate.bytes_tokens)}")
+    click.echo(f"embeddings {_human(estimate.bytes_embeddings)}")
+    click.echo(f"captions   {_human(estimate.bytes_text)} ({estimate.captions} captions)")
+    click.echo(f"total      {_human(estimate.bytes_total)} for {num_videos} videos")
+
+
+@main.group()
+def toy() -> None:
+    """The embedded toy world (synthetic videos with known answers)."""
+
+
+@toy.command("make")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the toy world to.")
+@click.option("--videos", default=240, show_default=True, help="Videos in all (a quarter are test).")
+@click.option("--seed", default=0, show_default=True)
+def toy_make(out: str, videos: int, seed: int) -> None:
+    """Write toy videos (mp4) with train/test captions in the generic JSONL format."""
+    from tvrerank.toy.make import ToyWorldConfig, make_toy_world
+
+    make_toy_world(out, ToyWorldConfig(videos=videos, seed=seed))
+    click.echo(f"toy world written to {out} (train.jsonl, test.jsonl, videos/); use --videos {out}")
+
+
+@main.command()
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--videos", default=240, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Decoding processes for extraction.")
+def demo(out: str, seed: int, videos: int, workers: int) -> None:
+    """Run the whole pipeline on the toy world and print a report."""
+    from tvrerank.toy.demo import DemoConfig, run_demo
+
+    summary = run_demo(DemoConfig(out=out, seed=seed, videos=videos, workers=workers))
+    for split, info in summary["caches"].items():
+        click.echo(f"{split}: {info['videos_ok']} videos ok, {info['captions']} captions -> {info['path']}")
+    click.echo(f"report: {out}/report.md; stage timings (s): "
+               + ", ".join(f"{k} {v:.1f}" for k, v in summary["timings_s"].items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Frozen configuration dataclasses, one per stage, with JSON load/save.
+
+Every artifact stores the resolved config it was made with (HDF5 root attributes or a
+``config.json`` next to it), so a later stage can check that its inputs are compatible and
+a user can always tell how a file was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (nested) config dataclass; tuples become lists."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build ``cls`` from a dict, ignoring unknown keys and turning lists back into tuples.
+
+    Unknown keys are ignored so that files written by a newer minor version still load.
+    """
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {}
+    for name, value in data.items():
+        if name not in known:
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def save_json(config: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The frozen open_clip encoder that made a cache.
+
+    ``model_config`` is the full open_clip model config (the JSON open_clip would read), so a
+    later stage can rebuild the same text encoder even for architectures registered at run time.
+    """
+
+    model: str
+    model_config: dict = field(default_factory=dict, compare=True)
+    pretrained: str | None = None
+    pretrained_sha256: str | None = None
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    interpolation: str = "bicubic"
+    precision: str = "fp32"
+
+    def identity(self) -> dict[str, Any]:
+        """What must match between two artifacts for their embeddings to be comparable."""
+        return {
+            "model": self.model,
+            "model_config": self.model_config,
+            "pretrained_sha256": self.pretrained_sha256 or self.pretrained,
+            "image_size": self.image_size,
+        }
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How frames are sampled from a video.
+
+    ``uniform``: ``frames`` timestamps at the centres of equal segments of the video's
+    duration; each takes the frame on screen at that time (largest pts <= t). Videos with
+    fewer distinct frames are padded and masked.
+    """
+
+    frames: int = 12
+    strategy: str = "uniform"
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """What the cached token arrays hold, resolved against the encoder.
+
+    space: ``joint`` (patch tokens through the visual projection, E-dim) or ``raw`` (tower width).
+    pool: ``none`` or ``2x2`` (average pooling of the patch grid, partial windows at odd edges).
+    """
+
+    space: str = "joint"
+    pool: str = "none"
+    text_tokens: int = 32
+    grid: tuple[int, int] = (0, 0)
+    tokens_per_frame: int = 0
+    token_dim: int = 0
+    text_token_dim: int = 0
+    embed_dim: int = 0
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """A resolved ``tvrerank extract`` run (what the runner needs beyond the encoder)."""
+
+    annotations: tuple[str, ...]
+    format: str | None
+    videos: str
+    out: str
+    model: str
+    pretrained: str | None = None
+    frames: int = 12
+    token_space: str = "joint"
+    token_pool: str = "none"
+    text_tokens: int = 32
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "fp32"
+    shard_index: int = 0
+    shard_count: int = 1
+    part_videos: int = 0  # 0: chosen from the batch size and token size
+    overwrite: bool = False

@@ -1,0 +1,191 @@
+"""The frozen open_clip encoder: frames → (pooled embedding, patch tokens), captions → (embedding, token features).
+
+Patch tokens come from ``forward_intermediates`` (last block, final norm applied), so any
+image tower open_clip wraps (its own ViT, timm towers such as EVA) works. In the ``joint``
+token space the tokens also go through the tower's projection into the E-dim space the text
+lives in; ``raw`` keeps the tower width. Text token features follow the same choice.
+
+No I/O here: arrays in, arrays out.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tvrerank.config import EncoderConfig, TokenLayout
+from tvrerank.extract.models import create_clip, preprocess_config
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pool_grid(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """(N, C, H, W) → (N, C, H', W'); ``2x2`` averages 2×2 windows, a partial window at odd edges."""
+    if pool == "none":
+        return tokens
+    if pool == "2x2":
+        return F.avg_pool2d(tokens, kernel_size=2, stride=2, ceil_mode=True)
+    raise ValueError(f"token pool must be none or 2x2, got {pool!r}")
+
+
+def _linear_projection(projection) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A per-token projection from a parameter matrix or a module; None if there is none."""
+    if projection is None:
+        return None
+    if isinstance(projection, torch.Tensor):
+        return lambda x: x @ projection.to(x.dtype)
+    return projection
+
+
+class FrozenClipEncoder:
+    """Wraps a frozen open_clip model; all outputs are float32 CPU arrays."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        pretrained: str | None,
+        token_space: str = "joint",
+        token_pool: str = "none",
+        text_tokens: int = 32,
+        precision: str = "fp32",
+        device: str = "auto",
+    ):
+        if token_space not in ("joint", "raw"):
+            raise ValueError(f"token space must be joint or raw, got {token_space!r}")
+        self.device = resolve_device(device)
+        if precision == "fp16" and self.device.type == "cpu":
+            log.warning("fp16 is slow or unsupported on CPU; consider --precision bf16 or fp32")
+        self.dtype = DTYPES[precision]
+        self.clip, name, model_config, sha = create_clip(
+            model, pretrained, precision=precision, device=str(self.device)
+        )
+        import open_clip
+
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.token_space, self.token_pool, self.text_tokens = token_space, token_pool, text_tokens
+        self.config = EncoderConfig(
+            model=name,
+            model_config=model_config,
+            pretrained=pretrained,
+            pretrained_sha256=sha,
+            precision=precision,
+            **preprocess_config(self.clip),
+        )
+        mean = torch.tensor(self.config.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.config.std, device=self.device).view(1, 3, 1, 1)
+        self._scale, self._shift = 1.0 / (255.0 * std), mean / std
+        self._image_projection = self._find_image_projection()
+        self._text_projection = self._find_text_projection()
+        self.layout = self._probe_layout()
+
+    # --------------------------------------------------------------------------- set-up
+    def _find_image_projection(self):
+        if self.token_space == "raw":
+            return None
+        visual = self.clip.visual
+        projection = getattr(visual, "proj", None)
+        projection = _linear_projection(projection if projection is not None else getattr(visual, "head", None))
+        if projection is None:
+            raise ValueError(
+                f"{self.config.model}: its image tower has no per-token projection into the joint "
+                "space; use --token-space raw"
+            )
+        return projection
+
+    def _find_text_projection(self):
+        if self.token_space == "raw":
+            return None
+        for owner in (self.clip, getattr(self.clip, "text", None)):
+            projection = getattr(owner, "text_projection", None) if owner is not None else None
+            if projection is not None:
+                return _linear_projection(projection)
+        raise ValueError(
+            f"{self.config.model}: its text tower has no per-token projection; use --token-space raw"
+        )
+
+    def _probe_layout(self) -> TokenLayout:
+        size = self.config.image_size
+        frames = np.zeros((1, size, size, 3), dtype=np.uint8)
+        frame_emb, tokens, grid = self._encode_frames(frames)
+        text_emb, text_tokens, _ = self.encode_texts(["probe"])
+        try:
+            tokens_pooled = tokens.shape[1]
+            if self.token_space == "joint" and tokens.shape[-1] != frame_emb.shape[-1]:
+                raise ValueError("projection output does not match the embedding width")
+        except (IndexError, ValueError) as exc:
+            raise ValueError(f"{self.config.model}: cannot project patch tokens ({exc}); "
+                             "use --token-space raw") from exc
+        return TokenLayout(
+            space=self.token_space,
+            pool=self.token_pool,
+            text_tokens=self.text_tokens,
+            grid=grid,
+            tokens_per_frame=tokens_pooled,
+            token_dim=tokens.shape[-1],
+            text_token_dim=text_tokens.shape[-1],
+            embed_dim=frame_emb.shape[-1],
+        )
+
+    # --------------------------------------------------------------------------- frames
+    def preprocess(self, frames: np.ndarray) -> torch.Tensor:
+        """(N, S, S, 3) uint8 RGB → (N, 3, S, S) normalised, on the device, in the model dtype."""
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float()
+        return (x * self._scale - self._shift).to(self.dtype)
+
+    @torch.no_grad()
+    def _encode_frames(self, frames: np.ndarray):
+        out = self.clip.visual.forward_intermediates(
+            self.preprocess(frames),
+            indices=1,
+            normalize_intermediates=True,
+            output_fmt="NCHW",
+        )
+        grid_tokens = pool_grid(out["image_intermediates"][-1].float(), self.token_pool)  # (N, C, H, W)
+        grid = tuple(grid_tokens.shape[-2:])
+        tokens = grid_tokens.flatten(2).transpose(1, 2)  # (N, P, C)
+        if self._image_projection is not None:
+            tokens = self._image_projection(tokens.to(self.dtype)).float()  # (N, P, E)
+        frame_emb = F.normalize(out["image_features"].float(), dim=-1)  # (N, E)
+        return frame_emb.cpu().numpy(), tokens.cpu().numpy(), grid
+
+    def encode_frames(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, S, S, 3) uint8 → frame_emb (N, E) L2-normalised, tokens (N, P, D)."""
+        frame_emb, tokens, _ = self._encode_frames(frames)
+        return frame_emb, tokens
+
+    # --------------------------------------------------------------------------- text
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Captions → emb (M, E) L2-normalised, tokens (M, L, Dt), lengths (M,) int.
+
+        The embedding uses the model's whole context; the token features keep the first
+        ``text_tokens`` positions (start token included); ``lengths`` counts the real tokens
+        among them.
+        """
+        ids = self.tokenizer(list(texts)).to(self.device)  # (M, context)
+        out = self.clip.forward_intermediates(
+            text=ids, text_indices=1, normalize_intermediates=True, normalize=True
+        )
+        tokens = out["text_intermediates"][-1][:, : self.text_tokens]  # (M, L, W)
+        if self._text_projection is not None:
+            tokens = self._text_projection(tokens.to(self.dtype))  # (M, L, E)
+        lengths = (ids[:, : self.text_tokens] != 0).sum(dim=1)
+        return (
+            out["text_features"].float().cpu().numpy(),
+            tokens.float().cpu().numpy(),
+            lengths.cpu().numpy().astype(np.int16),
+        )

@@ -1,0 +1,319 @@
+"""Frame sampling with PyAV: T frames uniformly over a video's duration, decoding only what is needed.
+
+The sampler works in timestamps, not frame counts, so variable frame rate works: a target time
+``t`` takes the frame on screen at ``t`` (the decoded frame with the largest pts <= t). It first
+reads the packet index (demuxing only, no decoding) to learn where the keyframes are; for each
+target it then either decodes forward from where the decoder already is, or seeks to the
+keyframe just before the target when that keyframe lies ahead of the decoder. That is exact
+for closed-GOP streams and decodes a small fraction of a long video's frames.
+
+Resizing and pixel-format conversion happen inside PyAV (libswscale); the display rotation
+stored in the container is applied; the centre crop is an array slice. ``decode_all_reference``
+is the brute-force reference (decode every frame, pick by the same rule) used by the tests and
+``benchmarks/bench_decode.py``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class VideoDecodeError(Exception):
+    """A video that cannot be sampled; the message says why (recorded in ``videos/error``)."""
+
+
+@dataclass(frozen=True)
+class SampledFrames:
+    frames: np.ndarray  # (T, S, S, 3) uint8 RGB; padded slots are zero
+    mask: np.ndarray  # (T,) bool, True for real frames (the first ``mask.sum()`` slots)
+    timestamps: np.ndarray  # (T,) float64 seconds of the chosen frames; NaN for padding
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.mask.sum())
+
+
+def target_times(start: float, end: float, num_frames: int) -> np.ndarray:
+    """Centres of ``num_frames`` equal segments of [start, end). Shape (num_frames,)."""
+    span = max(end - start, 0.0)
+    return start + (np.arange(num_frames, dtype=np.float64) + 0.5) * span / num_frames
+
+
+def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(w, h) that scales the shorter side to ``short_side``, keeping the aspect ratio."""
+    scale = short_side / min(width, height)
+    return max(short_side, round(width * scale)), max(short_side, round(height * scale))
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Central (size, size) window of an (H, W, C) image with H, W >= size."""
+    h, w = image.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+def frame_to_array(frame, image_size: int, interpolation: str = "BICUBIC") -> np.ndarray:
+    """Decoded ``av.VideoFrame`` → (S, S, 3) uint8 RGB as displayed: rotated, resized, cropped.
+
+    The resize and colour conversion run in libswscale; the display rotation (a multiple of
+    90 degrees, counter-clockwise as FFmpeg reports it) is applied with ``np.rot90``.
+    """
+    quarter_turns = round((frame.rotation or 0) / 90) % 4
+    width, height = frame.width, frame.height
+    if quarter_turns % 2:  # displayed sideways: the short side is measured after rotation
+        disp_w, disp_h = resized_size(height, width, image_size)
+        out_w, out_h = disp_h, disp_w
+    else:
+        out_w, out_h = resized_size(width, height, image_size)
+    rgb = frame.reformat(width=out_w, height=out_h, format="rgb24", interpolation=interpolation)
+    image = rgb.to_ndarray()
+    if quarter_turns:
+        image = np.rot90(image, k=quarter_turns)
+    return np.ascontiguousarray(center_crop(image, image_size))
+
+
+@dataclass(frozen=True)
+class PacketIndex:
+    """What demuxing (without decoding) tells about a video stream.
+
+    ``pts`` holds every packet's presentation time in stream time-base units, sorted; it is
+    empty when some packets carry no pts (then no frame-skipping is attempted).
+    """
+
+    start: float  # seconds
+    end: float  # seconds
+    keyframes: list[float]  # sorted presentation times of keyframes, seconds
+    pts: np.ndarray  # (num_packets,) int64, sorted
+    time_base: float
+
+    def packet_pts_at(self, t: float) -> int | None:
+        """pts of the frame on screen at time t (largest pts <= t), or None if unknown."""
+        if not len(self.pts):
+            return None
+        i = int(np.searchsorted(self.pts, t / self.time_base + 1e-9, side="right")) - 1
+        return int(self.pts[max(i, 0)])
+
+
+def read_packet_index(container, stream) -> PacketIndex:
+    """Demux every packet of ``stream`` (no decoding) to find its time span and keyframes.
+
+    A stream that breaks off part-way (a truncated file) keeps the packets read before the
+    break. Raises VideoDecodeError if there are no timed packets at all.
+    """
+    time_base = float(stream.time_base)
+    start, end, keyframes, all_pts, exact = None, None, [], [], True
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is None:
+                exact = exact and packet.dts is None  # a flush packet has neither
+            pts = packet.pts if packet.pts is not None else packet.dts
+            if pts is None:
+                continue
+            all_pts.append(pts)
+            t = pts * time_base
+            t_end = (pts + max(packet.duration or 0, 0)) * time_base
+            start = t if start is None else min(start, t)
+            end = t_end if end is None else max(end, t_end)
+            if packet.is_keyframe:
+                keyframes.append(t)
+    except Exception as exc:  # noqa: BLE001 - av raises several error types for broken files
+        if start is None:
+            raise VideoDecodeError(f"cannot read packets: {exc}") from exc
+        log.warning("packets end early (%s); sampling the readable part", exc)
+    if start is None:
+        raise VideoDecodeError("the video stream has no packets")
+    pts = np.sort(np.asarray(all_pts, dtype=np.int64)) if exact else np.zeros(0, np.int64)
+    return PacketIndex(
+        start=start, end=max(end, start), keyframes=sorted(keyframes) or [start],
+        pts=pts, time_base=time_base,
+    )
+
+
+class _Decoder:
+    """Forward frame iterator over one stream that can jump to a keyframe; one frame look-ahead.
+
+    ``keep_pts``: when given, packets whose pts is not in it are decoded with
+    ``skip_frame=NONREF``: non-reference frames (most B-frames) are dropped unless they are a
+    target. Dropping a frame nothing refers to changes no other frame's pixels.
+    """
+
+    def __init__(self, container, stream, keep_pts: set[int] | None = None):
+        self.container, self.stream = container, stream
+        self.keep_pts = keep_pts
+        self._packets: Iterator | None = None
+        self._ready: list = []  # decoded frames not yet consumed, in presentation order
+        self.position = -np.inf  # time of the last frame handed out
+        self.exhausted = False
+
+    def seek(self, t: float) -> None:
+        offset = int(round(t / float(self.stream.time_base)))
+        self.container.seek(offset, stream=self.stream, backward=True, any_frame=False)
+        self._packets, self._ready, self.exhausted = None, [], False
+        self.position = -np.inf
+
+    def _decode_more(self) -> None:
+        if self._packets is None:
+            self._packets = self.container.demux(self.stream)
+        codec = self.stream.codec_context
+        for packet in self._packets:
+            if self.keep_pts is not None:
+                skip = packet.pts is not None and packet.pts not in self.keep_pts
+                codec.skip_frame = "NONREF" if skip else "DEFAULT"
+            frames = self.stream.decode(packet)  # the flush packet (size 0) drains the decoder
+            if frames:
+                self._ready.extend(frames)
+                return
+        self.exhausted = True
+
+    def next_frame(self):
+        while not self._ready and not self.exhausted:
+            self._decode_more()
+        return self._ready.pop(0) if self._ready else None
+
+    def push_back(self, frame) -> None:
+        self._ready.insert(0, frame)
+
+    def frame_at(self, t: float):
+        """The frame on screen at ``t``: the last one with time <= t (or the first one after)."""
+        chosen = None
+        while True:
+            frame = self.next_frame()
+            if frame is None:
+                return chosen
+            if frame.time is None:
+                continue
+            if frame.time > t and chosen is not None:
+                self.push_back(frame)
+                return chosen
+            chosen = frame
+            self.position = frame.time
+            if frame.time > t:  # target before the first frame: take the first one, keep it
+                self.push_back(frame)
+                return chosen
+
+
+def _pack(chosen: list, num_frames: int, image_size: int, interpolation: str) -> SampledFrames:
+    """Deduplicate chosen frames (short videos repeat) and pad to ``num_frames`` slots."""
+    frames = np.zeros((num_frames, image_size, image_size, 3), dtype=np.uint8)
+    mask = np.zeros(num_frames, dtype=bool)
+    stamps = np.full(num_frames, np.nan)
+    slot, last_time = 0, None
+    for frame in chosen:
+        if frame is None or frame.time == last_time:
+            continue
+        frames[slot] = frame_to_array(frame, image_size, interpolation)
+        mask[slot], stamps[slot], last_time = True, frame.time, frame.time
+        slot += 1
+    return SampledFrames(frames=frames, mask=mask, timestamps=stamps)
+
+
+def _open_video(path: str | Path, threads: int):
+    import av
+
+    path = Path(path)
+    if not path.exists():
+        raise VideoDecodeError(f"file not found: {path}")
+    if path.stat().st_size == 0:
+        raise VideoDecodeError(f"empty file (0 bytes): {path}")
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except Exception as exc:  # noqa: BLE001
+        raise VideoDecodeError(f"not a readable video ({type(exc).__name__}: {exc})") from exc
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        container.close()
+        raise VideoDecodeError(f"no video stream (streams: {', '.join(kinds)})")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = threads
+    return container, stream
+
+
+def sample_frames(
+    path: str | Path,
+    *,
+    num_frames: int,
+    image_size: int,
+    interpolation: str = "BICUBIC",
+    threads: int = 0,
+) -> SampledFrames:
+    """Sample ``num_frames`` frames uniformly over the video's duration.
+
+    Returns frames resized (short side) and centre-cropped to ``image_size``; a video with
+    fewer distinct frames than targets fills the first slots and masks the rest. Raises
+    VideoDecodeError with a readable reason for anything that yields no frame.
+    ``threads=0`` lets FFmpeg pick its decoding thread count.
+    """
+    container, stream = _open_video(path, threads)
+    try:
+        index = read_packet_index(container, stream)
+        targets = target_times(index.start, index.end, num_frames)
+        keep = {index.packet_pts_at(t) for t in targets} if len(index.pts) else None
+        decoder = _Decoder(container, stream, keep_pts=keep)
+        decoder.seek(index.start)
+        chosen = []
+        try:
+            for t in targets:
+                keyframe = index.keyframes[max(bisect.bisect_right(index.keyframes, t) - 1, 0)]
+                if keyframe > decoder.position and not decoder.exhausted:
+                    decoder.seek(keyframe)
+                chosen.append(decoder.frame_at(t))
+        except Exception as exc:  # noqa: BLE001
+            if not any(c is not None for c in chosen):
+                raise VideoDecodeError(f"decoding failed: {exc}") from exc
+            log.warning("%s: decoding stopped early (%s); keeping %d frames", path, exc, len(chosen))
+        if not any(c is not None for c in chosen):
+            raise VideoDecodeError("no decodable frames")
+        return _pack(chosen, num_frames, image_size, interpolation)
+    finally:
+        container.close()
+
+
+def decode_all_reference(
+    path: str | Path, *, num_frames: int, image_size: int, interpolation: str = "BICUBIC"
+) -> SampledFrames:
+    """Brute-force reference for ``sample_frames``: decode every frame, pick by the same rule."""
+    container, stream = _open_video(path, threads=0)
+    try:
+        index = read_packet_index(container, stream)
+        container.seek(0)
+        targets = target_times(index.start, index.end, num_frames)
+        chosen: list = [None] * num_frames
+        first = None
+        for frame in container.decode(stream):
+            if frame.time is None:
+                continue
+            if first is None:
+                first = frame
+            for i, t in enumerate(targets):
+                if frame.time <= t:
+                    chosen[i] = frame
+        chosen = [c if c is not None else first for c in chosen]
+        return _pack(chosen, num_frames, image_size, interpolation)
+    finally:
+        container.close()
+
+
+def sample_or_error(
+    path: str | Path, *, num_frames: int, image_size: int, interpolation: str = "BICUBIC", threads: int = 0
+) -> tuple[SampledFrames | None, str]:
+    """``sample_frames`` that returns ``(None, reason)`` instead of raising; safe in worker processes."""
+    try:
+        return (
+            sample_frames(path, num_frames=num_frames, image_size=image_size,
+                          interpolation=interpolation, threads=threads),
+            "",
+        )
+    except VideoDecodeError as exc:
+        return None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - one broken video must never stop a run
+        log.exception("unexpected error sampling %s", path)
+        return None, f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,409 @@
+"""The extraction run: annotations → decoded frames (worker processes) → frozen encoder → cache parts → cache.
+
+reader → mapper → writer, each replaceable:
+
+- reader: ``DecodeQueue`` samples frames of upcoming videos in worker processes (bounded
+  look-ahead, results in row order), so decoding overlaps encoding;
+- mapper: ``encode_part`` batches the frames of several videos through the encoder, plus the
+  part's captions;
+- writer: a background thread writes each finished part to ``CACHE.h5.parts/`` (see
+  ``tvrerank.cache.writer``), and ``assemble`` makes the final file at the end.
+
+Parts are fixed ranges of video rows, and batches are formed inside a part only, so a run
+that was killed and resumed computes every array exactly as an uninterrupted run would.
+Memory is bounded by one part plus the look-ahead, whatever the number or length of videos.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from tvrerank.cache.schema import FAILED, OK, CacheHeader
+from tvrerank.cache.writer import PartData, PartStore, assemble
+from tvrerank.config import ExtractConfig, SamplingConfig, to_dict
+from tvrerank.extract.annotations import Caption, read_annotations
+from tvrerank.extract.frames import SampledFrames, sample_or_error
+
+log = logging.getLogger(__name__)
+
+
+class ExtractionError(RuntimeError):
+    """A run that cannot start or finish; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class VideoTable:
+    """Videos in first-appearance order and captions grouped by video (stable)."""
+
+    video_ids: list[str]
+    video_paths: list[str]
+    captions: list[str]
+    caption_video: np.ndarray  # (M,) int32 row in video_ids
+
+    @classmethod
+    def from_captions(cls, captions: Sequence[Caption]) -> "VideoTable":
+        rows: dict[str, int] = {}
+        paths: list[str] = []
+        for caption in captions:
+            if caption.video_id not in rows:
+                rows[caption.video_id] = len(rows)
+                paths.append(caption.video_path)
+        order = sorted(range(len(captions)), key=lambda i: rows[captions[i].video_id])
+        return cls(
+            video_ids=list(rows),
+            video_paths=paths,
+            captions=[captions[i].text for i in order],
+            caption_video=np.array([rows[captions[i].video_id] for i in order], dtype=np.int32),
+        )
+
+    def shard(self, index: int, count: int, part_videos: int = 1) -> tuple["VideoTable", int, int]:
+        """The contiguous ``index``-th of ``count`` slices; also its video and caption offsets.
+
+        Slices start on multiples of ``part_videos``, so every shard's parts are parts of the
+        unsharded run too: merged shards hold exactly the arrays one run would write.
+        """
+        n = len(self.video_ids)
+        parts = -(-n // part_videos)
+        start = min(n, parts * index // count * part_videos)
+        stop = min(n, parts * (index + 1) // count * part_videos)
+        first, last = np.searchsorted(self.caption_video, [start, stop])
+        table = VideoTable(
+            video_ids=self.video_ids[start:stop],
+            video_paths=self.video_paths[start:stop],
+            captions=self.captions[first:last],
+            caption_video=self.caption_video[first:last] - start,
+        )
+        return table, start, int(first)
+
+    def digest(self) -> str:
+        payload = json.dumps([self.video_ids, self.video_paths, self.captions]).encode()
+        return hashlib.sha256(payload).hexdigest()
+
+
+def shard_from_env() -> tuple[int, int]:
+    """(rank, world size) under torchrun / SLURM-style launchers; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard_path(out: str | Path, index: int, count: int) -> Path:
+    """``cache.h5`` → ``cache.shard-0-of-2.h5`` (unchanged when count is 1)."""
+    out = Path(out)
+    if count == 1:
+        return out
+    return out.with_name(f"{out.stem}.shard-{index}-of-{count}{out.suffix}")
+
+
+def part_bounds(num_videos: int, part_videos: int) -> list[tuple[int, int]]:
+    return [(s, min(s + part_videos, num_videos)) for s in range(0, num_videos, part_videos)]
+
+
+# --------------------------------------------------------------------------- reader
+class DecodeQueue:
+    """Frames of videos in order, sampled ahead in ``workers`` processes (0: in this process)."""
+
+    def __init__(self, workers: int, look_ahead: int, **sample_options):
+        self.workers, self.look_ahead = workers, max(1, look_ahead)
+        threads = max(1, (os.cpu_count() or 1) // max(1, workers)) if workers else 0
+        self._sample = partial(sample_or_error, threads=threads, **sample_options)
+        self._pool = multiprocessing.get_context("spawn").Pool(workers) if workers else None
+
+    def __iter__(self):
+        raise TypeError("use DecodeQueue.run(paths)")
+
+    def run(self, items: Iterator[tuple[int, Path]]) -> Iterator[tuple[int, SampledFrames | None, str]]:
+        """Yield (row, frames or None, error) for each (row, path) in order."""
+        if self._pool is None:
+            for row, path in items:
+                yield (row, *self._sample(path))
+            return
+        pending: collections.deque = collections.deque()
+        for row, path in items:
+            pending.append((row, self._pool.apply_async(self._sample, (path,))))
+            if len(pending) >= self.look_ahead:
+                done_row, result = pending.popleft()
+                yield (done_row, *result.get())
+        while pending:
+            done_row, result = pending.popleft()
+            yield (done_row, *result.get())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+
+
+# --------------------------------------------------------------------------- mapper
+def _batched(count: int, size: int) -> Iterator[slice]:
+    for start in range(0, count, size):
+        yield slice(start, min(start + size, count))
+
+
+def encode_part(
+    encoder,
+    video_rows: np.ndarray,
+    decoded: Sequence[tuple[SampledFrames | None, str]],
+    text_rows: np.ndarray,
+    texts: Sequence[str],
+    *,
+    frames: int,
+    batch_size: int,
+) -> PartData:
+    """Encode one part: the valid frames of all its videos in batches, then its captions."""
+    layout = encoder.layout
+    n, t, p, d, e = len(video_rows), frames, layout.tokens_per_frame, layout.token_dim, layout.embed_dim
+    status = np.array([OK if sample is not None else FAILED for sample, _ in decoded], dtype=np.uint8)
+    mask = np.zeros((n, t), dtype=bool)
+    for i, (sample, _) in enumerate(decoded):
+        if sample is not None:
+            mask[i] = sample.mask
+    frame_emb = np.zeros((n, t, e), dtype=np.float16)
+    tokens = np.zeros((n, t, p, d), dtype=np.float16)
+    where = np.argwhere(mask)  # (F, 2) (video, slot) of every valid frame, in order
+    for window in _batched(len(where), batch_size):
+        pixels = np.stack([decoded[v][0].frames[s] for v, s in where[window]])
+        emb, tok = encoder.encode_frames(pixels)
+        frame_emb[where[window, 0], where[window, 1]] = emb
+        tokens[where[window, 0], where[window, 1]] = tok
+    counts = np.maximum(mask.sum(1, keepdims=True), 1)
+    mean = (frame_emb.astype(np.float32) * mask[..., None]).sum(1) / counts
+    norms = np.linalg.norm(mean, axis=1, keepdims=True)
+    video_emb = np.where(norms > 0, mean / np.maximum(norms, 1e-12), 0).astype(np.float16)
+
+    l, dt_ = layout.text_tokens, layout.text_token_dim
+    text_emb = np.zeros((len(texts), e), dtype=np.float16)
+    text_tokens = np.zeros((len(texts), l, dt_), dtype=np.float16)
+    lengths = np.zeros(len(texts), dtype=np.int16)
+    for window in _batched(len(texts), batch_size):
+        text_emb[window], text_tokens[window], lengths[window] = encoder.encode_texts(texts[window])
+    return PartData(
+        video_rows=np.asarray(video_rows, dtype=np.int64),
+        videos={
+            "status": status,
+            "error": np.array([error for _, error in decoded], dtype=object),
+            "frame_mask": mask,
+            "frame_emb": frame_emb,
+            "video_emb": video_emb,
+            "tokens": tokens,
+        },
+        text_rows=np.asarray(text_rows, dtype=np.int64),
+        texts={"emb": text_emb, "tokens": text_tokens, "length": lengths},
+    )
+
+
+# --------------------------------------------------------------------------- writer
+class PartWriter:
+    """Writes parts on a background thread so encoding goes on; re-raises its errors."""
+
+    def __init__(self, store: PartStore):
+        self.store = store
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    self.store.write(*item)
+            except BaseException as exc:  # noqa: BLE001
+                self._error = exc
+
+    def put(self, index: int, part: PartData) -> None:
+        self._check()
+        self._queue.put((index, part))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise ExtractionError(f"writing a cache part failed: {self._error}") from self._error
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass(frozen=True)
+class ExtractionSummary:
+    out: str
+    videos: int
+    ok: int
+    failed: int
+    captions: int
+    seconds: float
+    resumed_parts: int = 0
+    already_done: bool = False
+
+    def line(self) -> str:
+        rate = self.videos / self.seconds if self.seconds > 0 else 0.0
+        text = (
+            f"{self.out}: {self.videos} videos ({self.ok} ok, {self.failed} failed), "
+            f"{self.captions} captions in {self.seconds:.1f}s ({rate:.2f} videos/s)"
+        )
+        if self.resumed_parts:
+            text += f"; resumed, {self.resumed_parts} parts were already done"
+        return text + (" (already complete)" if self.already_done else "")
+
+
+def _summarise(out: Path, seconds: float, **extra) -> ExtractionSummary:
+    import h5py
+
+    with h5py.File(out, "r") as f:
+        status = f["videos/status"][()]
+        return ExtractionSummary(
+            out=str(out), videos=len(status), ok=int((status == OK).sum()),
+            failed=int((status == FAILED).sum()), captions=f["texts/caption"].shape[0],
+            seconds=seconds, **extra,
+        )
+
+
+def auto_part_videos(frames: int, batch_size: int, bytes_per_video: int) -> int:
+    """Videos per part: enough frames for a few full batches, at most ~512 MiB of tokens."""
+    wanted = max(8, -(-4 * batch_size // max(frames, 1)))
+    return max(1, min(wanted, (512 << 20) // max(bytes_per_video, 1)))
+
+
+def run_extraction(config: ExtractConfig, *, progress: bool = True) -> ExtractionSummary:
+    """Extract one cache (or one shard of it) as ``config`` says; resumes an unfinished run."""
+    from tqdm.auto import tqdm
+
+    from tvrerank.extract.encoder import FrozenClipEncoder
+
+    started = time.perf_counter()
+    table = VideoTable.from_captions(read_annotations(config.annotations, config.format, config.videos))
+    out = shard_path(config.out, config.shard_index, config.shard_count)
+    parts = PartStore(out)
+    if config.overwrite:
+        parts.remove()
+        out.unlink(missing_ok=True)
+
+    encoder = FrozenClipEncoder(
+        model=config.model, pretrained=config.pretrained, token_space=config.token_space,
+        token_pool=config.token_pool, text_tokens=config.text_tokens, precision=config.precision,
+        device=config.device,
+    )
+    layout = encoder.layout
+    bytes_per_video = config.frames * layout.tokens_per_frame * layout.token_dim * 2
+    part_videos = config.part_videos or auto_part_videos(config.frames, config.batch_size, bytes_per_video)
+    table, video_offset, caption_offset = table.shard(config.shard_index, config.shard_count, part_videos)
+    header = CacheHeader(
+        encoder=encoder.config,
+        sampling=SamplingConfig(frames=config.frames),
+        layout=layout,
+        dataset={
+            "annotations": [str(Path(a)) for a in config.annotations],
+            "format": config.format,
+            "videos_root": str(Path(config.videos)),
+            "shard": {"index": config.shard_index, "count": config.shard_count,
+                      "video_offset": video_offset, "caption_offset": caption_offset},
+        },
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    plan = {
+        "fingerprint": header.fingerprint(),
+        "table": table.digest(),
+        "part_videos": part_videos,
+        "shard": [config.shard_index, config.shard_count],
+    }
+    if out.exists():
+        return _finished_already(out, header, table, started)
+    parts.start(json.loads(json.dumps(plan)))
+
+    bounds = part_bounds(len(table.video_ids), part_videos)
+    done = parts.finished(len(bounds))
+    todo = [i for i in range(len(bounds)) if i not in done]
+    if done:
+        log.info("resuming %s: %d of %d parts already done", out, len(done), len(bounds))
+    videos_root = Path(config.videos)
+    decode = DecodeQueue(
+        config.workers, look_ahead=part_videos + 2 * config.workers,
+        num_frames=config.frames, image_size=encoder.config.image_size,
+    )
+    writer = PartWriter(parts)
+    bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="video",
+               desc=f"extract {out.name}", disable=not progress)
+    try:
+        items = ((row, videos_root / table.video_paths[row]) for i in todo for row in range(*bounds[i]))
+        results = decode.run(items)
+        for index in todo:
+            start, stop = bounds[index]
+            decoded = [next(results)[1:] for _ in range(start, stop)]
+            first, last = np.searchsorted(table.caption_video, [start, stop])
+            part = encode_part(
+                encoder, np.arange(start, stop), decoded, np.arange(first, last),
+                table.captions[first:last], frames=config.frames, batch_size=config.batch_size,
+            )
+            writer.put(index, part)
+            bar.update(stop - start)
+        writer.close()
+    finally:
+        bar.close()
+        decode.close()
+
+    assemble(
+        parts, len(bounds), out, header, video_ids=table.video_ids, video_paths=table.video_paths,
+        captions=table.captions, caption_video=table.caption_video,
+    )
+    parts.remove()
+    return _summarise(out, time.perf_counter() - started, resumed_parts=len(done))
+
+
+def _finished_already(out: Path, header: CacheHeader, table: VideoTable, started: float) -> ExtractionSummary:
+    from tvrerank.cache.reader import CacheReader
+
+    with CacheReader(out) as cache:
+        same = (
+            cache.header.fingerprint() == header.fingerprint()
+            and list(cache.strings("videos/id")) == table.video_ids
+            and list(cache.strings("texts/caption")) == table.captions
+        )
+    if not same:
+        raise ExtractionError(
+            f"{out} already exists and was made with other settings or videos; "
+            "pass --overwrite to replace it or choose another --out"
+        )
+    log.info("%s is already complete", out)
+    PartStore(out).remove()
+    return _summarise(out, time.perf_counter() - started, already_done=True)
+
+
+def merge_after_torchrun(config: ExtractConfig, seconds: float) -> ExtractionSummary | None:
+    """Under torchrun: wait for every rank, then rank 0 joins the shards into ``config.out``.
+
+    Returns the merged cache's summary on rank 0 and None on the other ranks.
+    """
+    import torch.distributed as dist
+
+    from tvrerank.cache.merge import merge_shards
+
+    dist.init_process_group("gloo", timeout=dt.timedelta(days=2))
+    try:
+        dist.barrier()
+        summary = None
+        if dist.get_rank() == 0:
+            shards = [shard_path(config.out, i, config.shard_count) for i in range(config.shard_count)]
+            summary = _summarise(merge_shards(shards, config.out), seconds)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return summary
+
+
+def config_json(config: ExtractConfig) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)

@@ -1,0 +1,128 @@
+"""The HDF5 cache: header round trip, crash-safe parts, assembly, info and check."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from tvrerank.cache.inspect import cache_info, check_cache
+from tvrerank.cache.reader import CacheReader
+from tvrerank.cache.schema import FAILED, OK, SCHEMA, CacheHeader
+from tvrerank.cache.writer import PartData, PartStore, PlanMismatch, assemble
+from tvrerank.config import EncoderConfig, SamplingConfig, TokenLayout
+
+T, P, D, E, L = 3, 4, 6, 5, 8
+LAYOUT = TokenLayout(space="joint", pool="none", text_tokens=L, grid=(2, 2), tokens_per_frame=P,
+                     token_dim=D, text_token_dim=E, embed_dim=E)
+HEADER = CacheHeader(
+    encoder=EncoderConfig(model="tiny", model_config={"embed_dim": E}, pretrained=None, image_size=32),
+    sampling=SamplingConfig(frames=T), layout=LAYOUT, dataset={"format": "jsonl"}, created="now",
+)
+
+
+def _part(rows, text_rows, failed=()) -> PartData:
+    rng = np.random.default_rng(int(rows[0]))
+    n, m = len(rows), len(text_rows)
+    emb = rng.normal(size=(n, E)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    status = np.array([FAILED if r in failed else OK for r in rows], np.uint8)
+    return PartData(
+        video_rows=np.asarray(rows),
+        videos={
+            "status": status,
+            "error": np.array(["broken" if s == FAILED else "" for s in status], dtype=object),
+            "frame_mask": np.repeat((status == OK)[:, None], T, axis=1),
+            "frame_emb": rng.normal(size=(n, T, E)).astype(np.float16),
+            "video_emb": np.where((status == OK)[:, None], emb, 0).astype(np.float16),
+            "tokens": rng.normal(size=(n, T, P, D)).astype(np.float16),
+        },
+        text_rows=np.asarray(text_rows),
+        texts={"emb": rng.normal(size=(m, E)).astype(np.float16),
+               "tokens": rng.normal(size=(m, L, E)).astype(np.float16),
+               "length": np.full(m, 4, np.int16)},
+    )
+
+
+def _build(tmp_path, failed=()):
+    out = tmp_path / "c.h5"
+    store = PartStore(out)
+    store.start({"plan": 1})
+    parts = [_part([0, 1], [0, 1, 2], failed), _part([2], [3], failed)]
+    for index, part in enumerate(parts):
+        store.write(index, part)
+    assemble(store, 2, out, HEADER, video_ids=["a", "b", "c"], video_paths=["a.mp4", "b.mp4", "c.mp4"],
+             captions=["a1", "a2", "b1", "c1"], caption_video=np.array([0, 0, 1, 2], np.int32))
+    return out, parts
+
+
+def test_header_round_trips_through_attributes():
+    attrs = HEADER.to_attrs()
+    assert attrs["schema"] == SCHEMA
+    back = CacheHeader.from_attrs(attrs)
+    assert back == HEADER and back.fingerprint() == HEADER.fingerprint()
+    with pytest.raises(ValueError, match="schema"):
+        CacheHeader.from_attrs({"schema": "other/9"})
+
+
+def test_parts_assemble_into_a_complete_cache(tmp_path):
+    out, parts = _build(tmp_path)
+    with CacheReader(out) as cache:
+        assert cache.header == HEADER
+        assert cache.num_videos == 3 and cache.num_captions == 4
+        np.testing.assert_array_equal(cache["videos/tokens"][2], parts[1].videos["tokens"][0])
+        np.testing.assert_array_equal(cache["texts/emb"][0:3], parts[0].texts["emb"])
+        assert cache["videos/tokens"].chunks == (1, T, P, D)  # one video per chunk
+        assert list(cache.strings("texts/caption")) == ["a1", "a2", "b1", "c1"]
+    assert check_cache(out) == []
+
+
+def test_part_store_finds_finished_parts_and_refuses_another_plan(tmp_path):
+    store = PartStore(tmp_path / "c.h5")
+    store.start({"a": 1})
+    store.write(1, _part([2], [3]))
+    (store.folder / "part-000000.h5.tmp").write_bytes(b"half written")  # a killed write
+    assert store.finished(3) == {1}
+    store.start({"a": 1})  # same plan: fine
+    with pytest.raises(PlanMismatch, match="a"):
+        store.start({"a": 2})
+
+
+def test_info_reports_counts_and_layout(tmp_path):
+    out, _ = _build(tmp_path, failed=(1,))
+    info = cache_info(out)
+    assert (info["videos_ok"], info["videos_failed"], info["captions"]) == (2, 1, 4)
+    assert (info["frames"], info["tokens_per_frame"], info["token_dim"], info["embed_dim"]) == (T, P, D, E)
+    assert info["shapes"]["videos/tokens"][0] == [3, T, P, D]
+    assert info["bytes_on_disk"] == out.stat().st_size
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f["videos/tokens"].__setitem__((0, 0, 0, 0), np.nan), "NaN or inf"),
+    (lambda f: f["texts/emb"].__setitem__((1, 0), np.inf), "NaN or inf"),
+    (lambda f: f["videos/status"].__setitem__(1, 0), "pending"),
+    (lambda f: f["videos/error"].__setitem__(1, ""), "no error message"),
+    (lambda f: f["texts/video"].__setitem__(0, 7), "outside"),
+    (lambda f: f["videos/frame_mask"].__setitem__(0, np.zeros(T, bool)), "no valid frame"),
+    (lambda f: f["videos/video_emb"].__setitem__(0, np.full(E, 3.0)), "normalised"),
+])
+def test_check_finds_each_problem(tmp_path, damage, message):
+    out, _ = _build(tmp_path, failed=(1,))
+    with h5py.File(out, "r+") as f:
+        damage(f)
+    problems = check_cache(out)
+    assert any(message in p for p in problems), problems
+
+
+def test_check_rejects_files_that_are_not_caches(tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = 1
+    assert "schema" in check_cache(other)[0]
+    text = tmp_path / "text.h5"
+    text.write_text("hello")
+    assert "not a readable HDF5" in check_cache(text)[0]
+    out, _ = _build(tmp_path)
+    with h5py.File(out, "r+") as f:
+        del f["texts/length"]
+    assert check_cache(out) == ["missing dataset texts/length"]

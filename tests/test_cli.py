@@ -1,0 +1,120 @@
+"""End-to-end through the command line (click's CliRunner, in process)."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TINY_VIT, make_dataset
+
+from tvrerank.cli import main
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def extract_args(annotations, out, *extra):
+    return ["extract", "--annotations", str(annotations), "--videos", str(annotations.parent), "--model",
+            str(TINY_VIT), "--out", str(out), "--frames", "4", "--workers", "0", "--device", "cpu",
+            "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    annotations = make_dataset(root / "data", num_videos=3)
+    out = root / "cache.h5"
+    result = invoke(*extract_args(annotations, out))
+    return annotations, out, result
+
+
+def test_help_lists_the_stages():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("extract", "cache", "plan"):
+        assert command in result.output
+
+
+def test_extract_summarises_and_writes_a_cache(extracted):
+    _, out, result = extracted
+    assert result.exit_code == 0, result.output
+    assert "8 videos (3 ok, 5 failed)" in result.output and "11 captions" in result.output
+    assert out.exists()
+
+
+def test_cache_info_json_has_the_promised_keys(extracted):
+    _, out, _ = extracted
+    result = invoke("cache", "info", str(out), "--json")
+    info = json.loads(result.output)
+    assert {k: info[k] for k in ("videos_ok", "videos_failed", "captions", "frames", "tokens_per_frame",
+                                 "token_dim", "embed_dim")} == {
+        "videos_ok": 3, "videos_failed": 5, "captions": 11, "frames": 4, "tokens_per_frame": 16,
+        "token_dim": 32, "embed_dim": 32}
+    text = invoke("cache", "info", str(out)).output
+    assert "tiny-vit" in text and "videos/tokens" in text and "(8, 4, 16, 32)" in text
+
+
+def test_cache_check_passes_then_fails_on_damage(extracted, tmp_path):
+    _, out, _ = extracted
+    assert invoke("cache", "check", str(out)).exit_code == 0
+    damaged = tmp_path / "damaged.h5"
+    damaged.write_bytes(out.read_bytes())
+    with h5py.File(damaged, "r+") as f:
+        f["videos/frame_emb"][0, 0, 0] = np.nan
+    result = invoke("cache", "check", str(damaged))
+    assert result.exit_code == 1 and "NaN" in result.output
+
+
+def test_shards_and_merge_through_the_cli(extracted, tmp_path):
+    annotations, out, _ = extracted
+    target = tmp_path / "c.h5"
+    for shard in ("0/2", "1/2"):
+        assert invoke(*extract_args(annotations, target, "--shard", shard)).exit_code == 0
+    result = invoke("cache", "merge", str(tmp_path / "c.shard-0-of-2.h5"), str(tmp_path / "c.shard-1-of-2.h5"),
+                    "--out", str(target))
+    assert result.exit_code == 0, result.output
+    with h5py.File(target, "r") as merged, h5py.File(out, "r") as single:
+        assert merged["videos/status"][()].tolist() == single["videos/status"][()].tolist()
+        assert merged["videos/tokens"].shape == single["videos/tokens"].shape
+
+
+def test_every_video_failing_exits_non_zero(tmp_path):
+    annotations = tmp_path / "a.jsonl"
+    annotations.write_text('{"video": "gone.mp4", "caption": "nothing here"}\n')
+    result = invoke(*extract_args(annotations, tmp_path / "c.h5"))
+    assert result.exit_code == 1 and "every video failed" in result.output
+
+
+def test_unreadable_annotations_name_the_file_and_line(tmp_path):
+    annotations = tmp_path / "a.jsonl"
+    annotations.write_text('{"video": "a.mp4", "caption": "fine"}\n{"video": "b.mp4"\n')
+    result = invoke(*extract_args(annotations, tmp_path / "c.h5"))
+    assert result.exit_code == 2
+    assert "a.jsonl" in result.output and "line 2" in result.output
+
+
+def test_bad_shard_value_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, extract_args(tmp_path / "a.jsonl", tmp_path / "c.h5", "--shard", "3/2"))
+    assert result.exit_code == 2 and "0 <= I < N" in result.output
+
+
+def test_plan_gives_sizes_without_weights():
+    result = invoke("plan", "--model", "ViT-B-32", "--videos", "1000", "--json")
+    plan = json.loads(result.output)
+    assert (plan["tokens_per_frame"], plan["token_dim"], plan["embed_dim"]) == (49, 512, 512)
+    assert plan["bytes_tokens"] == 1000 * 12 * 49 * 512 * 2
+    text = invoke("plan", "--model", "ViT-B-32", "--videos", "1000", "--token-pool", "2x2").output
+    assert "16 tokens/frame (grid 4x4)" in text and "total" in text
+
+
+def test_plan_for_vit_bigg_raw_matches_the_design_figures():
+    plan = json.loads(invoke("plan", "--model", "ViT-bigG-14", "--videos", "10000", "--token-space", "raw",
+                             "--json").output)
+    assert (plan["tokens_per_frame"], plan["token_dim"]) == (256, 1664)
+    per_frame_mib = plan["tokens_per_frame"] * plan["token_dim"] * 2 / 2**20
+    assert round(per_frame_mib, 2) == 0.81  # DESIGN.md: ~0.82 MiB per frame, ~100 GB for 10k videos
+    assert 95e9 < plan["bytes_total"] < 110e9

@@ -1,0 +1,106 @@
+"""Frame sampling with PyAV against the decode-everything reference, and every kind of bad file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import BROKEN, make_dataset, make_video, set_display_rotation
+
+from tvrerank.extract.frames import (
+    VideoDecodeError,
+    center_crop,
+    decode_all_reference,
+    resized_size,
+    sample_frames,
+    sample_or_error,
+    target_times,
+)
+
+
+def test_target_times_are_segment_centres():
+    np.testing.assert_allclose(target_times(0.0, 12.0, 4), [1.5, 4.5, 7.5, 10.5])
+    np.testing.assert_allclose(target_times(2.0, 2.0, 2), [2.0, 2.0])
+
+
+def test_resize_keeps_aspect_and_crop_is_central():
+    assert resized_size(640, 360, 224) == (398, 224)
+    assert resized_size(17, 33, 32) == (32, 62)
+    image = np.arange(6 * 8).reshape(6, 8, 1)
+    np.testing.assert_array_equal(center_crop(image, 4)[:, :, 0], image[1:5, 2:6, 0])
+
+
+@pytest.mark.parametrize("gop", [5, 50])
+def test_sampler_matches_decoding_everything(tmp_path, gop):
+    path = make_video(tmp_path / "gop.mp4", num_frames=120, fps=24, keyframe_interval=gop)
+    ours = sample_frames(path, num_frames=8, image_size=24)
+    reference = decode_all_reference(path, num_frames=8, image_size=24)
+    assert ours.num_valid == 8
+    np.testing.assert_array_equal(ours.timestamps, reference.timestamps)
+    np.testing.assert_array_equal(ours.frames, reference.frames)
+    # frames are distinct and in time order
+    assert np.all(np.diff(ours.timestamps) > 0)
+
+
+def test_variable_frame_rate_uses_timestamps(tmp_path):
+    times = [0, 0.1, 0.15, 0.2, 1.0, 1.1, 1.2, 1.3, 2.0, 2.05, 2.1, 2.2, 3.0, 3.5, 4.0, 4.5]
+    path = make_video(tmp_path / "vfr.mp4", num_frames=len(times), frame_times=times)
+    ours = sample_frames(path, num_frames=6, image_size=16)
+    reference = decode_all_reference(path, num_frames=6, image_size=16)
+    # the video spans [0, 4.5 + last duration); each target takes the last frame at or before it
+    targets = target_times(0.0, ours.timestamps[-1] + 0.5, 6)
+    assert all(stamp <= t + 1e-9 for stamp, t in zip(ours.timestamps, targets[: len(ours.timestamps)]))
+    np.testing.assert_array_equal(ours.timestamps, reference.timestamps)
+    np.testing.assert_array_equal(ours.frames, reference.frames)
+
+
+def test_short_video_is_padded_and_masked(tmp_path):
+    sample = sample_frames(make_video(tmp_path / "short.mp4", num_frames=3), num_frames=12, image_size=16)
+    assert sample.mask.tolist() == [True] * 3 + [False] * 9
+    assert np.all(sample.frames[3:] == 0) and np.isnan(sample.timestamps[3:]).all()
+    assert len(set(sample.timestamps[:3])) == 3
+
+
+def test_one_frame_video_gives_one_valid_frame(tmp_path):
+    sample = sample_frames(make_video(tmp_path / "one.mp4", num_frames=1), num_frames=4, image_size=16)
+    assert sample.num_valid == 1 and sample.frames[0].any()
+
+
+def test_odd_sizes_are_resized_and_cropped(tmp_path):
+    path = make_video(tmp_path / "odd.mp4", num_frames=5, height=17, width=33, pix_fmt="yuv444p")
+    sample = sample_frames(path, num_frames=2, image_size=20)
+    assert sample.frames.shape == (2, 20, 20, 3) and sample.num_valid == 2
+
+
+def test_display_rotation_is_applied(tmp_path):
+    frames = []
+    for _ in range(4):
+        frame = np.zeros((32, 64, 3), np.uint8)
+        frame[:, :32] = 255  # left half white
+        frames.append(frame)
+    from tvrerank.toy.videos import write_video
+
+    path = write_video(tmp_path / "rot.mp4", frames, fps=4)
+    upright = sample_frames(path, num_frames=1, image_size=32).frames[0].mean(-1)
+    # the display matrix FFmpeg writes for "rotate 90 degrees clockwise" (phones shot portrait)
+    set_display_rotation(path, (0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000))
+    rotated = sample_frames(path, num_frames=1, image_size=32).frames[0].mean(-1)
+    # unrotated: the 32 px crop of a 64x32 frame resized to 64x32 shows the boundary in the middle
+    assert upright[:, :8].mean() > 200 and upright[:, -8:].mean() < 50
+    # rotated clockwise the left half becomes the top half; the frame is now 32 wide, 64 tall
+    assert rotated[:8].mean() > 200 and rotated[-8:].mean() < 50
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("missing", "file not found"),
+    ("empty", "empty file"),
+    ("text", "not a readable video"),
+    ("truncated", "not a readable video"),
+    ("audio", "no video stream"),
+])
+def test_bad_files_give_a_reason(tmp_path, kind, reason):
+    make_dataset(tmp_path, num_videos=1)
+    path = tmp_path / "videos" / BROKEN[kind]
+    with pytest.raises(VideoDecodeError, match=reason):
+        sample_frames(path, num_frames=4, image_size=16)
+    sample, error = sample_or_error(path, num_frames=4, image_size=16)
+    assert sample is None and reason in error

@@ -1,0 +1,203 @@
+"""The extraction run: failures recorded, kill-and-resume, shards and torchrun, all equal to one plain run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import BROKEN, TINY_VIT, make_dataset
+
+from tvrerank.cache.inspect import check_cache
+from tvrerank.cache.merge import merge_shards
+from tvrerank.cache.schema import FAILED, OK
+from tvrerank.cache.writer import PartStore, PlanMismatch
+from tvrerank.config import ExtractConfig
+from tvrerank.extract.annotations import AnnotationError, Caption
+from tvrerank.extract.runner import ExtractionError, VideoTable, run_extraction, shard_path
+
+ARRAYS = ("videos/id", "videos/path", "videos/status", "videos/error", "videos/frame_mask",
+          "videos/frame_emb", "videos/video_emb", "videos/tokens", "texts/caption", "texts/video",
+          "texts/emb", "texts/tokens", "texts/length")
+
+
+def config_for(annotations: Path, out: Path, **overrides) -> ExtractConfig:
+    base = ExtractConfig(annotations=(str(annotations),), format="jsonl", videos=str(annotations.parent),
+                         out=str(out), model=str(TINY_VIT), frames=4, batch_size=8, workers=0,
+                         device="cpu", part_videos=2)
+    return replace(base, **overrides)
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {name: f[name].asstr()[()] if h5py.check_string_dtype(f[name].dtype) else f[name][()]
+                for name in ARRAYS}
+
+
+def assert_same_arrays(a: Path, b: Path) -> None:
+    left, right = read_arrays(a), read_arrays(b)
+    for name in ARRAYS:
+        np.testing.assert_array_equal(left[name], right[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted, unsharded run that the other runs must reproduce exactly."""
+    root = tmp_path_factory.mktemp("ref")
+    annotations = make_dataset(root / "data", num_videos=6)
+    out = root / "ref.h5"
+    summary = run_extraction(config_for(annotations, out), progress=False)
+    return annotations, out, summary
+
+
+def test_video_table_groups_captions_by_video_and_shards_contiguously():
+    captions = [Caption("b", "b.mp4", "b1"), Caption("a", "a.mp4", "a1"), Caption("b", "b.mp4", "b2"),
+                Caption("c", "c.mp4", "c1")]
+    table = VideoTable.from_captions(captions)
+    assert table.video_ids == ["b", "a", "c"]
+    assert table.captions == ["b1", "b2", "a1", "c1"] and table.caption_video.tolist() == [0, 0, 1, 2]
+    second, video_offset, caption_offset = table.shard(1, 2)
+    assert second.video_ids == ["a", "c"] and second.captions == ["a1", "c1"]
+    assert (video_offset, caption_offset) == (1, 2) and second.caption_video.tolist() == [0, 1]
+
+
+def test_bad_videos_are_recorded_and_skipped(reference):
+    _, out, summary = reference
+    assert (summary.videos, summary.ok, summary.failed) == (11, 6, 5)
+    assert summary.captions == 6 * 2 + 5
+    arrays = read_arrays(out)
+    status, errors, paths = arrays["videos/status"], arrays["videos/error"], arrays["videos/path"]
+    for kind, name in BROKEN.items():
+        row = list(paths).index(f"videos/{name}")
+        assert status[row] == FAILED and errors[row], kind
+        assert not arrays["videos/frame_mask"][row].any() and not arrays["videos/tokens"][row].any()
+    assert (status[:6] == OK).all() and (errors[:6] == "").all()
+    assert arrays["videos/frame_mask"][:6].all()  # 12+ frames each, 4 sampled
+    norms = np.linalg.norm(arrays["videos/video_emb"][:6].astype(np.float32), axis=1)
+    np.testing.assert_allclose(norms, 1, atol=2e-3)
+    assert check_cache(out) == []
+
+
+def test_rerun_of_a_finished_cache_is_a_no_op_and_other_settings_are_refused(reference, tmp_path):
+    annotations, out, _ = reference
+    copy = tmp_path / "copy.h5"
+    shutil.copy(out, copy)
+    again = run_extraction(config_for(annotations, copy), progress=False)
+    assert again.already_done and again.ok == 6
+    with pytest.raises(ExtractionError, match="--overwrite"):
+        run_extraction(config_for(annotations, copy, frames=3), progress=False)
+    redone = run_extraction(config_for(annotations, copy, frames=3, overwrite=True), progress=False)
+    assert not redone.already_done and read_arrays(copy)["videos/frame_mask"].shape == (11, 3)
+
+
+def test_an_unfinished_run_with_other_settings_is_refused(reference, tmp_path):
+    annotations, _, _ = reference
+    out = tmp_path / "c.h5"
+    PartStore(out).start({"something": "else"})
+    with pytest.raises(PlanMismatch, match="--overwrite"):
+        run_extraction(config_for(annotations, out), progress=False)
+
+
+def test_every_video_failing_raises_no_error_but_reports_zero_ok(tmp_path):
+    annotations = tmp_path / "bad.jsonl"
+    annotations.write_text('{"video": "nope.mp4", "caption": "gone"}\n')
+    summary = run_extraction(config_for(annotations, tmp_path / "bad.h5"), progress=False)
+    assert summary.ok == 0 and summary.failed == 1
+
+
+def test_no_captions_is_an_error(tmp_path):
+    annotations = tmp_path / "empty.jsonl"
+    annotations.write_text("\n")
+    with pytest.raises(AnnotationError, match="no captions"):
+        run_extraction(config_for(annotations, tmp_path / "x.h5"), progress=False)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tvrerank.cli", *args]
+
+
+def _extract_args(annotations: Path, out: Path, *extra: str) -> list[str]:
+    return ["extract", "--annotations", str(annotations), "--format", "jsonl", "--videos",
+            str(annotations.parent), "--model", str(TINY_VIT), "--out", str(out), "--frames", "4",
+            "--batch-size", "8", "--workers", "0", "--device", "cpu", "--part-videos", "1", "--quiet", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_same_arrays(reference, tmp_path):
+    annotations, ref_out, _ = reference
+    out = tmp_path / "killed.h5"
+    # part size 2 in the reference; here the same plan must be used to resume, so use 2 as well
+    args = _extract_args(annotations, out)
+    args[args.index("--part-videos") + 1] = "2"
+    parts = PartStore(out)
+    process = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if parts.folder.exists() and len(list(parts.folder.glob("part-*.h5"))) >= 2:
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not out.exists(), "a killed run must not leave a final cache"
+    done = len(list(parts.folder.glob("part-*.h5")))
+    assert 2 <= done < 6
+    resumed = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout and not parts.folder.exists()
+    assert_same_arrays(out, ref_out)
+
+
+def test_two_shards_merged_equal_one_run(reference, tmp_path):
+    annotations, ref_out, _ = reference
+    out = tmp_path / "sharded" / "cache.h5"
+    out.parent.mkdir()
+    shards = []
+    for index in range(2):
+        run_extraction(config_for(annotations, out, shard_index=index, shard_count=2), progress=False)
+        shards.append(shard_path(out, index, 2))
+    assert [p.name for p in shards] == ["cache.shard-0-of-2.h5", "cache.shard-1-of-2.h5"]
+    merge_shards(list(reversed(shards)), out)  # any order
+    assert_same_arrays(out, ref_out)
+    with h5py.File(out, "r") as f:
+        assert f["videos/tokens"].is_virtual and not f["videos/status"].is_virtual
+    # the merged file maps shards by relative path: the folder can move
+    moved = tmp_path / "moved"
+    shutil.move(out.parent, moved)
+    assert_same_arrays(moved / "cache.h5", ref_out)
+    assert check_cache(moved / "cache.h5") == []
+    (moved / "cache.shard-1-of-2.h5").unlink()
+    assert any("missing" in p for p in check_cache(moved / "cache.h5"))
+
+
+def test_merge_refuses_incomplete_or_mismatched_shards(reference, tmp_path):
+    annotations, ref_out, _ = reference
+    out = tmp_path / "c.h5"
+    run_extraction(config_for(annotations, out, shard_index=0, shard_count=2), progress=False)
+    with pytest.raises(ValueError, match="every shard"):
+        merge_shards([shard_path(out, 0, 2)], tmp_path / "m.h5")
+    with pytest.raises(ValueError):
+        merge_shards([shard_path(out, 0, 2), ref_out], tmp_path / "m.h5")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(reference, tmp_path):
+    annotations, ref_out, _ = reference
+    out = tmp_path / "dist.h5"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = _extract_args(annotations, out)
+    args[args.index("--part-videos") + 1] = "2"
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "tvrerank.cli", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert shard_path(out, 0, 2).exists() and shard_path(out, 1, 2).exists()
+    assert_same_arrays(out, ref_out)
