@@ -114,26 +114,28 @@ def part_bounds(num_videos: int, part_videos: int) -> list[tuple[int, int]]:
 
 # --------------------------------------------------------------------------- reader
 class DecodeQueue:
-    """Frames of videos in order, sampled ahead in ``workers`` processes (0: in this process)."""
+    """Frames of videos in order, sampled ahead in ``workers`` processes (0: in this process).
 
-    def __init__(self, workers: int, look_ahead: int, **sample_options):
+    The pool starts on construction, so workers boot while the encoder loads.
+    """
+
+    def __init__(self, workers: int, look_ahead: int):
         self.workers, self.look_ahead = workers, max(1, look_ahead)
-        threads = max(1, (os.cpu_count() or 1) // max(1, workers)) if workers else 0
-        self._sample = partial(sample_or_error, threads=threads, **sample_options)
+        self._threads = max(1, (os.cpu_count() or 1) // max(1, workers)) if workers else 0
         self._pool = multiprocessing.get_context("spawn").Pool(workers) if workers else None
 
-    def __iter__(self):
-        raise TypeError("use DecodeQueue.run(paths)")
-
-    def run(self, items: Iterator[tuple[int, Path]]) -> Iterator[tuple[int, SampledFrames | None, str]]:
+    def run(
+        self, items: Iterator[tuple[int, Path]], **sample_options
+    ) -> Iterator[tuple[int, SampledFrames | None, str]]:
         """Yield (row, frames or None, error) for each (row, path) in order."""
+        sample = partial(sample_or_error, threads=self._threads, **sample_options)
         if self._pool is None:
             for row, path in items:
-                yield (row, *self._sample(path))
+                yield (row, *sample(path))
             return
         pending: collections.deque = collections.deque()
         for row, path in items:
-            pending.append((row, self._pool.apply_async(self._sample, (path,))))
+            pending.append((row, self._pool.apply_async(sample, (path,))))
             if len(pending) >= self.look_ahead:
                 done_row, result = pending.popleft()
                 yield (done_row, *result.get())
@@ -281,17 +283,25 @@ def auto_part_videos(frames: int, batch_size: int, bytes_per_video: int) -> int:
 
 def run_extraction(config: ExtractConfig, *, progress: bool = True) -> ExtractionSummary:
     """Extract one cache (or one shard of it) as ``config`` says; resumes an unfinished run."""
-    from tqdm.auto import tqdm
-
-    from tvrerank.extract.encoder import FrozenClipEncoder
-
     started = time.perf_counter()
     table = VideoTable.from_captions(read_annotations(config.annotations, config.format, config.videos))
     out = shard_path(config.out, config.shard_index, config.shard_count)
-    parts = PartStore(out)
     if config.overwrite:
-        parts.remove()
+        PartStore(out).remove()
         out.unlink(missing_ok=True)
+    # the decoding workers boot while the encoder loads
+    decode = DecodeQueue(config.workers, look_ahead=(config.part_videos or 32) + 2 * config.workers)
+    try:
+        return _extract(config, table, out, decode, started, progress)
+    finally:
+        decode.close()
+
+
+def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: DecodeQueue, started: float,
+             progress: bool) -> ExtractionSummary:
+    from tqdm.auto import tqdm
+
+    from tvrerank.extract.encoder import FrozenClipEncoder
 
     encoder = FrozenClipEncoder(
         model=config.model, pretrained=config.pretrained, token_space=config.token_space,
@@ -315,15 +325,15 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> Extractio
         },
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    plan = {
+    if out.exists():
+        return _finished_already(out, header, table, started)
+    parts = PartStore(out)
+    parts.start(json.loads(json.dumps({
         "fingerprint": header.fingerprint(),
         "table": table.digest(),
         "part_videos": part_videos,
         "shard": [config.shard_index, config.shard_count],
-    }
-    if out.exists():
-        return _finished_already(out, header, table, started)
-    parts.start(json.loads(json.dumps(plan)))
+    })))
 
     bounds = part_bounds(len(table.video_ids), part_videos)
     done = parts.finished(len(bounds))
@@ -331,16 +341,11 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> Extractio
     if done:
         log.info("resuming %s: %d of %d parts already done", out, len(done), len(bounds))
     videos_root = Path(config.videos)
-    decode = DecodeQueue(
-        config.workers, look_ahead=part_videos + 2 * config.workers,
-        num_frames=config.frames, image_size=encoder.config.image_size,
-    )
+    items = ((row, videos_root / table.video_paths[row]) for i in todo for row in range(*bounds[i]))
+    results = decode.run(items, num_frames=config.frames, image_size=encoder.config.image_size)
     writer = PartWriter(parts)
-    bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="video",
-               desc=f"extract {out.name}", disable=not progress)
-    try:
-        items = ((row, videos_root / table.video_paths[row]) for i in todo for row in range(*bounds[i]))
-        results = decode.run(items)
+    with tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="video", desc=f"extract {out.name}",
+              disable=not progress) as bar:
         for index in todo:
             start, stop = bounds[index]
             decoded = [next(results)[1:] for _ in range(start, stop)]
@@ -351,10 +356,7 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> Extractio
             )
             writer.put(index, part)
             bar.update(stop - start)
-        writer.close()
-    finally:
-        bar.close()
-        decode.close()
+    writer.close()
 
     assemble(
         parts, len(bounds), out, header, video_ids=table.video_ids, video_paths=table.video_paths,

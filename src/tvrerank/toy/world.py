@@ -100,24 +100,39 @@ def _positions(event: Event, progress: float) -> tuple[tuple[float, float], floa
     return (start[0] + 0.6 * dx * progress, start[1] + 0.6 * dy * progress), 0.13, 1.0
 
 
+def draw_event(image: np.ndarray, event: Event, progress: float) -> None:
+    """Paint one event's object onto an (S, S, 3) float image at ``progress`` in [0, 1]."""
+    size = image.shape[0]
+    (x, y), radius, alpha = _positions(event, progress)
+    _paint(image, shape_mask(event.shape, size, x * size, y * size, radius * size), event.colour, alpha)
+
+
+def _finish(image: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+    return np.clip(image + rng.normal(0, noise, image.shape), 0, 255).astype(np.uint8)
+
+
 def render(script: Script, *, num_frames: int, size: int, noise: float = 6.0, seed: int = 0) -> np.ndarray:
     """(num_frames, size, size, 3) uint8 frames of a script; events share the clip equally."""
     rng = np.random.default_rng(seed)
     base = background(size, script.background_seed)
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
-    n = len(script.events)
     for f in range(num_frames):
-        t = (f + 0.5) / num_frames * n  # event index + progress
+        t = (f + 0.5) / num_frames * len(script.events)  # event index + progress
         image = base.copy()
         for i, event in enumerate(script.events):
             if t < i:
                 break
-            (x, y), radius, alpha = _positions(event, min(1.0, t - i))
-            mask = shape_mask(event.shape, size, x * size, y * size, radius * size)
-            _paint(image, mask, event.colour, alpha)
-        image += rng.normal(0, noise, image.shape)
-        frames[f] = np.clip(image, 0, 255).astype(np.uint8)
+            draw_event(image, event, min(1.0, t - i))
+        frames[f] = _finish(image, rng, noise)
     return frames
+
+
+def render_still(objects: list[tuple[Event, float]], *, size: int, seed: int, noise: float = 6.0) -> np.ndarray:
+    """One (size, size, 3) uint8 frame with each (event, progress) drawn, as in a video frame."""
+    image = background(size, seed)
+    for event, progress in objects:
+        draw_event(image, event, progress)
+    return _finish(image, np.random.default_rng(seed), noise)
 
 
 # --------------------------------------------------------------------------- language
