@@ -95,3 +95,39 @@ def make_dataset(root: Path, num_videos: int = 6, *, broken: bool = True, captio
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")
+
+
+def synthetic_cache(path: Path, *, videos: int = 40, captions_per_video: int = 2, dim: int = 16,
+                    failed: tuple[int, ...] = (), seed: int = 0, frames: int = 4, tokens: int = 4,
+                    model: str = "synthetic") -> Path:
+    """A cache with random unit embeddings (no videos or model needed); captions near their video."""
+    from tvrerank.cache.schema import FAILED, OK, CacheHeader
+    from tvrerank.cache.writer import create_cache
+    from tvrerank.config import EncoderConfig, SamplingConfig, TokenLayout
+
+    rng = np.random.default_rng(seed)
+    layout = TokenLayout(grid=(2, tokens // 2), tokens_per_frame=tokens, token_dim=dim, text_token_dim=dim,
+                         embed_dim=dim, text_tokens=8)
+    header = CacheHeader(encoder=EncoderConfig(model=model, model_config={"embed_dim": dim}),
+                         sampling=SamplingConfig(frames=frames), layout=layout, dataset={"format": "synthetic"})
+    video_emb = rng.normal(size=(videos, dim))
+    video_emb /= np.linalg.norm(video_emb, axis=1, keepdims=True)
+    caption_video = np.repeat(np.arange(videos), captions_per_video).astype(np.int32)
+    text_emb = video_emb[caption_video] + rng.normal(scale=0.6, size=(len(caption_video), dim))
+    text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
+    status = np.full(videos, OK, np.uint8)
+    status[list(failed)] = FAILED
+    with create_cache(path, header, video_ids=[f"v{i}" for i in range(videos)],
+                      video_paths=[f"v{i}.mp4" for i in range(videos)],
+                      captions=[f"caption {i}" for i in range(len(caption_video))],
+                      caption_video=caption_video) as f:
+        f["videos/status"][:] = status
+        f["videos/error"][:] = ["broken" if s == FAILED else "" for s in status]
+        f["videos/frame_mask"][:] = (status == OK)[:, None]
+        f["videos/video_emb"][:] = np.where((status == OK)[:, None], video_emb, 0)
+        f["videos/frame_emb"][:] = video_emb[:, None, :]
+        f["videos/tokens"][:] = rng.normal(size=(videos, frames, tokens, dim))
+        f["texts/emb"][:] = text_emb
+        f["texts/tokens"][:] = rng.normal(size=(len(caption_video), 8, dim))
+        f["texts/length"][:] = 5
+    return path

@@ -118,3 +118,26 @@ def test_plan_for_vit_bigg_raw_matches_the_design_figures():
     per_frame_mib = plan["tokens_per_frame"] * plan["token_dim"] * 2 / 2**20
     assert round(per_frame_mib, 2) == 0.81  # DESIGN.md: ~0.82 MiB per frame, ~100 GB for 10k videos
     assert 95e9 < plan["bytes_total"] < 110e9
+
+
+def test_index_candidates_and_eval_through_the_cli(extracted, tmp_path):
+    _, out, _ = extracted
+    result = invoke("index", str(out), "--out", str(tmp_path / "index"), "--factory", "auto")
+    assert result.exit_code == 0 and "Flat over 3 videos" in result.output
+    result = invoke("candidates", str(out), "--index", str(tmp_path / "index"), "--out", str(tmp_path / "c.h5"),
+                    "--k", "15")
+    assert result.exit_code == 0, result.output
+    assert "top-3 for 11 captions" in result.output  # K clamped to the 3 ok videos
+    metrics = json.loads(invoke("eval", "--cache", str(out), "--candidates", str(tmp_path / "c.h5"),
+                                "--json").output)
+    assert metrics["evaluated"] == 6 and metrics["recall_at_k"] == 100.0
+    assert set(metrics["stage1"]) == {"R1", "R5", "R10", "MdR", "MnR"} and metrics["stage1"]["R5"] == 100.0
+    table = invoke("eval", "--cache", str(out), "--candidates", str(tmp_path / "c.h5"), "--dsl").output
+    assert "R@1" in table and "video->text" in table and "dual softmax" in table
+
+
+def test_candidates_refuses_a_bad_external_matrix(extracted, tmp_path):
+    _, out, _ = extracted
+    np.save(tmp_path / "s.npy", np.zeros((2, 2), np.float32))
+    result = invoke("candidates", str(out), "--similarity", str(tmp_path / "s.npy"), "--out", str(tmp_path / "c.h5"))
+    assert result.exit_code == 2 and "s.npy" in result.output and "one row per caption" in result.output

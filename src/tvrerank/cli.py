@@ -107,10 +107,12 @@ def _run_or_exit(fn):
     from tvrerank.extract.annotations import AnnotationError
     from tvrerank.extract.models import ModelError
     from tvrerank.extract.runner import ExtractionError
+    from tvrerank.index.faiss_index import FaissMissing
 
     try:
         return fn()
-    except (AnnotationError, ModelError, ExtractionError, PlanMismatch, FileNotFoundError, ValueError) as exc:
+    except (AnnotationError, ModelError, ExtractionError, PlanMismatch, FaissMissing, FileNotFoundError,
+            ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
 
@@ -204,6 +206,69 @@ def plan(model, num_videos, frames, num_captions, token_space, token_pool, text_
     click.echo(f"total      {_human(estimate.bytes_total)} for {num_videos} videos")
 
 
+@main.command()
+@click.argument("cache_path", metavar="CACHE", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
+@click.option("--factory", default="Flat", show_default=True,
+              help="FAISS factory string (Flat, HNSW32, IVF1024,PQ64x8, ...) or auto (by size and memory).")
+@click.option("--memory-budget-gb", default=4.0, show_default=True, help="For --factory auto.")
+def index(cache_path: str, out: str, factory: str, memory_budget_gb: float) -> None:
+    """FAISS inner-product index over the cache's video embeddings (ok videos only)."""
+    from tvrerank.index.store import build_index_dir
+
+    config = _run_or_exit(lambda: build_index_dir(cache_path, out, factory, int(memory_budget_gb * 2**30)))
+    click.echo(f"{out}: {config.factory} over {config.count} videos ({config.reason})")
+
+
+@main.command()
+@click.argument("cache_path", metavar="CACHE", type=click.Path(exists=True, dir_okay=False))
+@click.option("--index", "index_dir", type=click.Path(exists=True, file_okay=False), help="Index folder of CACHE.")
+@click.option("--text-emb", type=click.Path(exists=True, dir_okay=False),
+              help="External first stage: caption embeddings (.npy, one row per caption of CACHE).")
+@click.option("--video-emb", type=click.Path(exists=True, dir_okay=False),
+              help="External first stage: video embeddings (.npy, one row per video of CACHE).")
+@click.option("--similarity", type=click.Path(exists=True, dir_okay=False),
+              help="External first stage: a captions x videos score matrix (.npy).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Candidates file to write (.h5).")
+@click.option("--k", default=15, show_default=True, help="Candidates per caption.")
+def candidates(cache_path, index_dir, text_emb, video_emb, similarity, out, k) -> None:
+    """Top-K stage-1 candidates (and every caption's true stage-1 rank) for every caption."""
+    from tvrerank.index.candidates import build_candidates, write_candidates
+
+    lists = _run_or_exit(lambda: build_candidates(cache_path, k=k, index_dir=index_dir, text_emb=text_emb,
+                                                  video_emb=video_emb, similarity=similarity))
+    write_candidates(out, lists, cache_path)
+    valid = lists.true_rank[lists.true_rank > 0]
+    within = float((valid <= lists.video.shape[1]).mean() * 100) if len(valid) else 0.0
+    click.echo(f"{out}: top-{lists.video.shape[1]} for {len(lists.true_rank)} captions from {lists.source}; "
+               f"the true video is within K for {within:.1f}%")
+
+
+@main.command("eval")
+@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--candidates", "candidates_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--dsl", is_flag=True, help="Also report dual-softmax (inverted softmax) re-weighted stage 1, apart.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(cache_path: str, candidates_path: str, dsl: bool, as_json: bool) -> None:
+    """Retrieval metrics (R@1/5/10, MdR, MnR) of the first stage."""
+    from tvrerank.index.evaluation import stage1_evaluation
+    from tvrerank.metrics import format_table
+
+    result = _run_or_exit(lambda: stage1_evaluation(cache_path, candidates_path, dsl=dsl))
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+        return
+    click.echo(f"text->video, {result['evaluated']} of {result['captions']} captions "
+               f"(true video within top-{result['k']}: {result['recall_at_k']:.1f}%)")
+    click.echo(format_table({"stage 1": result["stage1"]}))
+    if "v2t" in result:
+        click.echo("video->text")
+        click.echo(format_table({"stage 1": result["v2t"]["stage1"]}))
+    if "dsl" in result:
+        click.echo("text->video with dual softmax (uses every test query at once; not comparable)")
+        click.echo(format_table({"stage 1 + DSL": result["dsl"]["stage1"]}))
+
+
 @main.group()
 def toy() -> None:
     """The embedded toy world (synthetic videos with known answers)."""
@@ -251,8 +316,12 @@ def demo(out: str, seed: int, videos: int, workers: int) -> None:
     from tvrerank.toy.demo import DemoConfig, run_demo
 
     summary = run_demo(DemoConfig(out=out, seed=seed, videos=videos, workers=workers))
+    from tvrerank.metrics import format_table
+
     for split, info in summary["caches"].items():
         click.echo(f"{split}: {info['videos_ok']} videos ok, {info['captions']} captions -> {info['path']}")
+    click.echo("test split, text->video:")
+    click.echo(format_table({"stage 1": summary["metrics"]["stage1"]}))
     click.echo(f"report: {out}/report.md; stage timings (s): "
                + ", ".join(f"{k} {v:.1f}" for k, v in summary["timings_s"].items()))
 

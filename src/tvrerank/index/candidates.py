@@ -1,0 +1,192 @@
+"""``tvrerank candidates``: the first stage's top-K videos for every caption of a cache.
+
+The top K come from the cache's FAISS index, or from any other retriever: its text and video
+embeddings (``--text-emb``/``--video-emb``, rows aligned with the cache's captions and videos,
+compared by cosine) or its full similarity matrix (``--similarity``, captions × videos). Only
+videos that extracted ok are candidates.
+
+Besides the lists, every caption's *true* stage-1 rank over the whole gallery is computed
+exactly (1 + number of videos scored strictly higher), even when it is beyond K: training needs
+it and evaluation reports it. A caption whose video failed extraction gets rank -1.
+
+File (HDF5, schema ``tvrerank.candidates/1``)::
+
+    candidates/video  (M, K) int32    cache rows, best first (-1 padding)
+    candidates/score  (M, K) float32  stage-1 scores
+    true_rank         (M,)   int32    stage-1 rank of the caption's video (-1: not in the gallery)
+    true_score        (M,)   float32
+    attrs: schema, k, source, cache path, the cache's fingerprint and video-id digest
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from tvrerank.cache.reader import CacheReader
+from tvrerank.metrics import ranks_from_true_scores
+from tvrerank.index.faiss_index import build_index, search
+from tvrerank.index.store import IndexMismatch, check_index_matches, load_index_dir, read_gallery, video_ids_digest
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "tvrerank.candidates/1"
+
+
+@dataclass
+class CandidateLists:
+    video: np.ndarray  # (M, K) int32 cache rows, -1 padding
+    score: np.ndarray  # (M, K) float32
+    true_rank: np.ndarray  # (M,) int32, -1 when the caption's video is not in the gallery
+    true_score: np.ndarray  # (M,) float32 (NaN when not in the gallery)
+    source: str
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def true_ranks(scores_of, num_queries: int, true_columns: np.ndarray, block: int = 2048):
+    """Exact ranks from a block function ``scores_of(slice) -> (b, N)`` of stage-1 scores.
+
+    true_columns (M,) gallery column of each query's true item, -1 if absent → (ranks, true scores).
+    """
+    ranks = np.full(num_queries, -1, dtype=np.int32)
+    true_score = np.full(num_queries, np.nan, dtype=np.float32)
+    for start in range(0, num_queries, block):
+        window = slice(start, min(start + block, num_queries))
+        columns = true_columns[window]
+        valid = np.flatnonzero(columns >= 0)
+        if len(valid) == 0:
+            continue
+        scores = scores_of(window)[valid]  # (b, N)
+        truth = scores[np.arange(len(valid)), columns[valid]]
+        ranks[start + valid] = ranks_from_true_scores(scores, truth)
+        true_score[start + valid] = truth
+    return ranks, true_score
+
+
+def top_k_from_scores(scores_of, num_queries: int, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k columns and scores of each row (stable: lower column first on ties) → (M, k) each."""
+    columns = np.empty((num_queries, k), dtype=np.int64)
+    values = np.empty((num_queries, k), dtype=np.float32)
+    for start in range(0, num_queries, block):
+        window = slice(start, min(start + block, num_queries))
+        scores = np.nan_to_num(scores_of(window), nan=-np.inf)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        columns[window], values[window] = order, np.take_along_axis(scores, order, axis=1)
+    return columns, values
+
+
+def _clamp_k(k: int, gallery: int) -> int:
+    if gallery == 0:
+        raise ValueError("the gallery is empty: no video extracted ok")
+    if k > gallery:
+        log.warning("K=%d is larger than the gallery (%d videos): using K=%d", k, gallery, gallery)
+    return min(k, gallery)
+
+
+def _load_matrix(path: str | Path, name: str, rows: int, what: str) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{name} {path}: not a readable .npy file ({exc})") from exc
+    if array.ndim != 2 or array.shape[0] != rows:
+        raise ValueError(f"{name} {path}: shape {array.shape}, expected ({rows}, ...) — one row per {what}")
+    return array
+
+
+def build_candidates(
+    cache_path: str | Path,
+    *,
+    k: int = 15,
+    index_dir: str | Path | None = None,
+    text_emb: str | Path | None = None,
+    video_emb: str | Path | None = None,
+    similarity: str | Path | None = None,
+) -> CandidateLists:
+    """Top-K lists and exact true ranks for every caption of a cache, from one first stage."""
+    given = [index_dir is not None, text_emb is not None or video_emb is not None, similarity is not None]
+    if sum(given) != 1:
+        raise ValueError("give exactly one first stage: --index DIR, --text-emb/--video-emb, or --similarity")
+    if (text_emb is None) != (video_emb is None):
+        raise ValueError("--text-emb and --video-emb go together")
+    with CacheReader(cache_path) as cache:
+        rows = cache.ok_rows()
+        m, n = cache.num_captions, cache.num_videos
+        caption_video = cache["texts/video"][()]
+        column_of = np.full(n, -1, dtype=np.int64)
+        column_of[rows] = np.arange(len(rows))
+        true_columns = column_of[caption_video]
+        k = _clamp_k(k, len(rows))
+        if index_dir is not None:
+            index, config, index_rows = load_index_dir(index_dir)
+            check_index_matches(config, cache, f"index {index_dir}")
+            if not np.array_equal(index_rows, rows):
+                raise IndexMismatch(f"index {index_dir} holds other videos than the ok videos of {cache_path}")
+            queries = cache["texts/emb"][()].astype(np.float32)
+            _, gallery = read_gallery(cache)
+            scores, positions = search(index, queries, k)
+            source = f"faiss:{config.factory}"
+            ranks, truth = true_ranks(lambda w: queries[w] @ gallery.T, m, true_columns)
+        elif text_emb is not None:
+            queries = _normalise(_load_matrix(text_emb, "--text-emb", m, "caption of the cache"))
+            gallery = _normalise(_load_matrix(video_emb, "--video-emb", n, "video of the cache"))[rows]
+            if queries.shape[1] != gallery.shape[1]:
+                raise ValueError(f"--text-emb has {queries.shape[1]} columns, --video-emb {gallery.shape[1]}")
+            scores, positions = search(build_index(gallery, "Flat"), queries, k)
+            source = "external-embeddings"
+            ranks, truth = true_ranks(lambda w: queries[w] @ gallery.T, m, true_columns)
+        else:
+            matrix = _load_matrix(similarity, "--similarity", m, "caption of the cache")
+            if matrix.shape[1] != n:
+                raise ValueError(f"--similarity {similarity}: {matrix.shape[1]} columns, the cache has {n} videos")
+            def scores_of(window):
+                return np.asarray(matrix[window], dtype=np.float32)[:, rows]
+
+            positions, scores = top_k_from_scores(scores_of, m, k)
+            source = "external-similarity"
+            ranks, truth = true_ranks(scores_of, m, true_columns)
+    video = np.where(positions >= 0, rows[np.clip(positions, 0, None)], -1).astype(np.int32)
+    if (missing := int((ranks < 0).sum())):
+        log.warning("%d captions belong to videos that failed extraction: they get rank -1", missing)
+    return CandidateLists(video=video, score=scores.astype(np.float32), true_rank=ranks, true_score=truth,
+                          source=source)
+
+
+def write_candidates(path: str | Path, lists: CandidateLists, cache_path: str | Path) -> None:
+    with CacheReader(cache_path) as cache:
+        fingerprint, digest = cache.header.fingerprint(), video_ids_digest(cache.strings("videos/id"))
+    tmp = Path(str(path) + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(tmp, "w") as f:
+        f["candidates/video"], f["candidates/score"] = lists.video, lists.score
+        f["true_rank"], f["true_score"] = lists.true_rank, lists.true_score
+        f.attrs.update({"schema": SCHEMA, "k": lists.video.shape[1], "source": lists.source,
+                        "cache": str(cache_path), "fingerprint": json.dumps(fingerprint, sort_keys=True),
+                        "video_ids_sha256": digest})
+    tmp.replace(path)
+
+
+def read_candidates(path: str | Path, cache: CacheReader) -> CandidateLists:
+    """Load a candidate file, refusing one made from another cache."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such candidates file; make one with `tvrerank candidates`")
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("schema") != SCHEMA:
+            raise ValueError(f"{path}: not a tvrerank candidates file (schema {f.attrs.get('schema')!r})")
+        if (json.loads(f.attrs["fingerprint"]) != cache.header.fingerprint()
+                or f.attrs["video_ids_sha256"] != video_ids_digest(cache.strings("videos/id"))):
+            raise IndexMismatch(f"{path} was made from another cache ({f.attrs['cache']}) than {cache.path}")
+        if f["true_rank"].shape[0] != cache.num_captions:
+            raise IndexMismatch(f"{path} has {f['true_rank'].shape[0]} captions, {cache.path} {cache.num_captions}")
+        return CandidateLists(video=f["candidates/video"][()], score=f["candidates/score"][()],
+                              true_rank=f["true_rank"][()], true_score=f["true_score"][()],
+                              source=str(f.attrs["source"]))

@@ -1,0 +1,127 @@
+"""FAISS inner-product indexes over L2-normalised video embeddings (cosine similarity).
+
+Small pure helpers in the spirit of faiss ``contrib/``: choose a factory string, build, search.
+``Flat`` is exact and the default; ``auto`` picks by collection size and a memory budget the
+way autofaiss does (exact while small, HNSW while the graph fits, IVF-PQ beyond). The GPU is
+used for search when FAISS sees one (``faiss-gpu``) and the index type supports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EXACT_MAX = 50_000  # below this, exact search is fast enough for any query load we expect
+HNSW_LINKS = 32
+
+
+class FaissMissing(ImportError):
+    pass
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise FaissMissing(
+            "FAISS is not installed: pip install 'tvrerank[cpu]' (faiss-cpu) or 'tvrerank[gpu]' (faiss-gpu)"
+        ) from exc
+    return faiss
+
+
+@dataclass(frozen=True)
+class IndexChoice:
+    factory: str  # a faiss index_factory string
+    search_params: str  # a faiss ParameterSpace string ("" for none)
+    reason: str
+
+
+def bytes_per_vector(factory: str, dim: int) -> float:
+    """Rough memory per vector of an index type (vectors + graph/codes), for the auto choice."""
+    if factory.startswith("HNSW"):
+        return dim * 4 + HNSW_LINKS * 2 * 4 * 1.1
+    if ",PQ" in factory:
+        m = int(factory.split(",PQ")[1].split("x")[0])
+        return m + 8
+    return dim * 4
+
+
+def auto_factory(n: int, dim: int, memory_budget: int = 4 << 30) -> IndexChoice:
+    """Pick an index for ``n`` vectors of ``dim`` within ``memory_budget`` bytes.
+
+    - n <= EXACT_MAX and it fits: ``Flat`` (exact);
+    - the HNSW graph with full vectors fits: ``HNSW32`` (no training, recall ~0.99 at efSearch 128);
+    - else ``IVF{nlist},PQ{m}x8`` with nlist ~ 4·sqrt(n) and m = dim/8 codes (64 B per 512-d vector).
+    """
+    if n <= EXACT_MAX and n * bytes_per_vector("Flat", dim) <= memory_budget:
+        return IndexChoice("Flat", "", f"{n} vectors: exact search is cheap")
+    hnsw = f"HNSW{HNSW_LINKS}"
+    if n * bytes_per_vector(hnsw, dim) <= memory_budget:
+        return IndexChoice(hnsw, "efSearch=128", f"{n} vectors: an HNSW graph fits in the memory budget")
+    nlist = max(64, 2 ** round(math.log2(4 * math.sqrt(n))))
+    m = max(1, dim // 8)
+    while dim % m:
+        m -= 1
+    return IndexChoice(f"IVF{nlist},PQ{m}x8", "nprobe=32", f"{n} vectors: compressed (IVF-PQ) to fit the budget")
+
+
+def build_index(vectors: np.ndarray, factory: str = "Flat", search_params: str = ""):
+    """vectors (N, E) float32, L2-normalised → a trained, filled inner-product index."""
+    faiss = import_faiss()
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        sample = vectors
+        if n > 256 * 1024:
+            sample = vectors[np.random.default_rng(0).choice(n, 256 * 1024, replace=False)]
+        index.train(sample)
+    index.add(vectors)
+    if search_params:
+        faiss.ParameterSpace().set_index_parameters(index, search_params)
+    return index
+
+
+def to_gpu_if_available(index):
+    """A GPU copy of ``index`` when faiss-gpu sees a GPU and supports the type; else ``index``."""
+    faiss = import_faiss()
+    if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except RuntimeError as exc:  # e.g. HNSW has no GPU implementation
+        log.info("searching on CPU: %s", exc)
+        return index
+
+
+def search(index, queries: np.ndarray, k: int, batch: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """queries (M, E) → (scores (M, k) float32, positions (M, k) int64); -1 where fewer than k exist."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    positions = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), batch):
+        stop = start + batch
+        scores[start:stop], positions[start:stop] = index.search(queries[start:stop], k)
+    return scores, positions
+
+
+def exact_search(gallery: np.ndarray, queries: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force reference top-k by inner product: (N, E), (M, E) → (scores, positions), each (M, k).
+
+    Ties are broken by the lower position first (stable), like FAISS's flat index.
+    """
+    gallery = np.asarray(gallery, dtype=np.float32)
+    k = min(k, len(gallery))
+    scores = np.empty((len(queries), k), dtype=np.float32)
+    positions = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), block):
+        sim = np.asarray(queries[start : start + block], dtype=np.float32) @ gallery.T  # (b, N)
+        order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        positions[start : start + block] = order
+        scores[start : start + block] = np.take_along_axis(sim, order, axis=1)
+    return scores, positions

@@ -1,0 +1,109 @@
+"""``tvrerank index``: a FAISS index over a cache's ok videos, saved with its config and the cache's fingerprint.
+
+``DIR/index.faiss``, ``DIR/video_rows.npy`` (index position → cache row) and ``DIR/config.json``
+(factory, search parameters, the cache's encoder/sampling/layout fingerprint and a digest of its
+video ids), so an index is never used with a cache it was not made from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tvrerank.cache.reader import CacheReader
+from tvrerank.config import from_dict, to_dict
+from tvrerank.index.faiss_index import IndexChoice, auto_factory, build_index, import_faiss
+
+log = logging.getLogger(__name__)
+
+
+class IndexMismatch(ValueError):
+    """An index (or candidate file) used with a cache it was not made from."""
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    factory: str
+    search_params: str
+    reason: str
+    dim: int
+    count: int
+    cache: str
+    fingerprint: dict = field(default_factory=dict)
+    video_ids_sha256: str = ""
+    created: str = ""
+
+
+def video_ids_digest(video_ids) -> str:
+    return hashlib.sha256("\n".join(video_ids).encode()).hexdigest()
+
+
+def read_gallery(cache: CacheReader) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (N_ok,), video_emb (N_ok, E) float32) of the videos that extracted ok."""
+    rows = cache.ok_rows()
+    if len(rows) == 0:
+        raise ValueError(f"{cache.path}: no video extracted ok, the gallery is empty")
+    embeddings = cache["videos/video_emb"][()][rows].astype(np.float32)
+    return rows, embeddings
+
+
+def build_index_dir(cache_path: str | Path, out: str | Path, factory: str = "Flat",
+                    memory_budget: int = 4 << 30) -> IndexConfig:
+    """Build and save the index of ``cache_path``'s ok videos under ``out``."""
+    faiss = import_faiss()
+    out = Path(out)
+    with CacheReader(cache_path) as cache:
+        rows, embeddings = read_gallery(cache)
+        fingerprint = cache.header.fingerprint()
+        digest = video_ids_digest(cache.strings("videos/id"))
+        skipped = cache.num_videos - len(rows)
+    if skipped:
+        log.warning("%s: %d videos failed extraction and are not indexed", cache_path, skipped)
+    choice = auto_factory(*embeddings.shape, memory_budget) if factory == "auto" else IndexChoice(factory, "", "given")
+    log.info("index %s over %d videos (%s)", choice.factory, len(rows), choice.reason)
+    index = build_index(embeddings, choice.factory, choice.search_params)
+    out.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(out / "index.faiss"))
+    np.save(out / "video_rows.npy", rows)
+    config = IndexConfig(
+        factory=choice.factory, search_params=choice.search_params, reason=choice.reason,
+        dim=int(embeddings.shape[1]), count=int(len(rows)), cache=str(cache_path), fingerprint=fingerprint,
+        video_ids_sha256=digest, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def load_index_dir(path: str | Path):
+    """(faiss index with its search parameters set, IndexConfig, video_rows) from a saved index dir."""
+    faiss = import_faiss()
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "index.faiss").is_file():
+        raise FileNotFoundError(f"{path}: not an index folder (expected index.faiss and config.json); "
+                                "make one with `tvrerank index CACHE --out DIR`")
+    config = from_dict(IndexConfig, json.loads((path / "config.json").read_text()))
+    index = faiss.read_index(str(path / "index.faiss"))
+    if config.search_params:
+        faiss.ParameterSpace().set_index_parameters(index, config.search_params)
+    return index, config, np.load(path / "video_rows.npy")
+
+
+def check_index_matches(config: IndexConfig, cache: CacheReader, where: str) -> None:
+    """Refuse an index made from another encoder/sampling/layout or another set of videos."""
+    if config.fingerprint != cache.header.fingerprint():
+        raise IndexMismatch(
+            f"{where} was made from a cache with another encoder, sampling or token layout than "
+            f"{cache.path} (index: {config.fingerprint.get('encoder', {}).get('model')}, cache: "
+            f"{cache.header.encoder.model}); rebuild it with `tvrerank index {cache.path} --out DIR`"
+        )
+    if config.video_ids_sha256 != video_ids_digest(cache.strings("videos/id")):
+        raise IndexMismatch(
+            f"{where} indexes other videos than {cache.path} (it was built from {config.cache}); "
+            f"rebuild it with `tvrerank index {cache.path} --out DIR`"
+        )

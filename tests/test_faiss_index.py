@@ -1,0 +1,45 @@
+"""FAISS helpers against exact brute force, and the auto choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tvrerank.index.faiss_index import EXACT_MAX, auto_factory, build_index, exact_search, search
+
+
+def unit(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_flat_index_equals_brute_force():
+    rng = np.random.default_rng(0)
+    gallery, queries = unit(rng, 500, 32), unit(rng, 50, 32)
+    scores, positions = search(build_index(gallery, "Flat"), queries, 10)
+    ref_scores, ref_positions = exact_search(gallery, queries, 10)
+    np.testing.assert_array_equal(positions, ref_positions)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("factory, params, floor", [("HNSW32", "efSearch=128", 0.95),
+                                                     ("IVF16,PQ8x4", "nprobe=16", 0.3)])
+def test_approximate_indexes_recall_against_exact(factory, params, floor):
+    rng = np.random.default_rng(1)
+    centres = unit(rng, 20, 32)
+    gallery = unit(rng, 4000, 32) * 0.5 + centres[rng.integers(0, 20, 4000)]
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries = gallery[:100] + rng.normal(scale=0.05, size=(100, 32)).astype(np.float32)
+    _, positions = search(build_index(gallery, factory, params), queries, 15)
+    _, exact = exact_search(gallery, queries, 15)
+    recall = np.mean([len(set(a) & set(b)) / 15 for a, b in zip(positions, exact)])
+    assert recall >= floor, recall
+
+
+def test_auto_factory_scales_with_size_and_budget():
+    assert auto_factory(1000, 512).factory == "Flat"
+    assert auto_factory(EXACT_MAX + 1, 512).factory.startswith("HNSW")
+    big = auto_factory(10_000_000, 512, memory_budget=4 << 30)
+    assert big.factory.startswith("IVF") and ",PQ64x8" in big.factory and big.search_params == "nprobe=32"
+    # a small budget forces compression even for a mid-sized collection
+    assert auto_factory(200_000, 512, memory_budget=100 << 20).factory.startswith("IVF")
