@@ -99,8 +99,12 @@ def dataset(tmp_path: Path) -> Path:
 
 def synthetic_cache(path: Path, *, videos: int = 40, captions_per_video: int = 2, dim: int = 16,
                     failed: tuple[int, ...] = (), seed: int = 0, frames: int = 4, tokens: int = 4,
-                    model: str = "synthetic") -> Path:
-    """A cache with random unit embeddings (no videos or model needed); captions near their video."""
+                    model: str = "synthetic", stage1_noise: float = 0.6) -> Path:
+    """A cache with random unit embeddings (no videos or model needed); captions near their video.
+
+    The caption token features repeat (noisily) the patch tokens of their video's first frame, so a
+    re-ranker that compares tokens can find the right video where the embeddings are too noisy.
+    """
     from tvrerank.cache.schema import FAILED, OK, CacheHeader
     from tvrerank.cache.writer import create_cache
     from tvrerank.config import EncoderConfig, SamplingConfig, TokenLayout
@@ -113,7 +117,7 @@ def synthetic_cache(path: Path, *, videos: int = 40, captions_per_video: int = 2
     video_emb = rng.normal(size=(videos, dim))
     video_emb /= np.linalg.norm(video_emb, axis=1, keepdims=True)
     caption_video = np.repeat(np.arange(videos), captions_per_video).astype(np.int32)
-    text_emb = video_emb[caption_video] + rng.normal(scale=0.6, size=(len(caption_video), dim))
+    text_emb = video_emb[caption_video] + rng.normal(scale=stage1_noise, size=(len(caption_video), dim))
     text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
     status = np.full(videos, OK, np.uint8)
     status[list(failed)] = FAILED
@@ -126,8 +130,12 @@ def synthetic_cache(path: Path, *, videos: int = 40, captions_per_video: int = 2
         f["videos/frame_mask"][:] = (status == OK)[:, None]
         f["videos/video_emb"][:] = np.where((status == OK)[:, None], video_emb, 0)
         f["videos/frame_emb"][:] = video_emb[:, None, :]
-        f["videos/tokens"][:] = rng.normal(size=(videos, frames, tokens, dim))
+        video_tokens = rng.normal(size=(videos, frames, tokens, dim))
+        text_tokens = rng.normal(size=(len(caption_video), 8, dim))
+        text_tokens[:, 1 : 1 + tokens] = video_tokens[caption_video, 0] + rng.normal(
+            scale=0.3, size=(len(caption_video), tokens, dim))
+        f["videos/tokens"][:] = video_tokens
         f["texts/emb"][:] = text_emb
-        f["texts/tokens"][:] = rng.normal(size=(len(caption_video), 8, dim))
-        f["texts/length"][:] = 5
+        f["texts/tokens"][:] = text_tokens
+        f["texts/length"][:] = 1 + tokens
     return path

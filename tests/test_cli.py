@@ -141,3 +141,30 @@ def test_candidates_refuses_a_bad_external_matrix(extracted, tmp_path):
     np.save(tmp_path / "s.npy", np.zeros((2, 2), np.float32))
     result = invoke("candidates", str(out), "--similarity", str(tmp_path / "s.npy"), "--out", str(tmp_path / "c.h5"))
     assert result.exit_code == 2 and "s.npy" in result.output and "one row per caption" in result.output
+
+
+def test_train_then_eval_with_the_reranker(tmp_path):
+    from conftest import synthetic_cache
+
+    cache = synthetic_cache(tmp_path / "c.h5", videos=20)
+    assert invoke("index", str(cache), "--out", str(tmp_path / "i")).exit_code == 0
+    assert invoke("candidates", str(cache), "--index", str(tmp_path / "i"), "--out", str(tmp_path / "k.h5"),
+                  "--k", "8").exit_code == 0
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"captions": 8, "negatives": 3, "in_batch": 1, "eval_every": 3,
+                                  "model": {"width": 16, "heads": 2, "layers": 1, "queries": 2,
+                                            "video_keep": 4, "perturb_samples": 4}}))
+    common = ["--cache", str(cache), "--candidates", str(tmp_path / "k.h5")]
+    result = invoke("train", *common, "--val-cache", str(cache), "--val-candidates", str(tmp_path / "k.h5"),
+                    "--out", str(tmp_path / "run"), "--config", str(config), "--steps", "6", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "6 steps" in result.output and "validation R@1" in result.output
+    metrics = json.loads(invoke("eval", *common, "--reranker", str(tmp_path / "run"), "--json",
+                                "--device", "cpu").output)
+    assert set(metrics["reranked"]) == set(metrics["stage1"]) and 0 <= metrics["alpha"] <= 1
+    table = invoke("eval", *common, "--reranker", str(tmp_path / "run"), "--device", "cpu").output
+    assert "re-ranked (alpha" in table
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"stepz": 3}')
+    result = invoke("train", *common, "--out", str(tmp_path / "run2"), "--config", str(bad))
+    assert result.exit_code == 2 and "stepz" in result.output

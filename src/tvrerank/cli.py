@@ -244,29 +244,147 @@ def candidates(cache_path, index_dir, text_emb, video_emb, similarity, out, k) -
                f"the true video is within K for {within:.1f}%")
 
 
+@main.command()
+@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training cache.")
+@click.option("--candidates", "candidates_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Candidates of the training cache.")
+@click.option("--val-cache", type=click.Path(exists=True, dir_okay=False), help="Validation cache (tunes fusion).")
+@click.option("--val-candidates", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="Training options as JSON (TrainConfig fields; 'model' holds RerankerConfig fields).")
+@click.option("--steps", type=int, default=None, help="Override the number of steps.")
+@click.option("--device", default=None, help="auto, cpu, cuda (overrides the config).")
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
+@click.option("--resume", is_flag=True, help="Continue from RUN_DIR's last checkpoint.")
+def train(cache_path, candidates_path, val_cache, val_candidates, out, config_path, steps, device, workers,
+          resume) -> None:
+    """Train the re-ranker from the cache and candidate lists alone (DDP under torchrun)."""
+    from tvrerank.train.loop import load_train_config, train as run_training
+
+    if (val_cache is None) != (val_candidates is None):
+        raise click.UsageError("--val-cache and --val-candidates go together")
+    config = _run_or_exit(lambda: load_train_config(config_path, steps=steps, device=device, workers=workers))
+    metrics = _run_or_exit(lambda: run_training(cache_path, candidates_path, out, config, val_cache=val_cache,
+                                                val_candidates=val_candidates, resume=resume))
+    if metrics is None:
+        return
+    line = f"{out}: {config.steps} steps, final loss {metrics['final_loss']:.3f}"
+    if "val" in metrics:
+        val = metrics["val"]
+        line += (f"; validation R@1 {val['stage1']['R1']:.1f} -> {val['reranked']['R1']:.1f} "
+                 f"(fusion alpha {val['alpha']:.2f})")
+    click.echo(line)
+
+
 @main.command("eval")
 @click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--candidates", "candidates_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--reranker", "run_dir", type=click.Path(exists=True, file_okay=False),
+              help="A trained re-ranker's run folder: adds the re-ranked column.")
 @click.option("--dsl", is_flag=True, help="Also report dual-softmax (inverted softmax) re-weighted stage 1, apart.")
+@click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(cache_path: str, candidates_path: str, dsl: bool, as_json: bool) -> None:
-    """Retrieval metrics (R@1/5/10, MdR, MnR) of the first stage."""
+def evaluate(cache_path: str, candidates_path: str, run_dir: str | None, dsl: bool, device: str,
+             as_json: bool) -> None:
+    """Retrieval metrics (R@1/5/10, MdR, MnR): stage 1, and re-ranked with --reranker."""
     from tvrerank.index.evaluation import stage1_evaluation
     from tvrerank.metrics import format_table
 
     result = _run_or_exit(lambda: stage1_evaluation(cache_path, candidates_path, dsl=dsl))
+    if run_dir is not None:
+        from tvrerank.train.evaluate import evaluate_run
+
+        reranked = _run_or_exit(lambda: evaluate_run(run_dir, cache_path, candidates_path, device=device))
+        result.update(reranked=reranked["reranked"], alpha=reranked["alpha"])
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return
     click.echo(f"text->video, {result['evaluated']} of {result['captions']} captions "
                f"(true video within top-{result['k']}: {result['recall_at_k']:.1f}%)")
-    click.echo(format_table({"stage 1": result["stage1"]}))
+    columns = {"stage 1": result["stage1"]}
+    if "reranked" in result:
+        columns[f"re-ranked (alpha {result['alpha']:.2f})"] = result["reranked"]
+    click.echo(format_table(columns))
     if "v2t" in result:
         click.echo("video->text")
         click.echo(format_table({"stage 1": result["v2t"]["stage1"]}))
     if "dsl" in result:
         click.echo("text->video with dual softmax (uses every test query at once; not comparable)")
         click.echo(format_table({"stage 1 + DSL": result["dsl"]["stage1"]}))
+
+
+@main.command()
+@click.argument("queries", nargs=-1)
+@click.option("--gallery", required=True, type=click.Path(exists=True, dir_okay=False), help="The gallery's cache.")
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--reranker", "run_dir", type=click.Path(exists=True, file_okay=False),
+              help="Trained re-ranker run folder (needed unless --no-rerank).")
+@click.option("--queries-file", type=click.Path(allow_dash=True, dir_okay=False),
+              help="One query per line; - reads standard input.")
+@click.option("--top", default=10, show_default=True, help="Results per query.")
+@click.option("--k", default=15, show_default=True, help="Stage-1 candidates the re-ranker re-orders.")
+@click.option("--no-rerank", is_flag=True, help="Stage 1 only.")
+@click.option("--no-store", is_flag=True, help="Ignore the gallery store (compute selected tokens on the fly).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per query.")
+def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rerank, no_store, device,
+             as_json) -> None:
+    """Search the gallery for text queries: FAISS top-K, re-ranked."""
+    from tvrerank.retrieve.retriever import Retriever, check_queries
+
+    texts, names = list(queries), [f"query {i + 1} (argument)" for i in range(len(queries))]
+    if queries_file is not None:
+        lines = click.open_file(queries_file, encoding="utf-8").read().splitlines()
+        where = "stdin" if queries_file == "-" else queries_file
+        for number, line in enumerate(lines, start=1):
+            if line == "":
+                continue  # blank separator lines are not queries
+            texts.append(line)
+            names.append(f"{where} line {number}")
+    if not texts:
+        raise click.UsageError("give queries as arguments, --queries-file FILE, or --queries-file - (stdin)")
+    if run_dir is None and not no_rerank:
+        raise click.UsageError("--reranker RUN_DIR is needed (or pass --no-rerank for stage 1 only)")
+    _run_or_exit(lambda: check_queries(texts, names))
+    retriever = _run_or_exit(lambda: Retriever(gallery, index_dir, None if no_rerank else run_dir, device=device,
+                                               use_store=not no_store))
+    try:
+        results = retriever.search(texts, top=top, k=k, rerank=not no_rerank)
+    finally:
+        retriever.close()
+    for result in results:
+        if as_json:
+            click.echo(json.dumps(result.to_json(), ensure_ascii=False))
+            continue
+        click.echo(f"query: {result.query}")
+        click.echo(f"  {'rank':>4}  {'video':<20} {'stage1':>7} {'rerank':>7} {'score':>7}  path")
+        for rank, hit in enumerate(result.results, start=1):
+            rerank = "-" if hit.rerank is None else f"{hit.rerank:.3f}"
+            score = "-" if hit.score is None else f"{hit.score:.3f}"
+            click.echo(f"  {rank:>4}  {hit.video_id:<20} {hit.stage1:>7.3f} {rerank:>7} {score:>7}  {hit.path}")
+
+
+@main.command()
+@click.option("--gallery", required=True, type=click.Path(exists=True, dir_okay=False), help="The gallery's cache.")
+@click.option("--reranker", "run_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--device", default="auto", show_default=True)
+def gallery(gallery: str, run_dir: str, device: str) -> None:
+    """Precompute the re-ranker's selected tokens of every gallery video (used by retrieve)."""
+    from tvrerank.cache.reader import CacheReader
+    from tvrerank.extract.encoder import resolve_device
+    from tvrerank.retrieve.gallery_store import build_gallery_store, describe
+    from tvrerank.train.checkpoint import load_reranker
+    from tvrerank.train.evaluate import check_cache_matches
+
+    torch_device = resolve_device(device)
+    trained = _run_or_exit(lambda: load_reranker(run_dir, torch_device))
+    with CacheReader(gallery) as cache:
+        _run_or_exit(lambda: check_cache_matches(trained.fingerprint, cache, f"re-ranker {run_dir}"))
+    path = build_gallery_store(gallery, run_dir, trained.model, device=torch_device)
+    info = describe(path)
+    click.echo(f"{path}: selected tokens of {info['videos']} videos ({_human(info['bytes'])})")
 
 
 @main.group()
@@ -288,7 +406,7 @@ def toy_make(out: str, videos: int, seed: int) -> None:
 
 @toy.command("pretrain")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Weights file to write (.safetensors).")
-@click.option("--steps", default=3000, show_default=True)
+@click.option("--steps", default=1500, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -309,21 +427,23 @@ def toy_pretrain(out: str, steps: int, batch_size: int, lr: float, seed: int, th
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
-@click.option("--videos", default=240, show_default=True)
+@click.option("--videos", default=240, show_default=True, help="Toy videos in all (train/val/test).")
+@click.option("--steps", default=None, type=int, help="Re-ranker training steps (default: the demo's).")
 @click.option("--workers", default=2, show_default=True, help="Decoding processes for extraction.")
-def demo(out: str, seed: int, videos: int, workers: int) -> None:
-    """Run the whole pipeline on the toy world and print a report."""
+def demo(out: str, seed: int, videos: int, steps: int | None, workers: int) -> None:
+    """Run the whole pipeline on the toy world and print stage 1 vs re-ranked."""
+    from tvrerank.metrics import format_table
     from tvrerank.toy.demo import DemoConfig, run_demo
 
-    summary = run_demo(DemoConfig(out=out, seed=seed, videos=videos, workers=workers))
-    from tvrerank.metrics import format_table
-
-    for split, info in summary["caches"].items():
-        click.echo(f"{split}: {info['videos_ok']} videos ok, {info['captions']} captions -> {info['path']}")
-    click.echo("test split, text->video:")
-    click.echo(format_table({"stage 1": summary["metrics"]["stage1"]}))
-    click.echo(f"report: {out}/report.md; stage timings (s): "
-               + ", ".join(f"{k} {v:.1f}" for k, v in summary["timings_s"].items()))
+    config = DemoConfig(out=out, seed=seed, videos=videos, workers=workers)
+    summary = run_demo(config if steps is None else DemoConfig(**{**config.__dict__, "steps": steps}))
+    metrics = summary["metrics"]
+    click.echo(f"test split, text->video ({metrics['evaluated']} captions; true video within top-{metrics['k']}: "
+               f"{metrics['recall_at_k']:.1f}%):")
+    click.echo(format_table({"stage 1": metrics["stage1"], "re-ranked": metrics["reranked"]}))
+    click.echo(f"R@1 {metrics['stage1']['R1']:.1f} -> {metrics['reranked']['R1']:.1f} "
+               f"({metrics['reranked']['R1'] - metrics['stage1']['R1']:+.1f}); "
+               f"{summary['total_seconds']:.0f}s in all; report: {out}/report.md")
 
 
 if __name__ == "__main__":

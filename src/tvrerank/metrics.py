@@ -241,3 +241,11 @@ def format_table(columns: dict[str, dict[str, float]]) -> str:
                        + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])])
              for row in rows]
     return "\n".join(lines)
+
+
+def recall_curve(ranks: np.ndarray, max_k: int) -> list[float]:
+    """R@k in percent for k = 1..max_k: ranks (M,) 1-based → list of max_k floats."""
+    ranks = np.asarray(ranks)
+    if ranks.size == 0:
+        raise ValueError("recall_curve needs at least one rank")
+    return [float((ranks <= k).mean() * 100) for k in range(1, max_k + 1)]

@@ -1,13 +1,16 @@
 """``tvrerank demo``: the whole pipeline on the embedded toy world, in minutes on a laptop CPU.
 
-Stages so far: toy make → extract (toy encoder) → index → candidates → stage-1 metrics.
+toy make → extract (the shipped toy encoder) → index → candidates → train the re-ranker (the
+validation split tunes the fusion weight) → evaluate stage 1 vs re-ranked on the test split.
 Output layout (scripts rely on it)::
 
-    DIR/data/            the toy world (train.jsonl, test.jsonl, videos/)
-    DIR/cache/train.h5   DIR/cache/test.h5
-    DIR/index/train/     DIR/index/test/        FAISS indexes of each split's videos
-    DIR/candidates/train.h5   DIR/candidates/test.h5
-    DIR/metrics.json     {"stage1": {"R1", "R5", "R10", "MdR", "MnR"}, ...} on the test split
+    DIR/data/                 the toy world (train/val/test.jsonl, videos/)
+    DIR/cache/{train,val,test}.h5
+    DIR/index/{train,val,test}/          FAISS indexes of each split's videos
+    DIR/candidates/{train,val,test}.h5
+    DIR/run/                  the trained re-ranker (reranker.pt, config.json, metrics.json, log.csv)
+    DIR/metrics.json          {"stage1": {R1, R5, R10, MdR, MnR}, "reranked": {...}, ...} on the test split
+    DIR/recall_at_k.png       R@k of both stages
     DIR/report.md
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tvrerank.config import ExtractConfig
@@ -25,6 +28,14 @@ from tvrerank.toy.make import ToyWorldConfig, make_toy_world
 log = logging.getLogger(__name__)
 
 TOY_MODEL = "tvr-toy"
+SPLITS = ("train", "val", "test")
+#: The re-ranker the demo trains: small enough for two CPU cores in a couple of minutes.
+DEMO_TRAINING = {
+    "steps": 300, "captions": 32, "negatives": 7, "in_batch": 4, "lr": 1e-3, "warmup": 30, "eval_every": 75,
+    "checkpoint_every": 150,
+    "model": {"width": 96, "heads": 4, "layers": 1, "queries": 8, "frame_keep": 4, "video_keep": 16,
+              "dropout": 0.1},
+}
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class DemoConfig:
     text_tokens: int = 48  # toy captions run up to ~40 tokens
     workers: int = 2
     k: int = 15
+    steps: int = DEMO_TRAINING["steps"]
 
 
 def toy_pretrained() -> str | None:
@@ -49,63 +61,99 @@ def toy_pretrained() -> str | None:
     return None
 
 
+class _Stopwatch:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def time(self, name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        log.info("demo: %s done in %.1fs", name, time.perf_counter() - start)
+        return result
+
+
 def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
-    """Run every stage; returns a summary dict (also written to DIR/report.md)."""
-    from tvrerank.cache.inspect import cache_info
+    """Run every stage; returns the summary (also DIR/metrics.json, DIR/report.md, the plot)."""
     from tvrerank.extract.runner import run_extraction
     from tvrerank.index.candidates import build_candidates, write_candidates
-    from tvrerank.index.evaluation import stage1_evaluation
     from tvrerank.index.store import build_index_dir
+    from tvrerank.train.evaluate import evaluate_run
+    from tvrerank.train.loop import TrainConfig, train
 
-    out = Path(config.out)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    data = make_toy_world(out / "data", ToyWorldConfig(videos=config.videos, seed=config.seed), progress=progress)
-    timings["make"] = time.perf_counter() - start
-
+    out, clock = Path(config.out), _Stopwatch()
+    data = clock.time("make", make_toy_world, out / "data", ToyWorldConfig(videos=config.videos, seed=config.seed),
+                      progress=progress)
     base = ExtractConfig(annotations=(), format="jsonl", videos=str(data), out="", model=TOY_MODEL,
                          pretrained=toy_pretrained(), frames=config.frames, text_tokens=config.text_tokens,
-                         workers=config.workers,
-                         device="cpu", overwrite=True)
-    caches = {}
-    for split in ("train", "test"):
-        start = time.perf_counter()
-        caches[split] = out / "cache" / f"{split}.h5"
+                         workers=config.workers, device="cpu", overwrite=True)
+    caches = {split: out / "cache" / f"{split}.h5" for split in SPLITS}
+    candidates = {split: out / "candidates" / f"{split}.h5" for split in SPLITS}
+    for split in SPLITS:
         caches[split].parent.mkdir(parents=True, exist_ok=True)
-        split_config = replace(base, annotations=(str(data / f"{split}.jsonl"),), out=str(caches[split]))
-        run_extraction(split_config, progress=progress)
-        timings[f"extract_{split}"] = time.perf_counter() - start
+        clock.time("extract", run_extraction, replace(base, annotations=(str(data / f"{split}.jsonl"),),
+                                                      out=str(caches[split])), progress=progress)
+        clock.time("index", build_index_dir, caches[split], out / "index" / split)
+        lists = clock.time("index", build_candidates, caches[split], k=config.k, index_dir=out / "index" / split)
+        write_candidates(candidates[split], lists, caches[split])
 
-    for split, cache in caches.items():
-        start = time.perf_counter()
-        build_index_dir(cache, out / "index" / split)
-        lists = build_candidates(cache, k=config.k, index_dir=out / "index" / split)
-        write_candidates(out / "candidates" / f"{split}.h5", lists, cache)
-        timings[f"index_{split}"] = time.perf_counter() - start
-    evaluation = stage1_evaluation(caches["test"], out / "candidates" / "test.h5")
-    metrics = {key: evaluation[key] for key in ("stage1", "v2t", "recall_at_k", "k") if key in evaluation}
+    training = TrainConfig(**dict(DEMO_TRAINING, steps=config.steps, seed=config.seed, device="cpu"))
+    run = out / "run"
+    if (run / "reranker.pt").exists():
+        for name in ("reranker.pt", "checkpoint.pt", "log.csv"):
+            (run / name).unlink(missing_ok=True)
+    clock.time("train", train, caches["train"], candidates["train"], run, training, val_cache=caches["val"],
+               val_candidates=candidates["val"], progress=progress)
+    result = clock.time("evaluate", evaluate_run, run, caches["test"], candidates["test"], device="cpu")
+
+    metrics = {key: result[key] for key in ("stage1", "reranked", "alpha", "k", "recall_at_k", "evaluated",
+                                            "recall_curve")}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-
-    infos = {split: cache_info(path) for split, path in caches.items()}
-    summary = {"config": config.__dict__, "timings_s": timings, "metrics": metrics, "caches": {
-        split: {k: info[k] for k in ("path", "videos_ok", "videos_failed", "captions", "frames",
-                                      "tokens_per_frame", "token_dim", "embed_dim", "bytes_on_disk")}
-        for split, info in infos.items()}}
-    (out / "report.md").write_text(_report(summary))
+    plot_recall(metrics["recall_curve"], out / "recall_at_k.png")
+    summary = {"config": asdict(config), "seconds": clock.seconds, "metrics": metrics,
+               "total_seconds": sum(clock.seconds.values())}
+    (out / "report.md").write_text(report(summary))
     return summary
 
 
-def _report(summary: dict) -> str:
+def plot_recall(curves: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for name, label in (("stage1", "stage 1 (CLIP + FAISS)"), ("reranked", "re-ranked")):
+        ks = range(1, len(curves[name]) + 1)
+        ax.plot(ks, curves[name], marker="o", markersize=3, label=label)
+    ax.set_xlabel("k")
+    ax.set_ylabel("text→video R@k (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("toy world, test split")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(summary: dict) -> str:
     from tvrerank.metrics import format_table
 
-    lines = ["# tvrerank demo (synthetic toy world)", "",
-             "A known-answer check on generated videos; not a real dataset.", "", "## Caches", ""]
-    for split, info in summary["caches"].items():
-        lines.append(f"- {split}: {info['videos_ok']} videos ok, {info['videos_failed']} failed, "
-                     f"{info['captions']} captions, {info['frames']} frames x {info['tokens_per_frame']} "
-                     f"tokens x {info['token_dim']}")
     metrics = summary["metrics"]
-    lines += ["", f"## Stage 1 on the test split (text->video; true video within top-{metrics['k']}: "
-              f"{metrics['recall_at_k']:.1f}%)", "", "```", format_table({"stage 1": metrics["stage1"]}), "```"]
-    lines += ["", "## Timings (s)", "", "```", json.dumps(summary["timings_s"], indent=1), "```", ""]
-    return "\n".join(lines)
+    gain = metrics["reranked"]["R1"] - metrics["stage1"]["R1"]
+    return "\n".join([
+        "# tvrerank demo (synthetic toy world)", "",
+        "A known-answer check on generated videos (coloured shapes acting out events in order); "
+        "not a real dataset. The test split is made of confuser groups that differ only in event "
+        "order, a direction or a small detail.", "",
+        f"## Text→video on the test split ({metrics['evaluated']} captions, K = {metrics['k']})", "",
+        "```", format_table({"stage 1": metrics["stage1"], "re-ranked": metrics["reranked"]}), "```", "",
+        f"R@1 gain: {gain:+.1f} points. The true video is within the top {metrics['k']} for "
+        f"{metrics['recall_at_k']:.1f}% of captions (the most re-ranking can reach); fusion weight "
+        f"alpha = {metrics['alpha']:.2f} (tuned on the validation split).", "",
+        "![recall at k](recall_at_k.png)", "",
+        "## Time per stage (s)", "", "```", json.dumps({k: round(v, 1) for k, v in summary["seconds"].items()},
+                                                       indent=1),
+        "```", f"Total: {summary['total_seconds']:.0f} s.", "",
+    ])

@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup: int = 150
+    warmup: int = 100
     seed: int = 0
     render_size: int = 96  # toy videos are 96 px
     bank_size: int = 20000  # distinct frames rendered up front and reused

@@ -1,0 +1,332 @@
+"""Training cost with the token cache vs. without it, and how fast the cache hands out tokens.
+
+Builds a cache in a temporary folder with ``create_cache`` (random float16 arrays laid out as
+``--model``'s joint tokens, measured without weights by ``plan.measure_layout``; every video ok),
+then measures:
+
+1. One re-ranker training step (forward + backward + gradient clipping + AdamW step, as
+   ``train.loop.train`` computes it: ``pair_caption = arange(B).repeat_interleave(G)``, scores
+   viewed (B, G), listwise loss; bf16 autocast on CUDA) on a step of B captions (``--captions``,
+   default TrainConfig's 32), each paired with G = 1 + 7 hard negatives + 4 in-batch videos
+   (384 pairs at the defaults), over U unique videos (``--videos-per-step``, default
+   B x (1 + negatives) = 256: each caption's positive and its hard negatives; in-batch negatives
+   are other captions' positives) of T frames (``--frames``) each:
+
+   - ``cached``: reading the step's rows from the HDF5 cache (``CacheRows.videos`` on random,
+     sorted, unique rows, ``CacheRows.texts`` for the captions), copying them to the device,
+     then the step;
+   - ``uncached``: what training without a cache pays: the U x T frames go through the frozen
+     open_clip image tower (``--model``, real architecture, seeded random weights, ``--precision``,
+     under ``torch.no_grad()``, ``--tower-batch`` frames at a time; preprocessing, last-block patch
+     tokens through the visual projection and the pooled embedding, as the extractor computes
+     them), then the same step. The frames are pre-decoded uint8 arrays in memory and the caption
+     tokens are given ready (no decoding, no text tower), which favours this path: the ratio is
+     conservative.
+
+   Each figure is the median of ``--repeats`` steps after one warm-up step; on CUDA the device is
+   synchronised before every clock read. Target: ``cache_speedup`` >= 20 on CPU.
+2. Token read throughput: ``CacheRows.videos`` on a step's random rows (float16 on disk, float32
+   tensors out), the bare h5py read of the same rows, and a plain sequential ``np.fromfile`` of a
+   flat file holding the same bytes, in MB/s of stored bytes. All are reads of files just
+   written, so they come from a warm page cache; cold-disk figures would be lower for all three.
+
+The last line is ``cache_speedup=<x>`` (uncached step time / cached step time).
+
+    python benchmarks/bench_train_cost.py [--model ViT-B-16] [--device auto] [--precision fp32]
+        [--frames 12] [--captions 32] [--videos-per-step 256] [--repeats 3] [--width 256] [--layers 2]
+    python benchmarks/bench_train_cost.py --videos-per-step 2 --captions 2 --repeats 1 --frames 2
+    python benchmarks/bench_train_cost.py --model ViT-bigG-14 --device cuda --precision bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TEXT_TOKENS = 32
+
+
+# --------------------------------------------------------------------------- set-up
+def build_cache(path: Path, model: str, layout: dict, videos: int, frames: int, seed: int = 0) -> None:
+    """A valid cache of ``videos`` ok videos (one caption each) with random float16 arrays."""
+    from tvrerank.cache.schema import OK, CacheHeader
+    from tvrerank.cache.writer import create_cache
+    from tvrerank.config import EncoderConfig, SamplingConfig, TokenLayout
+
+    rng = np.random.default_rng(seed)
+    e, p, d, dt = layout["embed_dim"], layout["tokens_per_frame"], layout["token_dim"], layout["text_token_dim"]
+    header = CacheHeader(
+        encoder=EncoderConfig(model=model), sampling=SamplingConfig(frames=frames), dataset={"format": "synthetic"},
+        layout=TokenLayout(grid=layout["grid"], tokens_per_frame=p, token_dim=d, text_token_dim=dt, embed_dim=e,
+                           text_tokens=TEXT_TOKENS))
+    random = lambda *shape: rng.standard_normal(shape, dtype=np.float32).astype(np.float16)  # noqa: E731
+    with create_cache(path, header, video_ids=[f"v{i}" for i in range(videos)],
+                      video_paths=[f"v{i}.mp4" for i in range(videos)],
+                      captions=[f"caption {i}" for i in range(videos)],
+                      caption_video=np.arange(videos, dtype=np.int32)) as f:
+        f["videos/status"][:] = OK
+        f["videos/frame_mask"][:] = True
+        f["videos/video_emb"][:] = random(videos, e)
+        f["videos/frame_emb"][:] = random(videos, frames, e)
+        for lo in range(0, videos, 16):  # bounded memory for large token widths
+            hi = min(videos, lo + 16)
+            f["videos/tokens"][lo:hi] = random(hi - lo, frames, p, d)
+        f["texts/emb"][:] = random(videos, e)
+        f["texts/tokens"][:] = random(videos, TEXT_TOKENS, dt)
+        f["texts/length"][:] = rng.integers(8, TEXT_TOKENS + 1, videos)
+
+
+def step_groups(b: int, u: int, negatives: int, in_batch: int, rng: np.random.Generator) -> np.ndarray:
+    """(B, G) indices into the step's U videos: positive, hard negatives, then in-batch negatives.
+
+    Caption i's positive is video i mod U; the videos that are nobody's positive serve, in turn, as
+    the hard negatives; in-batch negatives are other captions' positives, topped up at random from
+    the other videos when there are too few (as ``TrainingBatches.group_rows`` does).
+    """
+    if u < 2:
+        raise SystemExit("--videos-per-step must be at least 2")
+    positives = np.arange(b) % u
+    pool = np.arange(min(b, u), u)
+    groups = np.empty((b, 1 + negatives + in_batch), np.int64)
+    for i, positive in enumerate(positives):
+        others = np.setdiff1d(np.arange(u), [positive])
+        hard = pool[(i * negatives + np.arange(negatives)) % len(pool)] if len(pool) else rng.choice(others, negatives)
+        mates = rng.permutation(np.setdiff1d(positives, [positive]))[:in_batch]
+        groups[i] = [positive, *hard, *mates, *rng.choice(others, in_batch - len(mates))]
+    return groups
+
+
+def optimizer_for(model):
+    """AdamW with the training loop's decay / no-decay parameter groups."""
+    import torch
+
+    from tvrerank.train.loop import TrainConfig
+
+    config = TrainConfig()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+
+
+# --------------------------------------------------------------------------- the two paths
+def sync(device) -> None:
+    """Wait for queued device work (CUDA only)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model, optimizer, videos: dict, texts: dict, pair_video, device) -> None:
+    """One step of ``train.loop.train`` (grad_accum 1, listwise loss) on tensors already on the device."""
+    import torch
+
+    from tvrerank.train.loop import pair_loss
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    b, g = pair_video.shape
+    pair_caption = torch.arange(b, device=device).repeat_interleave(g)
+    with autocast:
+        scores = model(texts["text_tokens"][pair_caption], texts["text_length"][pair_caption], videos["tokens"],
+                       videos["frame_emb"], videos["frame_mask"], pair_video.reshape(-1)).float().view(b, g)
+        loss = pair_loss(scores, "listwise")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def tower_features(encoder, frames: np.ndarray, chunk: int) -> dict:
+    """(U, T, S, S, 3) uint8 → tokens (U, T, P, D), frame_emb (U, T, E), frame_mask on the device.
+
+    ``FrozenClipEncoder._encode_frames`` without the copy to host: preprocess, last-block tokens
+    (final norm) through the visual projection, L2-normalised pooled embedding.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    u, t = frames.shape[:2]
+    flat, tokens, embs = frames.reshape(u * t, *frames.shape[2:]), [], []
+    with torch.no_grad():
+        for lo in range(0, len(flat), chunk):
+            out = encoder.clip.visual.forward_intermediates(encoder.preprocess(flat[lo:lo + chunk]), indices=1,
+                                                            normalize_intermediates=True, output_fmt="NCHW")
+            grid = out["image_intermediates"][-1].flatten(2).transpose(1, 2)  # (N, P, C)
+            tokens.append(encoder._image_projection(grid.to(encoder.dtype)).float())
+            embs.append(F.normalize(out["image_features"].float(), dim=-1))
+    return {"tokens": torch.cat(tokens).view(u, t, *tokens[0].shape[1:]),
+            "frame_emb": torch.cat(embs).view(u, t, -1),
+            "frame_mask": torch.ones(u, t, dtype=torch.bool, device=encoder.device)}
+
+
+def timed(fn, device) -> float:
+    """Seconds ``fn()`` takes, with the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def measure_steps(args, cache: Path, encoder, model, device, groups) -> tuple[dict, dict]:
+    """Median seconds of the cached and uncached steps and of their parts: ({part: s}, {part: s})."""
+    import torch
+
+    from tvrerank.train.data import CacheRows
+
+    rows_reader = CacheRows(cache, memory_budget=0)  # always read from the file, as a large cache is
+    optimizer = optimizer_for(model)
+    rng = np.random.default_rng(1)
+    u, b = args.videos_per_step, args.captions
+    pair_video = torch.from_numpy(groups).to(device)
+    size = encoder.config.image_size
+    frames = rng.integers(0, 256, (u, args.frames, size, size, 3), dtype=np.uint8)
+    texts_ready = {k: v.to(device) for k, v in rows_reader.texts(np.arange(b)).items()}
+    on_device = lambda batch: {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # noqa: E731
+    model.train()
+
+    def cached(parts: dict) -> None:
+        rows = np.sort(rng.choice(args.cache_videos, u, replace=False))
+        captions = np.sort(rng.choice(args.cache_videos, b, replace=False))
+        videos, texts = {}, {}
+        parts["read"] = timed(lambda: (videos.update(on_device(rows_reader.videos(rows))),
+                                       texts.update(on_device(rows_reader.texts(captions)))), device)
+        parts["step"] = timed(lambda: train_step(model, optimizer, videos, texts, pair_video, device), device)
+
+    def uncached(parts: dict) -> None:
+        videos = {}
+        parts["tower"] = timed(lambda: videos.update(tower_features(encoder, frames, args.tower_batch)), device)
+        parts["step"] = timed(lambda: train_step(model, optimizer, videos, texts_ready, pair_video, device), device)
+
+    results = []
+    for path in (cached, uncached):
+        samples = []
+        for repeat in range(args.repeats + 1):  # the first is the warm-up
+            parts = {}
+            path(parts)
+            if repeat:
+                samples.append(dict(parts, total=sum(parts.values())))
+        results.append({k: statistics.median(s[k] for s in samples) for k in samples[0]})
+    return results[0], results[1]
+
+
+# --------------------------------------------------------------------------- read throughput
+def read_throughput(cache: Path, folder: Path, args) -> dict[str, float]:
+    """MB/s (stored bytes) of CacheRows.videos, the bare h5py read and a plain file read; best of repeats."""
+    import h5py
+
+    from tvrerank.train.data import VIDEO_FIELDS, CacheRows
+
+    rng = np.random.default_rng(2)
+    reader, best = CacheRows(cache, memory_budget=0), {"CacheRows.videos": 0.0, "h5py rows": 0.0, "plain file": 0.0}
+    with h5py.File(cache, "r") as f:
+        for _ in range(max(args.repeats, 2)):
+            rows = np.sort(rng.choice(args.cache_videos, args.videos_per_step, replace=False))
+            arrays = [f[f"videos/{k}"][rows] for k in VIDEO_FIELDS]
+            size = sum(a.nbytes for a in arrays)
+            flat = folder / "plain.bin"
+            with open(flat, "wb") as out:
+                for array in arrays:
+                    out.write(array.tobytes())
+            for name, read in (("CacheRows.videos", lambda: reader.videos(rows)),
+                               ("h5py rows", lambda: [f[f"videos/{k}"][rows] for k in VIDEO_FIELDS]),
+                               ("plain file", lambda: np.fromfile(flat, np.uint8))):
+                start = time.perf_counter()
+                read()
+                best[name] = max(best[name], size / 1e6 / (time.perf_counter() - start))
+    best["bytes"] = size
+    return best
+
+
+# --------------------------------------------------------------------------- main
+def quiet_random_weights() -> None:
+    """Drop open_clip's and our own random-weights warnings (random weights are the point here)."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: "initialized randomly" not in record.getMessage())
+    logging.getLogger("tvrerank.extract.models").setLevel(logging.ERROR)
+
+
+def main() -> None:
+    from tvrerank.train.loop import TrainConfig
+
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-16", help="any open_clip model name (random weights)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="of the image tower")
+    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument("--captions", type=int, default=defaults.captions, help="B, captions per step")
+    parser.add_argument("--videos-per-step", type=int, default=None,
+                        help="U, unique videos per step (default captions x (1 + negatives))")
+    parser.add_argument("--cache-videos", type=int, default=None, help="videos in the cache (default 2 U)")
+    parser.add_argument("--tower-batch", type=int, default=64, help="frames per image-tower forward")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    args = parser.parse_args()
+    args.videos_per_step = args.videos_per_step or args.captions * (1 + defaults.negatives)
+    args.cache_videos = max(args.cache_videos or 2 * args.videos_per_step, args.videos_per_step, args.captions)
+    sys.stdout.reconfigure(line_buffering=True)
+    quiet_random_weights()
+
+    import torch
+
+    from tvrerank.extract.encoder import FrozenClipEncoder, resolve_device
+    from tvrerank.extract.plan import measure_layout
+    from tvrerank.train.model import Reranker, RerankerConfig
+
+    layout = measure_layout(args.model, "joint", "none")
+    device = resolve_device(args.device)
+    groups = step_groups(args.captions, args.videos_per_step, defaults.negatives, defaults.in_batch,
+                         np.random.default_rng(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "bench.h5"
+        start = time.perf_counter()
+        build_cache(cache, args.model, layout, args.cache_videos, args.frames)
+        print(f"cache: {args.cache_videos} videos x {args.frames} frames x {layout['tokens_per_frame']} tokens x "
+              f"{layout['token_dim']} ({args.model} joint, grid {layout['grid']}), "
+              f"{cache.stat().st_size / 2**20:.0f} MiB written in {time.perf_counter() - start:.1f} s")
+
+        encoder = FrozenClipEncoder(model=args.model, pretrained=None, precision=args.precision, device=args.device)
+        if (encoder.layout.tokens_per_frame, encoder.layout.token_dim) != (layout["tokens_per_frame"],
+                                                                           layout["token_dim"]):
+            raise SystemExit(f"measure_layout {layout} disagrees with the encoder's layout {encoder.layout}")
+        torch.manual_seed(0)
+        model = Reranker(config=RerankerConfig(
+            frames=args.frames, tokens_per_frame=layout["tokens_per_frame"], token_dim=layout["token_dim"],
+            embed_dim=layout["embed_dim"], text_token_dim=layout["text_token_dim"], text_tokens=TEXT_TOKENS,
+            width=args.width, layers=args.layers)).to(device)
+        cached, uncached = measure_steps(args, cache, encoder, model, device, groups)
+        reads = read_throughput(cache, Path(tmp), args)
+
+    threads = f", {torch.get_num_threads()} torch threads" if device.type == "cpu" else ""
+    print(f"step: B={args.captions} captions x G={groups.shape[1]} = {groups.size} pairs over "
+          f"U={args.videos_per_step} videos x {args.frames} frames ({args.videos_per_step * args.frames} frames "
+          f"at {encoder.config.image_size}px); re-ranker width {args.width}, {args.layers} layers, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; {device.type}{threads}; "
+          f"tower {args.model} {args.precision}; median of {args.repeats} after 1 warm-up")
+    print(f"  cached:   {cached['total'] * 1000:10.1f} ms = read {cached['read'] * 1000:.1f} ms "
+          f"+ re-ranker step {cached['step'] * 1000:.1f} ms")
+    print(f"  uncached: {uncached['total'] * 1000:10.1f} ms = image tower {uncached['tower'] * 1000:.1f} ms "
+          f"+ re-ranker step {uncached['step'] * 1000:.1f} ms")
+    print(f"token read of one step's videos ({reads['bytes'] / 1e6:.1f} MB stored; warm page cache; best of "
+          f"{max(args.repeats, 2)}):")
+    for name in ("CacheRows.videos", "h5py rows", "plain file"):
+        print(f"  {name:<17} {reads[name]:9.0f} MB/s")
+    print(f"  plain_file_over_cacherows={reads['plain file'] / reads['CacheRows.videos']:.2f} "
+          f"plain_file_over_h5py={reads['plain file'] / reads['h5py rows']:.2f}")
+    print(f"cache_speedup={uncached['total'] / cached['total']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The gallery store: the re-ranker's selected tokens of every gallery video, computed once.
+
+The selectors depend on the video only, so ``tvrerank gallery`` runs them over the gallery once
+and keeps their output (float32, so results are the same as computing them on the fly) in
+``RUN_DIR/gallery/<cache>-<digest>.h5``. A query then reads K small records instead of K full
+token grids. The file records which cache and which re-ranker it was made from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from tvrerank.cache.reader import CacheReader
+from tvrerank.index.store import video_ids_digest
+from tvrerank.train.data import CacheRows
+from tvrerank.train.inference import select_videos
+from tvrerank.train.model import Reranker, SelectedVideos
+
+FIELDS = ("frame_tokens", "frame_pad", "video_tokens", "video_pad")
+
+
+def store_path(run_dir: str | Path, cache: CacheReader) -> Path:
+    digest = video_ids_digest(cache.strings("videos/id"))[:12]
+    return Path(run_dir) / "gallery" / f"{cache.path.stem}-{digest}.h5"
+
+
+def reranker_digest(run_dir: str | Path) -> str:
+    return hashlib.sha256((Path(run_dir) / "reranker.pt").read_bytes()).hexdigest()
+
+
+def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Reranker, *,
+                        device: torch.device, batch: int = 128) -> Path:
+    """Select tokens for every ok video of the cache; returns the store's path."""
+    with CacheReader(cache_path) as cache:
+        rows = cache.ok_rows()
+        path = store_path(run_dir, cache)
+        digest = video_ids_digest(cache.strings("videos/id"))
+    source = CacheRows(cache_path, memory_budget=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f["rows"] = rows
+        for start in range(0, len(rows), batch):
+            part = select_videos(model, source, rows[start : start + batch], device=device)
+            for name in FIELDS:
+                array = getattr(part, name).cpu().numpy()
+                if name not in f:
+                    f.create_dataset(name, shape=(len(rows),) + array.shape[1:], dtype=array.dtype,
+                                     chunks=(1,) + array.shape[1:])
+                f[name][start : start + len(array)] = array
+        f.attrs.update({"cache": str(cache_path), "video_ids_sha256": digest,
+                        "reranker_sha256": reranker_digest(run_dir)})
+    os.replace(tmp, path)
+    return path
+
+
+class GalleryStore:
+    """Reads selected-token records by cache row from a store made for this cache and re-ranker."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = h5py.File(path, "r")
+        self.rows = self.file["rows"][()]
+
+    @classmethod
+    def find(cls, run_dir: str | Path, cache: CacheReader) -> "GalleryStore | None":
+        """The store of this cache and re-ranker, or None (missing or made for another one)."""
+        path = store_path(run_dir, cache)
+        if not path.is_file():
+            return None
+        store = cls(path)
+        attrs = store.file.attrs
+        if (attrs["video_ids_sha256"] != video_ids_digest(cache.strings("videos/id"))
+                or attrs["reranker_sha256"] != reranker_digest(run_dir)):
+            store.close()
+            return None
+        return store
+
+    def read(self, rows: np.ndarray, device: torch.device) -> SelectedVideos:
+        """rows (U,) sorted unique cache rows → their selected tokens."""
+        positions = np.searchsorted(self.rows, rows)
+        if not np.array_equal(self.rows[np.clip(positions, 0, len(self.rows) - 1)], rows):
+            raise KeyError("a requested video is not in the gallery store")
+        arrays = {name: torch.from_numpy(self.file[name][positions]) for name in FIELDS}
+        return SelectedVideos(**arrays).to(device)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def describe(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {"videos": int(f["rows"].shape[0]), "bytes": path.stat().st_size,
+                "attrs": json.loads(json.dumps({k: str(v) for k, v in f.attrs.items()}))}

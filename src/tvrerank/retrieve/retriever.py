@@ -1,0 +1,159 @@
+"""Query → the gallery's own text encoder → FAISS top-K → re-ranker → ranked videos.
+
+``Retriever`` checks that everything belongs together before it answers: the index was made
+from the gallery cache, the re-ranker was trained on a cache with the same encoder, sampling
+and token layout, and the text encoder rebuilt from the cache's attributes is the one that
+made it (same model config and checkpoint digest).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from tvrerank.cache.reader import CacheReader
+from tvrerank.extract.encoder import FrozenClipEncoder, resolve_device
+from tvrerank.extract.models import register_model_config
+from tvrerank.index.faiss_index import search
+from tvrerank.index.store import check_index_matches, load_index_dir
+from tvrerank.train.checkpoint import load_reranker
+from tvrerank.train.data import CacheRows
+from tvrerank.train.evaluate import check_cache_matches
+from tvrerank.train.fusion import fuse
+from tvrerank.train.inference import select_videos
+from tvrerank.retrieve.gallery_store import GalleryStore
+
+log = logging.getLogger(__name__)
+
+
+class QueryError(ValueError):
+    """A query that cannot be searched (empty or whitespace only)."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    video_id: str
+    path: str
+    stage1: float
+    rerank: float | None  # None: not re-ranked (below K, or --no-rerank)
+    score: float | None  # the fused score (None below K, which keep stage-1 order)
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    query: str
+    results: list[Hit]
+
+    def to_json(self) -> dict:
+        return {"query": self.query, "results": [asdict(hit) for hit in self.results]}
+
+
+def check_queries(queries: Sequence[str], names: Sequence[str]) -> None:
+    for query, name in zip(queries, names):
+        if not query.strip():
+            raise QueryError(f"{name} is empty or whitespace only; give some words to search for")
+
+
+def text_encoder_for(cache: CacheReader, device: str) -> FrozenClipEncoder:
+    """Rebuild the cache's own encoder from its attributes and check it is the same one."""
+    wanted, layout = cache.header.encoder, cache.header.layout
+    register_model_config(wanted.model, wanted.model_config)
+    encoder = FrozenClipEncoder(model=wanted.model, pretrained=wanted.pretrained, token_space=layout.space,
+                                token_pool=layout.pool, text_tokens=layout.text_tokens, precision=wanted.precision,
+                                device=device)
+    if encoder.config.identity() != wanted.identity() or encoder.layout != layout:
+        raise ValueError(
+            f"the encoder rebuilt from {cache.path}'s attributes ({wanted.model}, pretrained={wanted.pretrained}) "
+            "is not the one that made the cache (other weights or config); pass the same checkpoint file"
+        )
+    return encoder
+
+
+class Retriever:
+    def __init__(self, gallery: str | Path, index_dir: str | Path, run_dir: str | Path | None = None, *,
+                 device: str = "auto", use_store: bool = True):
+        self.device = resolve_device(device)
+        self.gallery = Path(gallery)
+        self.cache = CacheReader(gallery)
+        self.index, config, self.index_rows = load_index_dir(index_dir)
+        check_index_matches(config, self.cache, f"index {index_dir}")
+        self.video_ids = self.cache.strings("videos/id")
+        self.video_paths = self.cache.strings("videos/path")
+        self.reranker, self.store = None, None
+        if run_dir is not None:
+            self.reranker = load_reranker(run_dir, self.device)
+            check_cache_matches(self.reranker.fingerprint, self.cache, f"re-ranker {run_dir}")
+            self.store = GalleryStore.find(run_dir, self.cache) if use_store else None
+            if self.store is not None:
+                log.info("using the gallery store %s", self.store.path)
+        self.rows = CacheRows(gallery, memory_budget=0)
+        self.encoder = text_encoder_for(self.cache, str(self.device))
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.cache.close()
+
+    def search(self, queries: Sequence[str], *, top: int = 10, k: int = 15, rerank: bool = True,
+               batch: int = 64) -> list[QueryResult]:
+        rerank = rerank and self.reranker is not None
+        k = min(k, len(self.index_rows))
+        depth = min(max(top, k), len(self.index_rows))
+        context = self.encoder.clip.context_length
+        for i, query in enumerate(queries):
+            if hasattr(self.encoder.tokenizer, "encode") and len(self.encoder.tokenizer.encode(query)) + 2 > context:
+                log.warning("query %d is longer than the text encoder's %d tokens: truncated", i + 1, context)
+        results = []
+        for start in range(0, len(queries), batch):
+            chunk = list(queries[start : start + batch])
+            emb, tokens, lengths = self.encoder.encode_texts(chunk)
+            scores, positions = search(self.index, emb, depth)
+            candidate_rows = np.where(positions >= 0, self.index_rows[np.clip(positions, 0, None)], -1)
+            rerank_scores = self._rerank(tokens, lengths, candidate_rows[:, :k]) if rerank else None
+            for i, query in enumerate(chunk):
+                results.append(self._rank(query, scores[i], candidate_rows[i], k, top,
+                                           None if rerank_scores is None else rerank_scores[i]))
+        return results
+
+    @torch.no_grad()
+    def _rerank(self, text_tokens: np.ndarray, lengths: np.ndarray, candidate_rows: np.ndarray) -> np.ndarray:
+        """(Q, L, Dt), (Q,), (Q, K) rows → re-ranker scores (Q, K)."""
+        model = self.reranker.model
+        needed = np.unique(candidate_rows[candidate_rows >= 0])
+        if self.store is not None:
+            selected = self.store.read(needed, self.device)
+        else:
+            selected = select_videos(model, self.rows, needed, device=self.device)
+        valid = candidate_rows >= 0
+        pair_query, pair_slot = np.nonzero(valid)
+        pair_video = torch.from_numpy(np.searchsorted(needed, candidate_rows[valid])).to(self.device)
+        text = torch.from_numpy(text_tokens[pair_query]).to(self.device)
+        length = torch.from_numpy(lengths[pair_query].astype(np.int64)).to(self.device)
+        out = np.full(candidate_rows.shape, -np.inf, dtype=np.float32)
+        out[pair_query, pair_slot] = model.score(text, length, selected, pair_video).float().cpu().numpy()
+        return out
+
+    def _rank(self, query: str, stage1: np.ndarray, rows: np.ndarray, k: int, top: int,
+              rerank: np.ndarray | None) -> QueryResult:
+        order = np.arange(len(rows))
+        fused = None
+        if rerank is not None:
+            present = rows[:k] >= 0
+            fused = fuse(stage1[None, :k][:, present], rerank[None, present], self.reranker.fusion_alpha)[0]
+            head = np.flatnonzero(present)[np.argsort(-fused, kind="stable")]
+            order = np.concatenate([head, np.arange(k, len(rows))])
+            fused = dict(zip(np.flatnonzero(present), fused))
+        hits = []
+        for slot in order[:top]:
+            if rows[slot] < 0:
+                continue
+            in_head = fused is not None and slot in fused
+            hits.append(Hit(video_id=str(self.video_ids[rows[slot]]), path=str(self.video_paths[rows[slot]]),
+                            stage1=float(stage1[slot]), rerank=float(rerank[slot]) if in_head else None,
+                            score=float(fused[slot]) if in_head else None))
+        return QueryResult(query=query, results=hits)

@@ -1,0 +1,111 @@
+"""Retrieval end to end through the CLI: query → the gallery's text encoder → FAISS → re-ranker."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TINY_VIT, make_dataset, synthetic_cache
+
+from tvrerank.cli import main
+from tvrerank.retrieve.retriever import Retriever
+
+SMALL = {"captions": 4, "negatives": 2, "in_batch": 1, "eval_every": 2,
+         "model": {"width": 16, "heads": 2, "layers": 1, "queries": 2, "video_keep": 4, "perturb_samples": 4}}
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrieve")
+    annotations = make_dataset(root / "data", num_videos=5)
+    cache = root / "gallery.h5"
+    assert invoke("extract", "--annotations", str(annotations), "--videos", str(annotations.parent), "--model",
+                  str(TINY_VIT), "--out", str(cache), "--frames", "4", "--workers", "0", "--device", "cpu",
+                  "--quiet").exit_code == 0
+    assert invoke("index", str(cache), "--out", str(root / "index")).exit_code == 0
+    assert invoke("candidates", str(cache), "--index", str(root / "index"), "--out", str(root / "cand.h5"),
+                  "--k", "4").exit_code == 0
+    (root / "train.json").write_text(json.dumps(SMALL))
+    result = invoke("train", "--cache", str(cache), "--candidates", str(root / "cand.h5"), "--out",
+                    str(root / "run"), "--config", str(root / "train.json"), "--steps", "3", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return root, cache
+
+
+def retrieve(setup, *args, input=None):
+    root, cache = setup
+    return invoke("retrieve", "--gallery", str(cache), "--index", str(root / "index"), "--reranker",
+                  str(root / "run"), "--device", "cpu", *args, input=input)
+
+
+def test_json_results_are_reranked_and_never_failed_videos(setup):
+    result = retrieve(setup, "clip 1 caption 0", "un clip 😀 vidéo", "--top", "5", "--k", "3", "--json")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [line["query"] for line in lines] == ["clip 1 caption 0", "un clip 😀 vidéo"]
+    for line in lines:
+        hits = line["results"]
+        assert len(hits) == 5  # all 5 ok videos: 3 re-ranked, then 2 in stage-1 order
+        assert all(hit["video_id"].startswith("v") for hit in hits)  # the broken files never come back
+        assert all(hit["rerank"] is not None for hit in hits[:3]) and hits[3]["rerank"] is None
+        scores = [hit["score"] for hit in hits[:3]]
+        assert scores == sorted(scores, reverse=True)
+        assert hits[3]["stage1"] >= hits[4]["stage1"]
+
+
+def test_table_output_and_stage_one_only(setup):
+    table = retrieve(setup, "clip 2 caption 1", "--top", "3").output
+    assert "query: clip 2 caption 1" in table and "rerank" in table and "videos/v" in table
+    root, cache = setup
+    plain = invoke("retrieve", "--gallery", str(cache), "--index", str(root / "index"), "--no-rerank",
+                   "--device", "cpu", "--json", "clip 2 caption 1")
+    hits = json.loads(plain.output.splitlines()[-1])["results"]
+    assert all(hit["rerank"] is None for hit in hits)
+
+
+def test_queries_from_a_file_and_stdin(setup, tmp_path):
+    queries = tmp_path / "q.txt"
+    queries.write_text("clip 0 caption 0\n\nclip 3 caption 1\n")
+    from_file = retrieve(setup, "--queries-file", str(queries), "--json").output
+    from_stdin = retrieve(setup, "--queries-file", "-", "--json", input=queries.read_text()).output
+    assert from_file == from_stdin and from_file.count('"query"') == 2
+
+
+def test_bad_queries_are_named(setup, caplog):
+    result = retrieve(setup, "fine", "   ")
+    assert result.exit_code == 2 and "query 2 (argument)" in result.output
+    result = retrieve(setup, "--queries-file", "-", input="ok\n \t\n")
+    assert result.exit_code == 2 and "stdin line 2" in result.output
+    long_query = " ".join(["word"] * 100)
+    assert retrieve(setup, long_query, "--top", "2").exit_code == 0
+    assert "truncated" in caplog.text
+
+
+def test_gallery_store_gives_the_same_results(setup):
+    root, cache = setup
+    without = Retriever(cache, root / "index", root / "run", device="cpu", use_store=False)
+    before = without.search(["clip 4 caption 0", "clip 1 caption 1"], top=5, k=4)
+    without.close()
+    assert invoke("gallery", "--gallery", str(cache), "--reranker", str(root / "run"), "--device", "cpu").exit_code == 0
+    with_store = Retriever(cache, root / "index", root / "run", device="cpu")
+    assert with_store.store is not None
+    after = with_store.search(["clip 4 caption 0", "clip 1 caption 1"], top=5, k=4)
+    with_store.close()
+    for a, b in zip(before, after):
+        assert [h.video_id for h in a.results] == [h.video_id for h in b.results]
+        np.testing.assert_allclose([h.score or 0 for h in a.results], [h.score or 0 for h in b.results], atol=1e-5)
+
+
+def test_an_index_or_reranker_for_another_gallery_is_refused(setup, tmp_path):
+    root, cache = setup
+    other = synthetic_cache(tmp_path / "other.h5", videos=6)
+    assert invoke("index", str(other), "--out", str(tmp_path / "other-index")).exit_code == 0
+    result = invoke("retrieve", "--gallery", str(cache), "--index", str(tmp_path / "other-index"), "--no-rerank",
+                    "query")
+    assert result.exit_code == 2 and "another encoder" in result.output
