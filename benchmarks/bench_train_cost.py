@@ -26,14 +26,19 @@ then measures:
    Each figure is the median of ``--repeats`` steps after one warm-up step; on CUDA the device is
    synchronised before every clock read. Target: ``cache_speedup`` >= 20 on CPU.
 2. Token read throughput: ``CacheRows.videos`` on a step's random rows (float16 on disk, float32
-   tensors out), the bare h5py read of the same rows, and a plain sequential ``np.fromfile`` of a
-   flat file holding the same bytes, in MB/s of stored bytes. All are reads of files just
-   written, so they come from a warm page cache; cold-disk figures would be lower for all three.
+   tensors out), the bare h5py fancy-index read of the same rows (what ``CacheRows`` does inside),
+   the same rows read one at a time (``read_direct`` into one array), and a plain sequential
+   ``np.fromfile`` of a flat file holding the same bytes, in MB/s of stored bytes (best of
+   ``max(repeats, 2)`` draws of rows). All read files just written, so from a warm page cache;
+   cold-disk figures would be lower for all four.
 
-The last line is ``cache_speedup=<x>`` (uncached step time / cached step time).
+The last line is ``cache_speedup=<x>`` (uncached step time / cached step time). On a machine
+whose cores are busy with other work, pass ``--threads 1``: torch's default of one thread per
+core then oversubscribes them and small steps slow down tenfold.
 
     python benchmarks/bench_train_cost.py [--model ViT-B-16] [--device auto] [--precision fp32]
-        [--frames 12] [--captions 32] [--videos-per-step 256] [--repeats 3] [--width 256] [--layers 2]
+        [--frames 12] [--captions 32] [--videos-per-step 256] [--cache-videos 512] [--repeats 3]
+        [--width 256] [--layers 2] [--tower-batch 64] [--threads N]
     python benchmarks/bench_train_cost.py --videos-per-step 2 --captions 2 --repeats 1 --frames 2
     python benchmarks/bench_train_cost.py --model ViT-bigG-14 --device cuda --precision bf16
 """
@@ -183,7 +188,7 @@ def measure_steps(args, cache: Path, encoder, model, device, groups) -> tuple[di
 
     from tvrerank.train.data import CacheRows
 
-    rows_reader = CacheRows(cache, memory_budget=0)  # always read from the file, as a large cache is
+    rows_reader = CacheRows(cache, memory_budget=0)  # read from the file, as for a cache over the budget
     optimizer = optimizer_for(model)
     rng = np.random.default_rng(1)
     u, b = args.videos_per_step, args.captions
@@ -220,26 +225,38 @@ def measure_steps(args, cache: Path, encoder, model, device, groups) -> tuple[di
 
 
 # --------------------------------------------------------------------------- read throughput
+READS = ("CacheRows.videos", "h5py fancy index", "h5py row by row", "plain file")
+
+
+def row_by_row(dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` as one ``read_direct`` per row into a preallocated array."""
+    out = np.empty((len(rows),) + dataset.shape[1:], dataset.dtype)
+    for i, row in enumerate(rows):
+        dataset.read_direct(out, np.s_[int(row)], np.s_[i])
+    return out
+
+
 def read_throughput(cache: Path, folder: Path, args) -> dict[str, float]:
-    """MB/s (stored bytes) of CacheRows.videos, the bare h5py read and a plain file read; best of repeats."""
+    """MB/s (stored bytes) of each way in ``READS`` of reading a step's video rows; best of the draws."""
     import h5py
 
     from tvrerank.train.data import VIDEO_FIELDS, CacheRows
 
     rng = np.random.default_rng(2)
-    reader, best = CacheRows(cache, memory_budget=0), {"CacheRows.videos": 0.0, "h5py rows": 0.0, "plain file": 0.0}
+    reader, best = CacheRows(cache, memory_budget=0), dict.fromkeys(READS, 0.0)
     with h5py.File(cache, "r") as f:
         for _ in range(max(args.repeats, 2)):
             rows = np.sort(rng.choice(args.cache_videos, args.videos_per_step, replace=False))
-            arrays = [f[f"videos/{k}"][rows] for k in VIDEO_FIELDS]
+            arrays = [row_by_row(f[f"videos/{k}"], rows) for k in VIDEO_FIELDS]
             size = sum(a.nbytes for a in arrays)
             flat = folder / "plain.bin"
             with open(flat, "wb") as out:
                 for array in arrays:
                     out.write(array.tobytes())
-            for name, read in (("CacheRows.videos", lambda: reader.videos(rows)),
-                               ("h5py rows", lambda: [f[f"videos/{k}"][rows] for k in VIDEO_FIELDS]),
-                               ("plain file", lambda: np.fromfile(flat, np.uint8))):
+            for name, read in zip(READS, (lambda: reader.videos(rows),
+                                          lambda: [f[f"videos/{k}"][rows] for k in VIDEO_FIELDS],
+                                          lambda: [row_by_row(f[f"videos/{k}"], rows) for k in VIDEO_FIELDS],
+                                          lambda: np.fromfile(flat, np.uint8))):
                 start = time.perf_counter()
                 read()
                 best[name] = max(best[name], size / 1e6 / (time.perf_counter() - start))
@@ -271,6 +288,7 @@ def main() -> None:
     parser.add_argument("--cache-videos", type=int, default=None, help="videos in the cache (default 2 U)")
     parser.add_argument("--tower-batch", type=int, default=64, help="frames per image-tower forward")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
@@ -281,6 +299,8 @@ def main() -> None:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from tvrerank.extract.encoder import FrozenClipEncoder, resolve_device
     from tvrerank.extract.plan import measure_layout
     from tvrerank.train.model import Reranker, RerankerConfig
@@ -321,10 +341,10 @@ def main() -> None:
           f"+ re-ranker step {uncached['step'] * 1000:.1f} ms")
     print(f"token read of one step's videos ({reads['bytes'] / 1e6:.1f} MB stored; warm page cache; best of "
           f"{max(args.repeats, 2)}):")
-    for name in ("CacheRows.videos", "h5py rows", "plain file"):
+    for name in READS:
         print(f"  {name:<17} {reads[name]:9.0f} MB/s")
     print(f"  plain_file_over_cacherows={reads['plain file'] / reads['CacheRows.videos']:.2f} "
-          f"plain_file_over_h5py={reads['plain file'] / reads['h5py rows']:.2f}")
+          f"plain_file_over_h5py_fancy={reads['plain file'] / reads['h5py fancy index']:.2f}")
     print(f"cache_speedup={uncached['total'] / cached['total']:.1f}")
 
 

@@ -126,3 +126,13 @@ def test_check_rejects_files_that_are_not_caches(tmp_path):
     with h5py.File(out, "r+") as f:
         del f["texts/length"]
     assert check_cache(out) == ["missing dataset texts/length"]
+
+
+def test_read_rows_equals_fancy_indexing(tmp_path):
+    from tvrerank.cache.reader import read_rows
+
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        data = f.create_dataset("d", data=np.arange(50 * 3).reshape(50, 3), chunks=(1, 3))
+        rows = np.array([0, 1, 2, 7, 9, 10, 49])
+        np.testing.assert_array_equal(read_rows(data, rows), data[()][rows])
+        assert read_rows(data, np.array([], dtype=int)).shape == (0, 3)

@@ -109,3 +109,20 @@ def test_checkpoint_file_loads_and_is_fingerprinted(tmp_path, encoder):
     assert loaded.config.pretrained_sha256 and len(loaded.config.pretrained_sha256) == 64
     frames = _frames(2, 32, seed=3)
     np.testing.assert_allclose(loaded.encode_frames(frames)[0], encoder.encode_frames(frames)[0], atol=1e-6)
+
+
+def test_local_dir_weights_load_like_open_clip_folders(tmp_path, encoder):
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "tiny-clip"
+    folder.mkdir()
+    config = json.loads(TINY_VIT.read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in encoder.clip.state_dict().items()},
+              str(folder / "open_clip_model.safetensors"))
+    loaded = FrozenClipEncoder(model="tiny-local", pretrained=f"local-dir:{folder}", device="cpu")
+    assert loaded.config.model_config == config and loaded.layout == encoder.layout
+    frames = _frames(2, 32, seed=4)
+    np.testing.assert_allclose(loaded.encode_frames(frames)[0], encoder.encode_frames(frames)[0], atol=1e-6)

@@ -127,3 +127,11 @@ def test_torchrun_two_processes_on_cpu(data, tmp_path):
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_reranker(tmp_path / "ddp").step == 4
+
+
+def test_gradient_accumulation_and_worker_processes(data, tmp_path):
+    root, (cache, candidates), _ = data
+    config = TrainConfig(steps=2, captions=4, negatives=2, in_batch=1, grad_accum=2, workers=1, model=SMALL_MODEL)
+    metrics = train(cache, candidates, tmp_path / "accum", config, progress=False)
+    assert metrics["steps"] == 2 and metrics["final_loss"] > 0
+    assert load_reranker(tmp_path / "accum").step == 2

@@ -427,7 +427,7 @@ def toy_pretrain(out: str, steps: int, batch_size: int, lr: float, seed: int, th
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True)
-@click.option("--videos", default=240, show_default=True, help="Toy videos in all (train/val/test).")
+@click.option("--videos", default=360, show_default=True, help="Toy videos in all (train/val/test).")
 @click.option("--steps", default=None, type=int, help="Re-ranker training steps (default: the demo's).")
 @click.option("--workers", default=2, show_default=True, help="Decoding processes for extraction.")
 def demo(out: str, seed: int, videos: int, steps: int | None, workers: int) -> None:
@@ -441,6 +441,9 @@ def demo(out: str, seed: int, videos: int, steps: int | None, workers: int) -> N
     click.echo(f"test split, text->video ({metrics['evaluated']} captions; true video within top-{metrics['k']}: "
                f"{metrics['recall_at_k']:.1f}%):")
     click.echo(format_table({"stage 1": metrics["stage1"], "re-ranked": metrics["reranked"]}))
+    from tvrerank.toy.demo import format_examples
+
+    click.echo(format_examples(summary["examples"]))
     click.echo(f"R@1 {metrics['stage1']['R1']:.1f} -> {metrics['reranked']['R1']:.1f} "
                f"({metrics['reranked']['R1'] - metrics['stage1']['R1']:+.1f}); "
                f"{summary['total_seconds']:.0f}s in all; report: {out}/report.md")

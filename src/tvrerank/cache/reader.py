@@ -53,3 +53,18 @@ class CacheReader:
     def ok_rows(self) -> np.ndarray:
         """Rows of the videos that extracted ok."""
         return np.flatnonzero(self.file["videos/status"][()] == OK)
+
+
+def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` for sorted unique rows, read as runs of consecutive rows.
+
+    h5py's fancy indexing builds one selection per listed row and is slow for scattered rows
+    (tens of ms for 15 rows of a chunked array); slicing each run and stacking is not.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return np.empty((0,) + dataset.shape[1:], dtype=dataset.dtype)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(rows)]])
+    return np.concatenate([dataset[rows[a] : rows[b - 1] + 1] for a, b in zip(starts, stops)])

@@ -59,7 +59,9 @@ def resolve_model_config(model: str, pretrained: str | None = None) -> tuple[str
         if not config_path.is_file():
             raise ModelError(f"--pretrained {pretrained}: no open_clip_config.json in that folder")
         config = json.loads(config_path.read_text())
-        return model, config.get("model_cfg", config)
+        config = config.get("model_cfg", config)
+        register_model_config(model, config)  # so the tokenizer finds the context length
+        return model, config
     path = Path(model)
     if model.endswith(".json") or path.is_file():
         if not path.is_file():

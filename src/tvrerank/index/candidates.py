@@ -30,7 +30,7 @@ import numpy as np
 
 from tvrerank.cache.reader import CacheReader
 from tvrerank.metrics import ranks_from_true_scores
-from tvrerank.index.faiss_index import build_index, search
+from tvrerank.index.faiss_index import build_index, search, to_gpu_if_available
 from tvrerank.index.store import IndexMismatch, check_index_matches, load_index_dir, read_gallery, video_ids_digest
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ def build_candidates(
         if index_dir is not None:
             index, config, index_rows = load_index_dir(index_dir)
             check_index_matches(config, cache, f"index {index_dir}")
+            index = to_gpu_if_available(index)
             if not np.array_equal(index_rows, rows):
                 raise IndexMismatch(f"index {index_dir} holds other videos than the ok videos of {cache_path}")
             queries = cache["texts/emb"][()].astype(np.float32)

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import torch
 
-from tvrerank.cache.reader import CacheReader
+from tvrerank.cache.reader import CacheReader, read_rows
 from tvrerank.index.store import video_ids_digest
 from tvrerank.train.data import CacheRows
 from tvrerank.train.inference import select_videos
@@ -38,6 +38,7 @@ def reranker_digest(run_dir: str | Path) -> str:
 def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Reranker, *,
                         device: torch.device, batch: int = 128) -> Path:
     """Select tokens for every ok video of the cache; returns the store's path."""
+    model.eval()  # hard top-k, as at query time
     with CacheReader(cache_path) as cache:
         rows = cache.ok_rows()
         path = store_path(run_dir, cache)
@@ -88,7 +89,7 @@ class GalleryStore:
         positions = np.searchsorted(self.rows, rows)
         if not np.array_equal(self.rows[np.clip(positions, 0, len(self.rows) - 1)], rows):
             raise KeyError("a requested video is not in the gallery store")
-        arrays = {name: torch.from_numpy(self.file[name][positions]) for name in FIELDS}
+        arrays = {name: torch.from_numpy(read_rows(self.file[name], positions)) for name in FIELDS}
         return SelectedVideos(**arrays).to(device)
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ import torch
 from tvrerank.cache.reader import CacheReader
 from tvrerank.extract.encoder import FrozenClipEncoder, resolve_device
 from tvrerank.extract.models import register_model_config
-from tvrerank.index.faiss_index import search
+from tvrerank.index.faiss_index import search, to_gpu_if_available
 from tvrerank.index.store import check_index_matches, load_index_dir
 from tvrerank.train.checkpoint import load_reranker
 from tvrerank.train.data import CacheRows
@@ -82,6 +82,7 @@ class Retriever:
         self.cache = CacheReader(gallery)
         self.index, config, self.index_rows = load_index_dir(index_dir)
         check_index_matches(config, self.cache, f"index {index_dir}")
+        self.index = to_gpu_if_available(self.index)
         self.video_ids = self.cache.strings("videos/id")
         self.video_paths = self.cache.strings("videos/path")
         self.reranker, self.store = None, None

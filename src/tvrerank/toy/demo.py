@@ -31,10 +31,10 @@ TOY_MODEL = "tvr-toy"
 SPLITS = ("train", "val", "test")
 #: The re-ranker the demo trains: small enough for two CPU cores in a couple of minutes.
 DEMO_TRAINING = {
-    "steps": 300, "captions": 32, "negatives": 7, "in_batch": 4, "lr": 1e-3, "warmup": 30, "eval_every": 75,
-    "checkpoint_every": 150,
+    "steps": 240, "captions": 16, "negatives": 7, "in_batch": 4, "lr": 1e-3, "warmup": 20, "eval_every": 60,
+    "checkpoint_every": 120,
     "model": {"width": 96, "heads": 4, "layers": 1, "queries": 8, "frame_keep": 4, "video_keep": 16,
-              "dropout": 0.1},
+              "dropout": 0.1, "perturb_samples": 16},
 }
 
 
@@ -42,7 +42,7 @@ DEMO_TRAINING = {
 class DemoConfig:
     out: str = "demo-out"
     seed: int = 0
-    videos: int = 240
+    videos: int = 360
     frames: int = 12
     text_tokens: int = 48  # toy captions run up to ~40 tokens
     workers: int = 2
@@ -110,10 +110,48 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
                                             "recall_curve")}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_recall(metrics["recall_curve"], out / "recall_at_k.png")
-    summary = {"config": asdict(config), "seconds": clock.seconds, "metrics": metrics,
+    examples = clock.time("retrieve", example_queries, data, caches["test"], out / "index" / "test", run)
+    summary = {"config": asdict(config), "seconds": clock.seconds, "metrics": metrics, "examples": examples,
                "total_seconds": sum(clock.seconds.values())}
     (out / "report.md").write_text(report(summary))
     return summary
+
+
+def example_queries(data: Path, cache: Path, index_dir: Path, run: Path, count: int = 3, top: int = 5) -> list[dict]:
+    """Three test captions from different confuser groups, searched with and without re-ranking."""
+    from tvrerank.retrieve.retriever import Retriever
+
+    rows = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    groups = {r["video_id"]: r["group"] for r in json.loads((data / "scripts.json").read_text())["test"]}
+    picked, seen = [], set()
+    for row in rows:
+        if groups[row["video_id"]] not in seen:
+            picked.append(row)
+            seen.add(groups[row["video_id"]])
+        if len(picked) == count:
+            break
+    retriever = Retriever(cache, index_dir, run, device="cpu")
+    try:
+        queries = [row["caption"] for row in picked]
+        stage1 = retriever.search(queries, top=top, rerank=False)
+        reranked = retriever.search(queries, top=top)
+    finally:
+        retriever.close()
+    return [{"query": row["caption"], "true_video": row["video_id"],
+             "stage1": [hit.video_id for hit in a.results], "reranked": [hit.video_id for hit in b.results]}
+            for row, a, b in zip(picked, stage1, reranked)]
+
+
+def format_examples(examples: list[dict]) -> str:
+    """Side-by-side top-k lists; the true video is marked with *."""
+    lines = []
+    for example in examples:
+        lines.append(f"query: {example['query']}")
+        lines.append(f"  {'':>4}  {'stage 1':<16}  re-ranked")
+        for rank, (a, b) in enumerate(zip(example["stage1"], example["reranked"]), start=1):
+            mark = lambda v: f"{v}{' *' if v == example['true_video'] else ''}"  # noqa: E731
+            lines.append(f"  {rank:>4}  {mark(a):<16}  {mark(b)}")
+    return "\n".join(lines)
 
 
 def plot_recall(curves: dict[str, list[float]], path: Path) -> None:
@@ -153,6 +191,7 @@ def report(summary: dict) -> str:
         f"{metrics['recall_at_k']:.1f}% of captions (the most re-ranking can reach); fusion weight "
         f"alpha = {metrics['alpha']:.2f} (tuned on the validation split).", "",
         "![recall at k](recall_at_k.png)", "",
+        "## Three test queries, top 5 (* = the true video)", "", "```", format_examples(summary["examples"]), "```", "",
         "## Time per stage (s)", "", "```", json.dumps({k: round(v, 1) for k, v in summary["seconds"].items()},
                                                        indent=1),
         "```", f"Total: {summary['total_seconds']:.0f} s.", "",

@@ -29,6 +29,13 @@ class TrainedReranker:
     train_config: dict
 
 
+def device_for(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → this process's GPU when there is one (LOCAL_RANK under torchrun), else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import torch
 
-from tvrerank.cache.reader import CacheReader
+from tvrerank.cache.reader import CacheReader, read_rows
 from tvrerank.cache.schema import OK
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class CacheRows:
     def _read(self, group: str, fields: tuple[str, ...], rows: np.ndarray) -> dict[str, np.ndarray]:
         if not self._in_memory[group]:
             f = self._open()
-            return {k: f[f"{group}/{k}"][rows] for k in fields}  # rows sorted and unique
+            return {k: read_rows(f[f"{group}/{k}"], rows) for k in fields}  # rows sorted and unique
         if group not in self._arrays:
             f = self._open()
             self._arrays[group] = {k: f[f"{group}/{k}"][()] for k in fields}

@@ -71,10 +71,9 @@ def compare_stages(model: Reranker, cache_path: str | Path, lists: CandidateList
 def evaluate_run(run_dir: str | Path, cache_path: str | Path, candidates_path: str | Path, *,
                  device: str = "auto") -> dict:
     """Stage 1 vs re-ranked for a saved run, with the fusion weight it was trained with."""
-    from tvrerank.extract.encoder import resolve_device
-    from tvrerank.train.checkpoint import load_reranker
+    from tvrerank.train.checkpoint import device_for, load_reranker
 
-    torch_device = resolve_device(device)
+    torch_device = device_for(device)
     trained = load_reranker(run_dir, torch_device)
     with CacheReader(cache_path) as cache:
         check_cache_matches(trained.fingerprint, cache, f"re-ranker {run_dir}")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tvrerank.cache.reader import CacheReader
 from tvrerank.config import from_dict, to_dict
 from tvrerank.index.candidates import read_candidates
-from tvrerank.train.checkpoint import load_state, save_reranker, save_state
+from tvrerank.train.checkpoint import device_for, load_state, save_reranker, save_state
 from tvrerank.train.data import BatchSpec, TrainingBatches, collate_single
 from tvrerank.train.evaluate import check_cache_matches, compare_stages, load_lists
 from tvrerank.train.model import Reranker, RerankerConfig
@@ -111,12 +111,6 @@ def _distributed() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), world
 
 
-def _device(name: str, rank_local: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{rank_local}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def train(
     cache_path: str | Path,
     candidates_path: str | Path,
@@ -132,7 +126,7 @@ def train(
     from tqdm.auto import tqdm
 
     rank, world = _distributed()
-    device = _device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
+    device = device_for(config.device, int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(out)
     if (out / "reranker.pt").exists() and not resume and rank == 0:
         raise ValueError(f"{out} already holds a trained re-ranker; pass --resume to continue or another --out")
@@ -155,7 +149,6 @@ def train(
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
         start_step, history = state["step"], state["history"]
         log.info("resuming %s at step %d", out, start_step)
     elif resume:
@@ -186,6 +179,8 @@ def train(
                    initial=start_step, total=config.steps)
         started = time.perf_counter()
         best = state.get("best") if state is not None else None
+        if state is not None:  # restored last: building the DataLoader above draws from the generator
+            torch.set_rng_state(state["torch_rng"])
         for step in bar:
             model.train()
             for group in optimizer.param_groups:

@@ -1,0 +1,323 @@
+"""Interactive retrieval latency: what the re-ranker adds to a query, with and without the gallery store.
+
+Builds, under ``--workdir`` (default: a temporary folder), a synthetic gallery of ``--videos``
+videos as a real cache whose header names the package's toy encoder ``tvr-toy`` (64 px, embed 64,
+text context 48; shipped weights when present, else seeded random weights), so ``Retriever``
+rebuilds the text encoder from the cache as in production. Every video is ok, with random unit
+``video_emb``/``frame_emb`` and random float16 tokens of ``--frames`` frames written in blocks;
+``texts/*`` holds 10 captions. The toy layout is 64 tokens of 64-d per frame (100k videos x 12
+frames: 9.8 GB); when that exceeds ``--max-token-gb`` (default 3) the cache uses the same
+encoder's 2x2-pooled layout instead (16 tokens per frame: 2.5 GB for 100k videos), and says so.
+Then a FAISS index (``build_index_dir``, ``--factory``, default ``auto``: HNSW32 above 50k videos),
+a randomly initialised re-ranker of the demo's size (width 96, 1 layer, 4 heads, 8 queries,
+frame_keep 4, video_keep 16; ``torch.manual_seed(0)``) saved with ``save_reranker``, and the
+gallery store (``build_gallery_store``; its build time and size are printed).
+
+``--queries`` toy captions (``tvrerank.toy.world``) are searched one at a time (batch size 1, as
+an interactive user would), top 10 of K = ``--k`` candidates, with two retrievers side by side
+(queries interleaved, so background load hits both alike): with the gallery store and without
+it. Each query is split into the phases ``Retriever.search`` runs, calling the same pieces in the
+same order: text encode (``encoder.encode_texts``), FAISS search (``search`` + rows), token load
+(``GalleryStore.read`` of the K candidates' selected tokens, or ``CacheRows.videos`` of their full
+token grids, copied to the device), re-rank (``model.select`` without the store, pair scoring with
+``model.score``, fusion and ordering by ``Retriever._rank``). p50/p95 are per-query figures
+(p50 of the per-query sums, not sums of p50s), after 5 warm-up queries; on CUDA the device is
+synchronised before every clock read. ``--threads`` sets torch's intra-op threads (default: torch's
+choice, what ``tvrerank retrieve`` gets); on cores busy with other work, more threads than idle
+cores make every small op wait for a descheduled thread (100x slower at batch size 1), so pass
+``--threads 1`` there. ``Retriever.search([query])`` end to end is timed on the
+first ``--e2e-queries`` queries to cross-check the sum; the rankings of both ways (and of both configurations) are compared. The
+files were just written, so reads come from a warm page cache; from a cold disk the token load
+pays K random reads. Latency does not depend on the weights, only on the shapes.
+
+Stage-1-only latency = text encode + FAISS. The last line is ``rerank_overhead=<x>``, x = p50 of
+re-ranked latency with the store / p50 of stage-1-only latency - 1 (target <= 0.5); the p95 and
+no-store variants are printed above it.
+
+    python benchmarks/bench_retrieve.py [--videos 100000] [--queries 1000] [--k 15] [--frames 12]
+        [--device auto] [--threads 0] [--max-token-gb 3] [--factory auto] [--workdir DIR] [--keep]
+    python benchmarks/bench_retrieve.py --videos 2000 --queries 50 --threads 1      # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tvrerank.cache.reader import CacheReader
+from tvrerank.cache.schema import OK, CacheHeader
+from tvrerank.cache.writer import create_cache
+from tvrerank.config import SamplingConfig
+from tvrerank.extract.encoder import FrozenClipEncoder, resolve_device
+from tvrerank.extract.models import SHIPPED_WEIGHTS
+from tvrerank.index.faiss_index import search
+from tvrerank.index.store import build_index_dir
+from tvrerank.retrieve.gallery_store import build_gallery_store
+from tvrerank.retrieve.retriever import Retriever
+from tvrerank.toy.world import captions_for, random_script
+from tvrerank.train.checkpoint import load_reranker, save_reranker
+from tvrerank.train.model import Reranker, RerankerConfig
+
+TOY_MODEL, TEXT_TOKENS, TOP, WARMUP = "tvr-toy", 48, 10, 5
+DEMO_MODEL = dict(width=96, layers=1, heads=4, queries=8, frame_keep=4, video_keep=16)
+PHASES = ("text encode", "FAISS search", "token load", "re-rank")
+
+
+# --------------------------------------------------------------------------- set-up
+def toy_encoder(videos: int, frames: int, max_gb: float) -> tuple[FrozenClipEncoder, int]:
+    """The toy encoder with the finest token layout whose cache tokens fit ``max_gb``; (encoder, token bytes)."""
+    pretrained = "toy" if SHIPPED_WEIGHTS[(TOY_MODEL, "toy")].is_file() else None
+    for pool in ("none", "2x2"):
+        encoder = FrozenClipEncoder(model=TOY_MODEL, pretrained=pretrained, token_pool=pool,
+                                    text_tokens=TEXT_TOKENS, device="cpu")
+        layout = encoder.layout
+        size = videos * frames * layout.tokens_per_frame * layout.token_dim * 2
+        print(f"token layout pool={pool}: {layout.tokens_per_frame} tokens x {layout.token_dim}-d per frame, "
+              f"{size / 1e9:.2f} GB of tokens for {videos} videos x {frames} frames")
+        if size <= max_gb * 1e9:
+            if pool != "none":
+                print(f"  (reduced: the unpooled layout exceeds --max-token-gb {max_gb})")
+            return encoder, size
+    raise SystemExit(f"even the 2x2-pooled tokens exceed --max-token-gb {max_gb}: use fewer --videos or --frames")
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def build_cache(path: Path, encoder: FrozenClipEncoder, videos: int, frames: int, seed: int = 0) -> dict:
+    """A valid cache of ``videos`` ok videos with random arrays; returns its header's fingerprint."""
+    rng = np.random.default_rng(seed)
+    layout = encoder.layout
+    header = CacheHeader(encoder=encoder.config, sampling=SamplingConfig(frames=frames), layout=layout,
+                         dataset={"format": "synthetic", "benchmark": "bench_retrieve"},
+                         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    captions = captions_for(random_script(random.Random(seed)), count=10)
+    text_emb, text_tokens, text_length = encoder.encode_texts(captions)
+    ids = [f"v{i:07d}" for i in range(videos)]
+    with create_cache(path, header, video_ids=ids, video_paths=[f"videos/{i}.mp4" for i in ids],
+                      captions=captions, caption_video=np.arange(len(captions), dtype=np.int32)) as f:
+        f["videos/status"][:] = OK
+        f["videos/frame_mask"][:] = True
+        f["texts/emb"][:], f["texts/tokens"][:], f["texts/length"][:] = text_emb, text_tokens, text_length
+        per_video = frames * layout.tokens_per_frame * layout.token_dim * 4
+        block = max(1, (64 << 20) // per_video)  # ~64 MB of float32 at a time
+        for start in range(0, videos, block):
+            n = min(block, videos - start)
+            frame_emb = unit(rng.standard_normal((n, frames, layout.embed_dim), dtype=np.float32))
+            f["videos/frame_emb"][start : start + n] = frame_emb
+            f["videos/video_emb"][start : start + n] = unit(frame_emb.mean(axis=1))
+            shape = (n, frames, layout.tokens_per_frame, layout.token_dim)
+            f["videos/tokens"][start : start + n] = rng.standard_normal(shape, dtype=np.float32)
+    with CacheReader(path) as cache:  # the fingerprint as readers see it (after the JSON round trip)
+        return cache.header.fingerprint()
+
+
+def build_reranker(run_dir: Path, encoder: FrozenClipEncoder, frames: int, fingerprint: dict) -> None:
+    """A randomly initialised re-ranker of the demo's size, saved as a run folder."""
+    layout = encoder.layout
+    torch.manual_seed(0)
+    config = RerankerConfig(frames=frames, tokens_per_frame=layout.tokens_per_frame, token_dim=layout.token_dim,
+                            embed_dim=layout.embed_dim, text_token_dim=layout.text_token_dim,
+                            text_tokens=layout.text_tokens, **DEMO_MODEL)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_reranker(run_dir, Reranker(config=config), fusion_alpha=0.3, fingerprint=fingerprint, step=0,
+                  train_config={})
+
+
+def build_store(cache_path: Path, run_dir: Path, device: torch.device, videos: int) -> None:
+    """The gallery store of the saved re-ranker, built and sized as ``tvrerank gallery`` does."""
+    trained = load_reranker(run_dir, device)  # eval mode (hard top-k), as the CLI passes it
+    path, seconds = timed(build_gallery_store, cache_path, run_dir, trained.model, device=device)
+    size = path.stat().st_size
+    print(f"gallery store: built in {seconds:.1f}s ({videos / seconds:.0f} videos/s), {size / 1e9:.2f} GB "
+          f"({size / videos / 1e3:.1f} kB per video)")
+
+
+def make_queries(count: int, seed: int = 1) -> list[str]:
+    """Toy-world captions of random scripts, one per query."""
+    rng = random.Random(seed)
+    return [rng.choice(captions_for(random_script(rng))) for _ in range(count)]
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- measuring
+class Clock:
+    """Clock reads that wait for the device first (CUDA work is asynchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+@torch.no_grad()
+def query_phases(r: Retriever, query: str, k: int, clock: Clock) -> tuple[dict[str, float], list[str]]:
+    """One query through the pieces of ``Retriever.search``/``_rerank`` in order: (seconds per phase, ranking)."""
+    model, device = r.reranker.model, r.device
+    k = min(k, len(r.index_rows))
+    depth = min(max(TOP, k), len(r.index_rows))
+    t0 = clock()
+    emb, tokens, lengths = r.encoder.encode_texts([query])
+    t1 = clock()
+    scores, positions = search(r.index, emb, depth)
+    rows = np.where(positions >= 0, r.index_rows[np.clip(positions, 0, None)], -1)
+    t2 = clock()
+    candidates = rows[:, :k]
+    needed = np.unique(candidates[candidates >= 0])
+    if r.store is not None:
+        selected = r.store.read(needed, device)
+    else:
+        data = {name: v.to(device) for name, v in r.rows.videos(needed).items()}
+    t3 = clock()
+    if r.store is None:
+        selected = model.select(data["tokens"], data["frame_emb"], data["frame_mask"])
+    valid = candidates >= 0
+    pair_query, pair_slot = np.nonzero(valid)
+    pair_video = torch.from_numpy(np.searchsorted(needed, candidates[valid])).to(device)
+    text = torch.from_numpy(tokens[pair_query]).to(device)
+    length = torch.from_numpy(lengths[pair_query].astype(np.int64)).to(device)
+    rerank = np.full(candidates.shape, -np.inf, dtype=np.float32)
+    rerank[pair_query, pair_slot] = model.score(text, length, selected, pair_video).float().cpu().numpy()
+    result = r._rank(query, scores[0], rows[0], k, TOP, rerank[0])
+    t4 = clock()
+    return dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3))), [hit.video_id for hit in result.results]
+
+
+def end_to_end(r: Retriever, query: str, k: int, clock: Clock) -> tuple[float, list[str]]:
+    """``Retriever.search([query])`` as a user calls it: (seconds, ranking)."""
+    start = clock()
+    (result,) = r.search([query], top=TOP, k=k)
+    return clock() - start, [hit.video_id for hit in result.results]
+
+
+def pct(values) -> tuple[float, float]:
+    """(p50, p95) in milliseconds."""
+    p50, p95 = np.percentile(np.asarray(values) * 1000, [50, 95])
+    return float(p50), float(p95)
+
+
+def measure(configs: dict[str, Retriever], queries: list[str], k: int, e2e_queries: int):
+    """Every query through every configuration, interleaved (background load hits both alike).
+
+    Returns (phases: config → phase → seconds per query, e2e: config → seconds, mismatches with
+    Retriever.search, queries whose ranking differs between the configurations); warm-ups dropped.
+    """
+    clock = Clock(next(iter(configs.values())).device)
+    phases = {name: {p: [] for p in PHASES} for name in configs}
+    e2e = {name: [] for name in configs}
+    mismatches, config_differs = 0, 0
+    for i, query in enumerate(queries):
+        rankings = []
+        for name, r in configs.items():
+            times, ranking = query_phases(r, query, k, clock)
+            rankings.append(ranking)
+            if i < WARMUP:
+                continue
+            for phase, seconds in times.items():
+                phases[name][phase].append(seconds)
+            if i < WARMUP + e2e_queries:
+                seconds, e2e_ranking = end_to_end(r, query, k, clock)
+                e2e[name].append(seconds)
+                mismatches += e2e_ranking != ranking
+        config_differs += i >= WARMUP and any(other != rankings[0] for other in rankings[1:])
+    return phases, e2e, mismatches, config_differs
+
+
+def report(phases: dict, e2e: dict, mismatches: int, config_differs: int) -> None:
+    """The table (p50 / p95 ms per phase and totals), the cross-checks and the overhead lines."""
+    names = list(phases)
+
+    def total(name: str, chosen) -> np.ndarray:  # per-query sums of phases
+        return np.sum([phases[name][p] for p in chosen], axis=0)
+
+    rows = [(p, {n: phases[n][p] for n in names}) for p in PHASES]
+    rows.append(("stage 1 only (encode + FAISS)", {n: total(n, PHASES[:2]) for n in names}))
+    rows.append(("re-ranked total (sum of phases)", {n: total(n, PHASES) for n in names}))
+    if e2e[names[0]]:
+        rows.append((f"Retriever.search, first {len(e2e[names[0]])} queries", e2e))
+    print(f"{'':34}{'with store':>18}{'without store':>18}")  # names == ["store", "no store"]
+    for label, values in rows:
+        print(f"{label:34}" + "".join(f"{'%.2f / %.2f' % pct(values[n]):>18}" for n in names))
+    queries = len(phases[names[0]][PHASES[0]])
+    print(f"phase-by-phase rankings identical to Retriever.search: {mismatches == 0} ({mismatches} differ); "
+          f"store vs no store: {config_differs} of {queries} rankings differ")
+    stage1 = pct(total("store", PHASES[:2]))
+    with_store, without = pct(total("store", PHASES)), pct(total("no store", PHASES))
+    print(f"rerank_overhead_no_store={without[0] / stage1[0] - 1:.2f}")
+    print(f"rerank_overhead_p95={with_store[1] / stage1[1] - 1:.2f}")
+    print(f"rerank_overhead={with_store[0] / stage1[0] - 1:.2f}")
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--e2e-queries", type=int, default=100, help="queries also timed via Retriever.search")
+    parser.add_argument("--k", type=int, default=15)
+    parser.add_argument("--frames", type=int, default=12)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--max-token-gb", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--factory", default="auto", help="FAISS factory for build_index_dir (auto or Flat, ...)")
+    parser.add_argument("--workdir", help="where to build (default: a temporary folder; 100k videos need ~6 GB)")
+    parser.add_argument("--keep", action="store_true", help="keep the working folder")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-retrieve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cache_path, index_dir, run_dir = work / "gallery.h5", work / "index", work / "run"
+    try:
+        encoder, _ = toy_encoder(args.videos, args.frames, args.max_token_gb)
+        fingerprint, seconds = timed(build_cache, cache_path, encoder, args.videos, args.frames)
+        print(f"cache: {args.videos} videos in {seconds:.1f}s, {cache_path.stat().st_size / 1e9:.2f} GB "
+              f"({work}{', kept' if args.keep else ', removed at the end'})")
+        config, seconds = timed(build_index_dir, cache_path, index_dir, args.factory)
+        print(f"index: {config.factory} {config.search_params} ({config.reason}) in {seconds:.1f}s")
+        build_reranker(run_dir, encoder, args.frames, fingerprint)
+        build_store(cache_path, run_dir, device, args.videos)
+
+        configs = {"store": Retriever(cache_path, index_dir, run_dir, device=args.device, use_store=True),
+                   "no store": Retriever(cache_path, index_dir, run_dir, device=args.device, use_store=False)}
+        assert configs["store"].store is not None, "Retriever did not find the gallery store"
+        try:
+            results = measure(configs, make_queries(args.queries + WARMUP), args.k, args.e2e_queries)
+        finally:
+            for r in configs.values():
+                r.close()
+        print(f"\nper-query latency, batch size 1, {args.queries} queries, K={args.k}, top {TOP}, "
+              f"{args.videos} videos, device {configs['store'].device} (ms, p50 / p95)")
+        report(*results)
+    finally:
+        if not args.keep:  # only what this script made: a given --workdir may hold other things
+            for made in (cache_path, index_dir, run_dir) if args.workdir else (work,):
+                if made.is_dir():
+                    shutil.rmtree(made, ignore_errors=True)
+                else:
+                    made.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
