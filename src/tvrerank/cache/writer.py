@@ -17,12 +17,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import h5py
 import numpy as np
 
-from tvrerank.cache.schema import OK, STR, TEXT_ARRAYS, VIDEO_ARRAYS, CacheHeader, chunks_for, dataset_specs
+from tvrerank.cache.schema import STR, TEXT_ARRAYS, VIDEO_ARRAYS, CacheHeader, chunks_for, dataset_specs
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,6 @@ def assemble(
     video_paths: Sequence[str],
     captions: Sequence[str],
     caption_video: np.ndarray,
-    progress: Iterable[int] | None = None,
 ) -> None:
     """Stream parts 0..count-1 into ``out`` atomically (``out.tmp`` then rename)."""
     out = Path(out)
@@ -155,8 +154,6 @@ def assemble(
         tmp, header, video_ids=video_ids, video_paths=video_paths, captions=captions,
         caption_video=caption_video,
     ) as f:
-        for index in progress if progress is not None else range(count):
+        for index in range(count):
             write_part(f, parts.read(index))
-        ok = int((f["videos/status"][()] == OK).sum())
-        log.debug("assembled %d parts, %d videos ok", count, ok)
     os.replace(tmp, out)

@@ -35,7 +35,7 @@ import numpy as np
 
 from tvrerank.cache.schema import FAILED, OK, CacheHeader
 from tvrerank.cache.writer import PartData, PartStore, assemble
-from tvrerank.config import ExtractConfig, SamplingConfig, to_dict
+from tvrerank.config import ExtractConfig, SamplingConfig
 from tvrerank.extract.annotations import Caption, read_annotations
 from tvrerank.extract.frames import SampledFrames, sample_or_error
 
@@ -405,7 +405,3 @@ def merge_after_torchrun(config: ExtractConfig, seconds: float) -> ExtractionSum
     finally:
         dist.destroy_process_group()
     return summary
-
-
-def config_json(config: ExtractConfig) -> str:
-    return json.dumps(to_dict(config), indent=2, sort_keys=True)
