@@ -432,11 +432,13 @@ def toy_pretrain(out: str, steps: int, batch_size: int, lr: float, seed: int, th
 @click.option("--workers", default=2, show_default=True, help="Decoding processes for extraction.")
 def demo(out: str, seed: int, videos: int, steps: int | None, workers: int) -> None:
     """Run the whole pipeline on the toy world and print stage 1 vs re-ranked."""
+    import dataclasses
+
     from tvrerank.metrics import format_table
     from tvrerank.toy.demo import DemoConfig, run_demo
 
     config = DemoConfig(out=out, seed=seed, videos=videos, workers=workers)
-    summary = run_demo(config if steps is None else DemoConfig(**{**config.__dict__, "steps": steps}))
+    summary = run_demo(config if steps is None else dataclasses.replace(config, steps=steps))
     metrics = summary["metrics"]
     click.echo(f"test split, text->video ({metrics['evaluated']} captions; true video within top-{metrics['k']}: "
                f"{metrics['recall_at_k']:.1f}%):")

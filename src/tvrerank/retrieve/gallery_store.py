@@ -9,7 +9,6 @@ token grids. The file records which cache and which re-ranker it was made from.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -99,4 +98,4 @@ class GalleryStore:
 def describe(path: Path) -> dict:
     with h5py.File(path, "r") as f:
         return {"videos": int(f["rows"].shape[0]), "bytes": path.stat().st_size,
-                "attrs": json.loads(json.dumps({k: str(v) for k, v in f.attrs.items()}))}
+                "attrs": {k: str(v) for k, v in f.attrs.items()}}

@@ -93,7 +93,7 @@ class TrainingBatches(torch.utils.data.Dataset):
     """Item ``step`` → one training step's tensors (see module docstring). Length = steps."""
 
     def __init__(self, cache_path: str | Path, candidate_video: np.ndarray, *, spec: BatchSpec, steps: int,
-                 seed: int = 0, rank: int = 0, world: int = 1, memory_budget: int = 2 << 30):
+                 seed: int = 0, rank: int = 0, memory_budget: int = 2 << 30):
         with CacheReader(cache_path) as cache:
             self.caption_video = cache["texts/video"][()]
             self.ok = cache["videos/status"][()] == OK
@@ -105,7 +105,7 @@ class TrainingBatches(torch.utils.data.Dataset):
         if skipped:
             log.warning("%d captions belong to videos that failed extraction: skipped", skipped)
         self.ok_rows = np.flatnonzero(self.ok)
-        self.spec, self.steps, self.seed, self.rank, self.world = spec, steps, seed, rank, world
+        self.spec, self.steps, self.seed, self.rank = spec, steps, seed, rank
         self.rows = CacheRows(cache_path, memory_budget=memory_budget)
 
     def __len__(self) -> int:

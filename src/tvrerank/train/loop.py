@@ -160,7 +160,7 @@ def train(
 
     spec = BatchSpec(captions=config.captions, negatives=config.negatives, in_batch=config.in_batch)
     batches = TrainingBatches(cache_path, lists.video, spec=spec, steps=config.steps * config.grad_accum,
-                              seed=config.seed, rank=rank, world=world,
+                              seed=config.seed, rank=rank,
                               memory_budget=int(config.memory_budget_gb * 2**30))
     epoch = max(1, len(batches.trainable) // (config.captions * world))
     eval_every = config.eval_every or epoch

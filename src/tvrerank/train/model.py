@@ -202,10 +202,6 @@ class SelectedVideos:
     video_tokens: torch.Tensor  # (B, Nv, d)
     video_pad: torch.Tensor  # (B, Nv)
 
-    def index(self, rows: torch.Tensor) -> "SelectedVideos":
-        return SelectedVideos(self.frame_tokens[rows], self.frame_pad[rows], self.video_tokens[rows],
-                              self.video_pad[rows])
-
     def to(self, device) -> "SelectedVideos":
         return SelectedVideos(*(t.to(device) for t in (self.frame_tokens, self.frame_pad, self.video_tokens,
                                                        self.video_pad)))
