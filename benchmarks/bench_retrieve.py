@@ -1,41 +1,49 @@
 """Interactive retrieval latency: what the re-ranker adds to a query, with and without the gallery store.
 
 Builds, under ``--workdir`` (default: a temporary folder), a synthetic gallery of ``--videos``
-videos as a real cache whose header names the package's toy encoder ``tvr-toy`` (64 px, embed 64,
-text context 48; shipped weights when present, else seeded random weights), so ``Retriever``
-rebuilds the text encoder from the cache as in production. Every video is ok, with random unit
-``video_emb``/``frame_emb`` and random float16 tokens of ``--frames`` frames written in blocks;
-``texts/*`` holds 10 captions. The toy layout is 64 tokens of 64-d per frame (100k videos x 12
-frames: 9.8 GB); when that exceeds ``--max-token-gb`` (default 3) the cache uses the same
-encoder's 2x2-pooled layout instead (16 tokens per frame: 2.5 GB for 100k videos), and says so.
-Then a FAISS index (``build_index_dir``, ``--factory``, default ``auto``: HNSW32 above 50k videos),
-a randomly initialised re-ranker of the demo's size (width 96, 1 layer, 4 heads, 8 queries,
-frame_keep 4, video_keep 16; ``torch.manual_seed(0)``) saved with ``save_reranker``, and the
-gallery store (``build_gallery_store``; its build time and size are printed).
+videos as a real cache whose header names an open_clip model (``--model``, default ViT-B-32, the
+usual MSR-VTT backbone and the smallest real text tower, so the least favourable real case; with
+seeded random weights, as latency depends on the shapes only; ``tvr-toy`` uses the shipped toy
+weights), so ``Retriever`` rebuilds the text encoder from the cache as in production. Every video
+is ok, with random unit ``video_emb``/``frame_emb``; its ``--frames`` frames of float16 tokens are
+drawn from a bank of 4,096 random frames (the values do not change any cost). ``texts/*`` holds 10
+captions. The unpooled layout is used when the tokens fit ``--max-token-gb`` (default 24), else the
+same encoder's 2x2-pooled layout (ViT-B-32: 16 x 512-d per frame, 19.7 GB for 100k videos x 12
+frames), and the script says so. Then a FAISS index (``build_index_dir``, ``--factory``, default
+``auto``: HNSW32 above 50k videos), a randomly initialised re-ranker (``torch.manual_seed(0)``) of
+``--reranker-size``: ``default`` = ``RerankerConfig``'s defaults, what ``tvrerank train`` builds
+(width 256, 2 layers, 4 heads, 8 queries, frame_keep 4, video_keep 16), or ``demo`` = the toy
+demo's (width 96, 1 layer), saved with ``save_reranker``, and the gallery store
+(``build_gallery_store``; its build time and size are printed).
 
-``--queries`` toy captions (``tvrerank.toy.world``) are searched one at a time (batch size 1, as
-an interactive user would), top 10 of K = ``--k`` candidates, with two retrievers side by side
+``--queries`` queries (MSR-VTT's 1k-A test captions, the field's standard 1,000 queries, from
+``tests/data/annotations``; toy-world captions for ``tvr-toy``) are searched one at a time (batch
+size 1, as an interactive user would), top 10 of K = ``--k`` candidates, with two retrievers side by side
 (queries interleaved, so background load hits both alike): with the gallery store and without
-it. Each query is split into the phases ``Retriever.search`` runs, calling the same pieces in the
-same order: text encode (``encoder.encode_texts``), FAISS search (``search`` + rows), token load
-(``GalleryStore.read`` of the K candidates' selected tokens, or ``CacheRows.videos`` of their full
-token grids, copied to the device), re-rank (``model.select`` without the store, pair scoring with
-``model.score``, fusion and ordering by ``Retriever._rank``). p50/p95 are per-query figures
-(p50 of the per-query sums, not sums of p50s), after 5 warm-up queries; on CUDA the device is
-synchronised before every clock read. ``--threads`` sets torch's intra-op threads (default: torch's
-choice, what ``tvrerank retrieve`` gets); on cores busy with other work, more threads than idle
-cores make every small op wait for a descheduled thread (100x slower at batch size 1), so pass
-``--threads 1`` there. ``Retriever.search([query])`` end to end is timed on the
-first ``--e2e-queries`` queries to cross-check the sum; the rankings of both ways (and of both configurations) are compared. The
-files were just written, so reads come from a warm page cache; from a cold disk the token load
-pays K random reads. Latency does not depend on the weights, only on the shapes.
+it. Each query is split into the phases ``Retriever.search`` runs, by calling its own pieces in
+its order: text encode (``encoder.encode_texts``), FAISS search (``search`` + rows), candidate
+tokens (``Retriever.candidate_tokens``: the store's K records, or without the store the K full
+token grids read from the cache and put through the selectors), re-rank
+(``Retriever.score_candidates`` + fusion and ordering by ``Retriever._rank``). p50/p95 are
+per-query figures (p50 of the per-query sums, not sums of p50s), after 5 warm-up queries; on CUDA
+the device is synchronised before every clock read. ``--threads`` sets torch's intra-op threads
+(default: torch's choice, what ``tvrerank retrieve`` gets); on cores busy with other work, more
+threads than idle cores make every small op wait for a descheduled thread, so pass ``--threads 1``
+there. ``Retriever.search([query])`` end to end is timed on the first ``--e2e-queries`` queries
+to cross-check the sum; the rankings of both ways (and of both configurations) are compared. The
+files were just written, so store reads come from a warm page cache; from a cold disk the token
+load pays K random reads.
 
 Stage-1-only latency = text encode + FAISS. The last line is ``rerank_overhead=<x>``, x = p50 of
 re-ranked latency with the store / p50 of stage-1-only latency - 1 (target <= 0.5); the p95 and
-no-store variants are printed above it.
+no-store variants are printed above it. The ratio is the re-ranker's cost over the text tower's:
+with the store the re-ranker only sees width-d selected tokens, so its cost hardly depends on the
+backbone, while the text tower grows with it (ViT-B-32's is the smallest real one). ``tvr-toy``'s
+3-layer, 64-wide text tower costs less than any re-ranker: its figure is printed, not a target.
 
     python benchmarks/bench_retrieve.py [--videos 100000] [--queries 1000] [--k 15] [--frames 12]
-        [--device auto] [--threads 0] [--max-token-gb 3] [--factory auto] [--workdir DIR] [--keep]
+        [--model ViT-B-32] [--reranker-size default|demo] [--device auto] [--threads 0]
+        [--max-token-gb 24] [--factory auto] [--workdir DIR] [--keep]
     python benchmarks/bench_retrieve.py --videos 2000 --queries 50 --threads 1      # quick check
 """
 
@@ -57,36 +65,41 @@ from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.schema import OK, CacheHeader
 from tvrerank.cache.writer import create_cache
 from tvrerank.config import SamplingConfig
+from tvrerank.extract.annotations import read_annotations
 from tvrerank.extract.encoder import FrozenClipEncoder, resolve_device
 from tvrerank.extract.models import SHIPPED_WEIGHTS
 from tvrerank.index.faiss_index import search
 from tvrerank.index.store import build_index_dir
 from tvrerank.retrieve.gallery_store import build_gallery_store
 from tvrerank.retrieve.retriever import Retriever
+from tvrerank.toy.demo import DEMO_TRAINING
 from tvrerank.toy.world import captions_for, random_script
 from tvrerank.train.checkpoint import load_reranker, save_reranker
 from tvrerank.train.model import Reranker, RerankerConfig
 
-TOY_MODEL, TEXT_TOKENS, TOP, WARMUP = "tvr-toy", 48, 10, 5
-DEMO_MODEL = dict(width=96, layers=1, heads=4, queries=8, frame_keep=4, video_keep=16)
-PHASES = ("text encode", "FAISS search", "token load", "re-rank")
+TOP, WARMUP, BANK_FRAMES = 10, 5, 4096
+MSRVTT_TEST = Path(__file__).resolve().parents[1] / "tests/data/annotations/msrvtt/MSRVTT_JSFUSION_test.csv"
+TEXT_TOKENS = {"tvr-toy": 48}  # the demo's; other models: extract's default (32)
+RERANKER_SIZES = {"default": {}, "demo": {k: v for k, v in DEMO_TRAINING["model"].items()
+                                          if k not in ("dropout", "perturb_samples")}}
+PHASES = ("text encode", "FAISS search", "candidate tokens", "re-rank")
 
 
 # --------------------------------------------------------------------------- set-up
-def toy_encoder(videos: int, frames: int, max_gb: float) -> tuple[FrozenClipEncoder, int]:
-    """The toy encoder with the finest token layout whose cache tokens fit ``max_gb``; (encoder, token bytes)."""
-    pretrained = "toy" if SHIPPED_WEIGHTS[(TOY_MODEL, "toy")].is_file() else None
+def make_encoder(model: str, videos: int, frames: int, max_gb: float) -> FrozenClipEncoder:
+    """``model``'s encoder with the finest token layout whose cache tokens fit ``max_gb``."""
+    shipped = (model, "toy") in SHIPPED_WEIGHTS and SHIPPED_WEIGHTS[(model, "toy")].is_file()
     for pool in ("none", "2x2"):
-        encoder = FrozenClipEncoder(model=TOY_MODEL, pretrained=pretrained, token_pool=pool,
-                                    text_tokens=TEXT_TOKENS, device="cpu")
+        encoder = FrozenClipEncoder(model=model, pretrained="toy" if shipped else None, token_pool=pool,
+                                    text_tokens=TEXT_TOKENS.get(model, 32), device="cpu")
         layout = encoder.layout
         size = videos * frames * layout.tokens_per_frame * layout.token_dim * 2
-        print(f"token layout pool={pool}: {layout.tokens_per_frame} tokens x {layout.token_dim}-d per frame, "
-              f"{size / 1e9:.2f} GB of tokens for {videos} videos x {frames} frames")
+        print(f"{model} token layout pool={pool}: {layout.tokens_per_frame} tokens x {layout.token_dim}-d per "
+              f"frame, {size / 1e9:.2f} GB of tokens for {videos} videos x {frames} frames")
         if size <= max_gb * 1e9:
             if pool != "none":
-                print(f"  (reduced: the unpooled layout exceeds --max-token-gb {max_gb})")
-            return encoder, size
+                print(f"  (pooled: the unpooled layout exceeds --max-token-gb {max_gb})")
+            return encoder
     raise SystemExit(f"even the 2x2-pooled tokens exceed --max-token-gb {max_gb}: use fewer --videos or --frames")
 
 
@@ -104,31 +117,33 @@ def build_cache(path: Path, encoder: FrozenClipEncoder, videos: int, frames: int
     captions = captions_for(random_script(random.Random(seed)), count=10)
     text_emb, text_tokens, text_length = encoder.encode_texts(captions)
     ids = [f"v{i:07d}" for i in range(videos)]
+    frame_shape = (layout.tokens_per_frame, layout.token_dim)
+    bank = rng.standard_normal((BANK_FRAMES,) + frame_shape, dtype=np.float32).astype(np.float16)
     with create_cache(path, header, video_ids=ids, video_paths=[f"videos/{i}.mp4" for i in ids],
                       captions=captions, caption_video=np.arange(len(captions), dtype=np.int32)) as f:
         f["videos/status"][:] = OK
         f["videos/frame_mask"][:] = True
         f["texts/emb"][:], f["texts/tokens"][:], f["texts/length"][:] = text_emb, text_tokens, text_length
-        per_video = frames * layout.tokens_per_frame * layout.token_dim * 4
-        block = max(1, (64 << 20) // per_video)  # ~64 MB of float32 at a time
+        block = max(1, (256 << 20) // bank[:frames].nbytes)  # ~256 MB of tokens at a time
         for start in range(0, videos, block):
             n = min(block, videos - start)
             frame_emb = unit(rng.standard_normal((n, frames, layout.embed_dim), dtype=np.float32))
             f["videos/frame_emb"][start : start + n] = frame_emb
             f["videos/video_emb"][start : start + n] = unit(frame_emb.mean(axis=1))
-            shape = (n, frames, layout.tokens_per_frame, layout.token_dim)
-            f["videos/tokens"][start : start + n] = rng.standard_normal(shape, dtype=np.float32)
+            f["videos/tokens"][start : start + n] = bank[rng.integers(0, BANK_FRAMES, (n, frames))]
     with CacheReader(path) as cache:  # the fingerprint as readers see it (after the JSON round trip)
         return cache.header.fingerprint()
 
 
-def build_reranker(run_dir: Path, encoder: FrozenClipEncoder, frames: int, fingerprint: dict) -> None:
-    """A randomly initialised re-ranker of the demo's size, saved as a run folder."""
+def build_reranker(run_dir: Path, encoder: FrozenClipEncoder, frames: int, fingerprint: dict, size: str) -> None:
+    """A randomly initialised re-ranker of ``size`` (RERANKER_SIZES), saved as a run folder."""
     layout = encoder.layout
     torch.manual_seed(0)
     config = RerankerConfig(frames=frames, tokens_per_frame=layout.tokens_per_frame, token_dim=layout.token_dim,
                             embed_dim=layout.embed_dim, text_token_dim=layout.text_token_dim,
-                            text_tokens=layout.text_tokens, **DEMO_MODEL)
+                            text_tokens=layout.text_tokens, **RERANKER_SIZES[size])
+    print(f"re-ranker ({size}): " + ", ".join(f"{k} {getattr(config, k)}" for k in
+                                              ("width", "layers", "heads", "queries", "frame_keep", "video_keep")))
     run_dir.mkdir(parents=True, exist_ok=True)
     save_reranker(run_dir, Reranker(config=config), fusion_alpha=0.3, fingerprint=fingerprint, step=0,
                   train_config={})
@@ -143,8 +158,14 @@ def build_store(cache_path: Path, run_dir: Path, device: torch.device, videos: i
           f"({size / videos / 1e3:.1f} kB per video)")
 
 
-def make_queries(count: int, seed: int = 1) -> list[str]:
-    """Toy-world captions of random scripts, one per query."""
+def make_queries(count: int, model: str, seed: int = 1) -> list[str]:
+    """Real queries for real models: MSR-VTT's 1k-A test captions in file order (cycled past 1,000);
+    toy-world captions of random scripts for the toy encoder (or when the file is missing)."""
+    if model != "tvr-toy" and MSRVTT_TEST.is_file():
+        captions = [c.text for c in read_annotations([MSRVTT_TEST], "msrvtt", MSRVTT_TEST.parent)]
+        print(f"queries: {min(count, len(captions))} MSR-VTT 1k-A test captions ({MSRVTT_TEST.name})")
+        return [captions[i % len(captions)] for i in range(count)]
+    print("queries: toy-world captions")
     rng = random.Random(seed)
     return [rng.choice(captions_for(random_script(rng))) for _ in range(count)]
 
@@ -168,10 +189,9 @@ class Clock:
         return time.perf_counter()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def query_phases(r: Retriever, query: str, k: int, clock: Clock) -> tuple[dict[str, float], list[str]]:
-    """One query through the pieces of ``Retriever.search``/``_rerank`` in order: (seconds per phase, ranking)."""
-    model, device = r.reranker.model, r.device
+    """One query through the pieces of ``Retriever.search`` in its order: (seconds per phase, ranking)."""
     k = min(k, len(r.index_rows))
     depth = min(max(TOP, k), len(r.index_rows))
     t0 = clock()
@@ -180,22 +200,9 @@ def query_phases(r: Retriever, query: str, k: int, clock: Clock) -> tuple[dict[s
     scores, positions = search(r.index, emb, depth)
     rows = np.where(positions >= 0, r.index_rows[np.clip(positions, 0, None)], -1)
     t2 = clock()
-    candidates = rows[:, :k]
-    needed = np.unique(candidates[candidates >= 0])
-    if r.store is not None:
-        selected = r.store.read(needed, device)
-    else:
-        data = {name: v.to(device) for name, v in r.rows.videos(needed).items()}
+    selected, pair_video = r.candidate_tokens(rows[:, :k])
     t3 = clock()
-    if r.store is None:
-        selected = model.select(data["tokens"], data["frame_emb"], data["frame_mask"])
-    valid = candidates >= 0
-    pair_query, pair_slot = np.nonzero(valid)
-    pair_video = torch.from_numpy(np.searchsorted(needed, candidates[valid])).to(device)
-    text = torch.from_numpy(tokens[pair_query]).to(device)
-    length = torch.from_numpy(lengths[pair_query].astype(np.int64)).to(device)
-    rerank = np.full(candidates.shape, -np.inf, dtype=np.float32)
-    rerank[pair_query, pair_slot] = model.score(text, length, selected, pair_video).float().cpu().numpy()
+    rerank = r.score_candidates(tokens, lengths, rows[:, :k], selected, pair_video)
     result = r._rank(query, scores[0], rows[0], k, TOP, rerank[0])
     t4 = clock()
     return dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3))), [hit.video_id for hit in result.results]
@@ -275,10 +282,13 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=15)
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--max-token-gb", type=float, default=3.0)
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip model of the gallery (tvr-toy: the toy encoder)")
+    parser.add_argument("--reranker-size", default="default", choices=sorted(RERANKER_SIZES))
+    parser.add_argument("--max-token-gb", type=float, default=24.0)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--factory", default="auto", help="FAISS factory for build_index_dir (auto or Flat, ...)")
-    parser.add_argument("--workdir", help="where to build (default: a temporary folder; 100k videos need ~6 GB)")
+    parser.add_argument("--workdir", help="where to build (default: a temporary folder; 100k ViT-B-32 videos "
+                                          "need ~28 GB)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -290,20 +300,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cache_path, index_dir, run_dir = work / "gallery.h5", work / "index", work / "run"
     try:
-        encoder, _ = toy_encoder(args.videos, args.frames, args.max_token_gb)
+        encoder = make_encoder(args.model, args.videos, args.frames, args.max_token_gb)
         fingerprint, seconds = timed(build_cache, cache_path, encoder, args.videos, args.frames)
         print(f"cache: {args.videos} videos in {seconds:.1f}s, {cache_path.stat().st_size / 1e9:.2f} GB "
               f"({work}{', kept' if args.keep else ', removed at the end'})")
         config, seconds = timed(build_index_dir, cache_path, index_dir, args.factory)
         print(f"index: {config.factory} {config.search_params} ({config.reason}) in {seconds:.1f}s")
-        build_reranker(run_dir, encoder, args.frames, fingerprint)
+        build_reranker(run_dir, encoder, args.frames, fingerprint, args.reranker_size)
         build_store(cache_path, run_dir, device, args.videos)
 
         configs = {"store": Retriever(cache_path, index_dir, run_dir, device=args.device, use_store=True),
                    "no store": Retriever(cache_path, index_dir, run_dir, device=args.device, use_store=False)}
         assert configs["store"].store is not None, "Retriever did not find the gallery store"
         try:
-            results = measure(configs, make_queries(args.queries + WARMUP), args.k, args.e2e_queries)
+            results = measure(configs, make_queries(args.queries + WARMUP, args.model), args.k, args.e2e_queries)
         finally:
             for r in configs.values():
                 r.close()

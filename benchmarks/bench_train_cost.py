@@ -141,8 +141,8 @@ def train_step(model, optimizer, videos: dict, texts: dict, pair_video, device) 
     b, g = pair_video.shape
     pair_caption = torch.arange(b, device=device).repeat_interleave(g)
     with autocast:
-        scores = model(texts["text_tokens"][pair_caption], texts["text_length"][pair_caption], videos["tokens"],
-                       videos["frame_emb"], videos["frame_mask"], pair_video.reshape(-1)).float().view(b, g)
+        scores = model(texts["text_tokens"], texts["text_length"], videos["tokens"], videos["frame_emb"],
+                       videos["frame_mask"], pair_video.reshape(-1), pair_caption).float().view(b, g)
         loss = pair_loss(scores, "listwise")
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -135,4 +135,6 @@ def test_read_rows_equals_fancy_indexing(tmp_path):
         data = f.create_dataset("d", data=np.arange(50 * 3).reshape(50, 3), chunks=(1, 3))
         rows = np.array([0, 1, 2, 7, 9, 10, 49])
         np.testing.assert_array_equal(read_rows(data, rows), data[()][rows])
+        shuffled = np.array([9, 10, 0, 1, 2, 49, 7])  # unique rows in any order come back in that order
+        np.testing.assert_array_equal(read_rows(data, shuffled), data[()][shuffled])
         assert read_rows(data, np.array([], dtype=int)).shape == (0, 3)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from tvrerank.train.checkpoint import load_reranker, save_reranker
-from tvrerank.train.model import FrameTokenSelector, Reranker, RerankerConfig, top_k_weights
+from tvrerank.train.model import CrossBlock, FrameTokenSelector, Reranker, RerankerConfig, SelectedVideos, top_k_weights
 
 CONFIG = RerankerConfig(frames=4, tokens_per_frame=6, token_dim=12, embed_dim=10, text_token_dim=8, text_tokens=7,
                         width=16, heads=2, layers=1, queries=3, frame_keep=2, video_keep=5, dropout=0.0,
@@ -95,3 +97,29 @@ def test_checkpoint_round_trip_loads_with_no_flags(model, tmp_path):
     loaded = load_reranker(tmp_path)
     assert loaded.model.config == CONFIG and loaded.fusion_alpha == 0.25 and loaded.step == 7
     assert torch.equal(loaded.model(*inputs()), model(*inputs()))
+
+
+def test_captions_shared_by_pairs_score_as_repeated_captions(model):
+    text, length, tokens, frame_emb, frame_mask, _ = inputs()
+    pair_text = torch.tensor([0, 0, 0, 2, 2, 1])  # 3 captions, 6 (caption, video) pairs
+    pair_video = torch.tensor([0, 1, 2, 0, 2, 1])
+    shared = model(text[:3], length[:3], tokens, frame_emb, frame_mask, pair_video, pair_text)
+    repeated = model(text[pair_text], length[pair_text], tokens, frame_emb, frame_mask, pair_video)
+    assert torch.allclose(shared, repeated, atol=1e-5)
+    selected = model.select(tokens, frame_emb, frame_mask)
+    in_pair_order = SelectedVideos(*(field[pair_video] for field in selected.fields()))  # pair i is video i
+    direct = model.score(text[:3], length[:3], in_pair_order, None, pair_text=pair_text)
+    assert torch.allclose(direct, shared, atol=1e-5)
+
+
+def test_the_last_block_skips_only_rows_nobody_reads(monkeypatch):
+    torch.manual_seed(0)
+    deep = Reranker(config=dataclasses.replace(CONFIG, layers=2)).eval()
+    trimmed = deep(*inputs())
+    full_forward = CrossBlock.forward  # reference: every block computes every row, then the rows are cut
+
+    def untrimmed(self, *args, rows=None):
+        return full_forward(self, *args)[:, :rows]
+
+    monkeypatch.setattr(CrossBlock, "forward", untrimmed)
+    assert torch.allclose(deep(*inputs()), trimmed, atol=1e-5)

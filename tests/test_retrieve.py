@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import TINY_VIT, make_dataset, synthetic_cache
 
+from tvrerank.cache.reader import CacheReader
 from tvrerank.cli import main
+from tvrerank.retrieve.gallery_store import FIELDS, GalleryStore
 from tvrerank.retrieve.retriever import Retriever
 
 SMALL = {"captions": 4, "negatives": 2, "in_batch": 1, "eval_every": 2,
@@ -69,6 +73,16 @@ def test_table_output_and_stage_one_only(setup):
     assert all(hit["rerank"] is None for hit in hits)
 
 
+def test_threads_option_sets_torch_threads(setup):
+    before = torch.get_num_threads()
+    try:
+        assert retrieve(setup, "clip 2 caption 1", "--threads", "1").exit_code == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert retrieve(setup, "clip 2 caption 1", "--threads", "0").exit_code == 2  # at least 1
+
+
 def test_queries_from_a_file_and_stdin(setup, tmp_path):
     queries = tmp_path / "q.txt"
     queries.write_text("clip 0 caption 0\n\nclip 3 caption 1\n")
@@ -95,11 +109,32 @@ def test_gallery_store_gives_the_same_results(setup):
     assert invoke("gallery", "--gallery", str(cache), "--reranker", str(root / "run"), "--device", "cpu").exit_code == 0
     with_store = Retriever(cache, root / "index", root / "run", device="cpu")
     assert with_store.store is not None
-    after = with_store.search(["clip 4 caption 0", "clip 1 caption 1"], top=5, k=4)
+    after = with_store.search(["clip 4 caption 0", "clip 1 caption 1"], top=5, k=4)  # videos shared: gathered
+    one_by_one = [with_store.search([query], top=5, k=4)[0] for query in ("clip 4 caption 0", "clip 1 caption 1")]
     with_store.close()
-    for a, b in zip(before, after):
+    for a, b in zip(before + before, after + one_by_one):
         assert [h.video_id for h in a.results] == [h.video_id for h in b.results]
         np.testing.assert_allclose([h.score or 0 for h in a.results], [h.score or 0 for h in b.results], atol=1e-5)
+
+
+def test_gallery_store_records_are_memory_mapped_and_old_stores_are_ignored(setup, caplog):
+    root, cache = setup
+    assert invoke("gallery", "--gallery", str(cache), "--reranker", str(root / "run"), "--device", "cpu").exit_code == 0
+    with CacheReader(cache) as reader:
+        store = GalleryStore.find(root / "run", reader)
+        rows = store.rows[[3, 0, 2]]  # any order: records come back in that order
+        selected = store.read(rows, torch.device("cpu"))
+        assert all(isinstance(store.arrays[name], np.memmap) for name in FIELDS)
+        with h5py.File(store.path, "r") as f:  # the same bytes h5py reads
+            for name in FIELDS:
+                np.testing.assert_array_equal(getattr(selected, name).numpy(), f[name][()][[3, 0, 2]])
+        with pytest.raises(KeyError):
+            store.read(np.array([reader.num_videos + 5]), torch.device("cpu"))
+        store.close()
+        with h5py.File(store.path, "r+") as f:  # as a version with chunked records wrote it
+            f.attrs["format"] = "tvrerank.gallery/1"
+        assert GalleryStore.find(root / "run", reader) is None and "rebuild it" in caplog.text
+    assert invoke("gallery", "--gallery", str(cache), "--reranker", str(root / "run"), "--device", "cpu").exit_code == 0
 
 
 def test_an_index_or_reranker_for_another_gallery_is_refused(setup, tmp_path):

@@ -328,11 +328,12 @@ def evaluate(cache_path: str, candidates_path: str, run_dir: str | None, dsl: bo
 @click.option("--no-rerank", is_flag=True, help="Stage 1 only.")
 @click.option("--no-store", is_flag=True, help="Ignore the gallery store (compute selected tokens on the fly).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and FAISS (default: theirs).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query.")
-def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rerank, no_store, device,
+def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rerank, no_store, device, threads,
              as_json) -> None:
     """Search the gallery for text queries: FAISS top-K, re-ranked."""
-    from tvrerank.retrieve.retriever import Retriever, check_queries
+    from tvrerank.retrieve.retriever import Retriever, check_queries, set_cpu_threads
 
     texts, names = list(queries), [f"query {i + 1} (argument)" for i in range(len(queries))]
     if queries_file is not None:
@@ -348,6 +349,8 @@ def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rera
     if run_dir is None and not no_rerank:
         raise click.UsageError("--reranker RUN_DIR is needed (or pass --no-rerank for stage 1 only)")
     _run_or_exit(lambda: check_queries(texts, names))
+    if threads is not None:
+        set_cpu_threads(threads)
     retriever = _run_or_exit(lambda: Retriever(gallery, index_dir, None if no_rerank else run_dir, device=device,
                                                use_store=not no_store))
     try:

@@ -56,7 +56,7 @@ class CacheReader:
 
 
 def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """``dataset[rows]`` for sorted unique rows, read as runs of consecutive rows.
+    """``dataset[rows]`` for unique rows (any order; sorted gives the longest runs), read as runs of consecutive rows.
 
     h5py's fancy indexing builds one selection per listed row and is slow for scattered rows
     (tens of ms for 15 rows of a chunked array); slicing each run and stacking is not.

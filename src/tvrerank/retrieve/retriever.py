@@ -19,13 +19,14 @@ import torch
 from tvrerank.cache.reader import CacheReader
 from tvrerank.extract.encoder import FrozenClipEncoder, resolve_device
 from tvrerank.extract.models import register_model_config
-from tvrerank.index.faiss_index import search, to_gpu_if_available
+from tvrerank.index.faiss_index import import_faiss, search, to_gpu_if_available
 from tvrerank.index.store import check_index_matches, load_index_dir
 from tvrerank.train.checkpoint import load_reranker
 from tvrerank.train.data import CacheRows
 from tvrerank.train.evaluate import check_cache_matches
 from tvrerank.train.fusion import fuse
 from tvrerank.train.inference import select_videos
+from tvrerank.train.model import SelectedVideos
 from tvrerank.retrieve.gallery_store import GalleryStore
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,15 @@ def check_queries(queries: Sequence[str], names: Sequence[str]) -> None:
     for query, name in zip(queries, names):
         if not query.strip():
             raise QueryError(f"{name} is empty or whitespace only; give some words to search for")
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads for torch (intra-op) and FAISS. On a machine whose cores are busy,
+    fewer threads than idle cores keep small per-query ops from waiting on descheduled threads."""
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    import_faiss().omp_set_num_threads(threads)
 
 
 def text_encoder_for(cache: CacheReader, device: str) -> FrozenClipEncoder:
@@ -92,6 +102,9 @@ class Retriever:
             self.store = GalleryStore.find(run_dir, self.cache) if use_store else None
             if self.store is not None:
                 log.info("using the gallery store %s", self.store.path)
+            elif use_store:
+                log.info("no gallery store for %s: selecting tokens per query (`tvrerank gallery --gallery %s "
+                         "--reranker %s` precomputes them once)", gallery, gallery, run_dir)
         self.rows = CacheRows(gallery, memory_budget=0)
         self.encoder = text_encoder_for(self.cache, str(self.device))
 
@@ -121,22 +134,39 @@ class Retriever:
                                            None if rerank_scores is None else rerank_scores[i]))
         return results
 
-    @torch.no_grad()
     def _rerank(self, text_tokens: np.ndarray, lengths: np.ndarray, candidate_rows: np.ndarray) -> np.ndarray:
-        """(Q, L, Dt), (Q,), (Q, K) rows → re-ranker scores (Q, K)."""
-        model = self.reranker.model
-        needed = np.unique(candidate_rows[candidate_rows >= 0])
+        """(Q, L, Dt), (Q,), (Q, K) rows (-1: none) → re-ranker scores (Q, K), -inf where no candidate."""
+        selected, pair_video = self.candidate_tokens(candidate_rows)
+        return self.score_candidates(text_tokens, lengths, candidate_rows, selected, pair_video)
+
+    @torch.inference_mode()
+    def candidate_tokens(self, candidate_rows: np.ndarray) -> tuple[SelectedVideos, torch.Tensor | None]:
+        """The candidates' selected tokens: (videos, pair_video), pairs = the valid (query, slot)s row-major.
+
+        From the gallery store, else through the selectors. When each video is in one pair (one
+        query) the videos come in pair order and pair_video is None: scoring then gathers nothing.
+        """
+        rows = candidate_rows[candidate_rows >= 0]  # (C,) one per pair
+        needed, pair_video = np.unique(rows, return_inverse=True)
+        if len(needed) == len(rows):  # each video in one pair (one query): load them in pair order
+            needed, pair_video = rows, None
         if self.store is not None:
             selected = self.store.read(needed, self.device)
         else:
-            selected = select_videos(model, self.rows, needed, device=self.device)
-        valid = candidate_rows >= 0
-        pair_query, pair_slot = np.nonzero(valid)
-        pair_video = torch.from_numpy(np.searchsorted(needed, candidate_rows[valid])).to(self.device)
-        text = torch.from_numpy(text_tokens[pair_query]).to(self.device)
-        length = torch.from_numpy(lengths[pair_query].astype(np.int64)).to(self.device)
+            selected = select_videos(self.reranker.model, self.rows, needed, device=self.device)
+        return selected, None if pair_video is None else torch.from_numpy(pair_video.reshape(-1)).to(self.device)
+
+    @torch.inference_mode()
+    def score_candidates(self, text_tokens: np.ndarray, lengths: np.ndarray, candidate_rows: np.ndarray,
+                         selected: SelectedVideos, pair_video: torch.Tensor | None) -> np.ndarray:
+        """Score every valid (query, candidate) pair with the re-ranker → (Q, K), -inf where no candidate."""
+        pair_query, pair_slot = np.nonzero(candidate_rows >= 0)
+        text = torch.from_numpy(text_tokens).to(self.device)
+        length = torch.from_numpy(lengths.astype(np.int64)).to(self.device)
+        pair_text = torch.from_numpy(pair_query).to(self.device)
+        scores = self.reranker.model.score(text, length, selected, pair_video, pair_text=pair_text)
         out = np.full(candidate_rows.shape, -np.inf, dtype=np.float32)
-        out[pair_query, pair_slot] = model.score(text, length, selected, pair_video).float().cpu().numpy()
+        out[pair_query, pair_slot] = scores.float().cpu().numpy()
         return out
 
     def _rank(self, query: str, stage1: np.ndarray, rows: np.ndarray, k: int, top: int,

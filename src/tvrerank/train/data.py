@@ -59,7 +59,7 @@ class CacheRows:
     def _read(self, group: str, fields: tuple[str, ...], rows: np.ndarray) -> dict[str, np.ndarray]:
         if not self._in_memory[group]:
             f = self._open()
-            return {k: read_rows(f[f"{group}/{k}"], rows) for k in fields}  # rows sorted and unique
+            return {k: read_rows(f[f"{group}/{k}"], rows) for k in fields}  # rows unique
         if group not in self._arrays:
             f = self._open()
             self._arrays[group] = {k: f[f"{group}/{k}"][()] for k in fields}
@@ -67,7 +67,7 @@ class CacheRows:
         return {k: v[rows] for k, v in self._arrays[group].items()}
 
     def videos(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """rows (U,) sorted, unique → tokens (U, T, P, D), frame_emb (U, T, E) float32, frame_mask (U, T)."""
+        """rows (U,) unique (any order) → tokens (U, T, P, D), frame_emb (U, T, E) float32, frame_mask (U, T)."""
         data = self._read("videos", VIDEO_FIELDS, rows)
         return {
             "tokens": torch.from_numpy(data["tokens"].astype(np.float32)),

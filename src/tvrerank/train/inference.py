@@ -12,7 +12,7 @@ from tvrerank.train.model import Reranker, SelectedVideos
 @torch.no_grad()
 def select_videos(model: Reranker, rows_source: CacheRows, rows: np.ndarray, *, device: torch.device,
                   batch: int = 128) -> SelectedVideos:
-    """The selectors' output for video ``rows`` (sorted, unique), concatenated on ``device``."""
+    """The selectors' output for video ``rows`` (unique, any order), in that order, on ``device``."""
     parts = []
     for start in range(0, len(rows), batch):
         data = {k: v.to(device) for k, v in rows_source.videos(rows[start : start + batch]).items()}
@@ -41,7 +41,7 @@ def rerank_scores(model: Reranker, cache_path, candidate_video: np.ndarray, *, d
         valid = block >= 0
         pair_caption, pair_slot = np.nonzero(valid)
         pair_video = torch.from_numpy(np.searchsorted(needed, block[valid])).to(device)
-        out = model.score(text["text_tokens"][pair_caption], text["text_length"][pair_caption], selected,
-                          pair_video)
+        out = model.score(text["text_tokens"], text["text_length"], selected, pair_video,
+                          pair_text=torch.from_numpy(pair_caption).to(device))
         scores[captions[pair_caption], pair_slot] = out.float().cpu().numpy()
     return scores

@@ -191,9 +191,9 @@ def train(
                 b, g = batch["pair_video"].shape
                 pair_caption = torch.arange(b, device=device).repeat_interleave(g)
                 with autocast:
-                    scores = trained(batch["text_tokens"][pair_caption], batch["text_length"][pair_caption],
-                                     batch["tokens"], batch["frame_emb"], batch["frame_mask"],
-                                     batch["pair_video"].reshape(-1)).float().view(b, g)
+                    scores = trained(batch["text_tokens"], batch["text_length"], batch["tokens"], batch["frame_emb"],
+                                     batch["frame_mask"], batch["pair_video"].reshape(-1),
+                                     pair_caption).float().view(b, g)
                     loss = pair_loss(scores, config.loss) / config.grad_accum
                 loss.backward()
                 total += float(loss.detach())

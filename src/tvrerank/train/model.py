@@ -168,26 +168,36 @@ class CrossBlock(nn.Module):
         keys, values = self.kv_proj(self.norm_kv(visual)).chunk(2, dim=-1)
         return self._split(keys), self._split(values)
 
-    def forward(self, queries, query_pad, keys, values, visual_pad):
+    def forward(self, queries, query_pad, keys, values, visual_pad, *, rows: int | None = None):
         # queries (C, Lq, d), query_pad (C, Lq) True = padding; keys/values (C, h, Lv, d/h), visual_pad (C, Lv)
+        # → (C, Lq, d), or (C, rows, d): only the first ``rows`` outputs, when nothing reads the others
+        # (every row is still a self-attention key; the self-attention queries and the MLP skip the rest)
         c, lq, d = queries.shape
         q = self._split(self.q_proj(self.norm_q(queries)))
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=~visual_pad[:, None, None, :],
                                                   dropout_p=self.dropout if self.training else 0.0)
         queries = queries + self.out_proj(attended.transpose(1, 2).reshape(c, lq, d))
         x = self.norm_self(queries)
-        queries = queries + self.self_attn(x, x, x, key_padding_mask=query_pad, need_weights=False)[0]
+        if rows is not None:
+            queries = queries[:, :rows]
+        queries = queries + self.self_attn(x[:, : queries.shape[1]], x, x, key_padding_mask=query_pad,
+                                           need_weights=False)[0]
         return queries + self.mlp(self.norm_mlp(queries))
+
+
+def per_pair(x: torch.Tensor, pair_video: torch.Tensor | None) -> torch.Tensor:
+    """(B, ...) per video → (C, ...) per pair; ``pair_video`` None: the pairs are the B videos in order."""
+    return x if pair_video is None else x[pair_video]
 
 
 def token_match(text, text_pad, visual, visual_pad, pair_video) -> torch.Tensor:
     """Mean over real caption tokens of their best cosine match among the pair's visual tokens.
 
-    text (C, L, d), text_pad (C, L); visual (B, Lv, d), visual_pad (B, Lv); pair_video (C,) → (C,)
+    text (C, L, d), text_pad (C, L); visual (B, Lv, d), visual_pad (B, Lv); pair_video (C,) or None → (C,)
     """
     similarity = torch.einsum("cld,cvd->clv", F.normalize(text, dim=-1),
-                              F.normalize(visual, dim=-1)[pair_video])  # (C, L, Lv)
-    similarity = similarity.masked_fill(visual_pad[pair_video][:, None, :], -1.0)
+                              per_pair(F.normalize(visual, dim=-1), pair_video))  # (C, L, Lv)
+    similarity = similarity.masked_fill(per_pair(visual_pad, pair_video)[:, None, :], -1.0)
     best = similarity.max(dim=-1).values.masked_fill(text_pad, 0.0)  # (C, L)
     return best.sum(-1) / (~text_pad).sum(-1).clamp(min=1)
 
@@ -202,9 +212,11 @@ class SelectedVideos:
     video_tokens: torch.Tensor  # (B, Nv, d)
     video_pad: torch.Tensor  # (B, Nv)
 
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        return self.frame_tokens, self.frame_pad, self.video_tokens, self.video_pad
+
     def to(self, device) -> "SelectedVideos":
-        return SelectedVideos(*(t.to(device) for t in (self.frame_tokens, self.frame_pad, self.video_tokens,
-                                                       self.video_pad)))
+        return SelectedVideos(*(t.to(device) for t in self.fields()))
 
 
 class Reranker(nn.Module):
@@ -244,24 +256,31 @@ class Reranker(nn.Module):
         return SelectedVideos(frame_level.reshape(b, t * k, d), frame_pad, video_tokens, ~video_mask)
 
     def score(self, text_tokens: torch.Tensor, text_length: torch.Tensor, videos: SelectedVideos,
-              pair_video: torch.Tensor) -> torch.Tensor:
-        # text_tokens (C, L, Dt), text_length (C,); videos: B selected videos; pair_video (C,) → scores (C,)
+              pair_video: torch.Tensor | None, *, pair_text: torch.Tensor | None = None) -> torch.Tensor:
+        # text_tokens (U, L, Dt), text_length (U,); videos: B selected videos; pair_video (C,) into the B
+        # videos (None: C = B, pair i is video i), pair_text (C,) into the U captions (None: U = C) → scores (C,)
         length = int(text_length.max())  # drop padding columns the whole batch shares
-        text = self.text_in(text_tokens[:, :length]) + self.text_position[:length]  # (C, L, d)
+        text = self.text_in(text_tokens[:, :length]) + self.text_position[:length]  # (U, L, d), once per caption
+        text_pad = torch.arange(length, device=text.device)[None, :] >= text_length[:, None]  # (U, L)
+        if pair_text is not None:
+            text, text_pad = text[pair_text], text_pad[pair_text]  # (C, L, d), (C, L)
         c = text.shape[0]
-        text_pad = torch.arange(length, device=text.device)[None, :] >= text_length[:, None]  # (C, L)
         queries = torch.cat([self.queries.expand(c, -1, -1), text], dim=1)  # (C, Q+L, d)
         query_pad = torch.cat([torch.zeros(c, self.config.queries, dtype=torch.bool, device=text.device),
                                text_pad], dim=1)
-        frame_pad, video_pad = videos.frame_pad[pair_video], videos.video_pad[pair_video]
-        for block in self.blocks:  # hierarchical: frame level, then video level, same weights
-            for tokens, pad in ((videos.frame_tokens, frame_pad), (videos.video_tokens, video_pad)):
+        frame_pad, video_pad = per_pair(videos.frame_pad, pair_video), per_pair(videos.video_pad, pair_video)
+        levels = ((videos.frame_tokens, frame_pad), (videos.video_tokens, video_pad))
+        for i, block in enumerate(self.blocks):  # hierarchical: frame level, then video level, same weights
+            for j, (tokens, pad) in enumerate(levels):
                 keys, values = block.keys_values(tokens)  # once per video
-                queries = block(queries, query_pad, keys[pair_video], values[pair_video], pad)
+                last = i == len(self.blocks) - 1 and j == len(levels) - 1  # only the learnable queries are read
+                queries = block(queries, query_pad, per_pair(keys, pair_video), per_pair(values, pair_video), pad,
+                                rows=self.config.queries if last else None)
         pooled = queries[:, : self.config.queries].mean(dim=1)  # (C, d)
         matching = token_match(text, text_pad, videos.frame_tokens, videos.frame_pad, pair_video)
         return self.head(pooled).squeeze(-1) + self.token_match_scale * matching
 
-    def forward(self, text_tokens, text_length, tokens, frame_emb, frame_mask, pair_video):
-        # pair_video (C,) index into the B videos for each (caption, video) pair → scores (C,)
-        return self.score(text_tokens, text_length, self.select(tokens, frame_emb, frame_mask), pair_video)
+    def forward(self, text_tokens, text_length, tokens, frame_emb, frame_mask, pair_video, pair_text=None):
+        # pair_video (C,) into the B videos, pair_text (C,) into the captions (see score) → scores (C,)
+        return self.score(text_tokens, text_length, self.select(tokens, frame_emb, frame_mask), pair_video,
+                          pair_text=pair_text)
