@@ -292,6 +292,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tvrerank.extract.annotations").setLevel(logging.ERROR)  # the queries' videos are absent
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
