@@ -1,14 +1,15 @@
 """Interactive retrieval latency: what the re-ranker adds to a query, with and without the gallery store.
 
 Builds, under ``--workdir`` (default: a temporary folder), a synthetic gallery of ``--videos``
-videos as a real cache whose header names an open_clip model (``--model``, default ViT-B-32, the
-usual MSR-VTT backbone and the smallest real text tower, so the least favourable real case; with
-seeded random weights, as latency depends on the shapes only; ``tvr-toy`` uses the shipped toy
-weights), so ``Retriever`` rebuilds the text encoder from the cache as in production. Every video
-is ok, with random unit ``video_emb``/``frame_emb``; its ``--frames`` frames of float16 tokens are
-drawn from a bank of 4,096 random frames (the values do not change any cost). ``texts/*`` holds 10
-captions. The unpooled layout is used when the tokens fit ``--max-token-gb`` (default 24), else the
-same encoder's 2x2-pooled layout (ViT-B-32: 16 x 512-d per frame, 19.7 GB for 100k videos x 12
+videos as a real cache whose header names an open_clip model (``--model``, default ViT-B-32: the
+usual MSR-VTT backbone, whose text tower, shared with ViT-B-16, is the smallest of the usual CLIP
+backbones, so the least favourable real case). Weights are seeded random ones, as latency depends
+on the shapes only (``tvr-toy`` uses the shipped toy weights); ``Retriever`` rebuilds the text
+encoder from the cache as in production. Every video is ok, with random unit
+``video_emb``/``frame_emb``; its ``--frames`` frames of float16 tokens are drawn from a bank of
+4,096 random frames (the values do not change any cost). ``texts/*`` holds 10 captions. The
+unpooled layout is used when the tokens fit ``--max-token-gb`` (default 24), else the same
+encoder's 2x2-pooled layout (ViT-B-32: 16 x 512-d per frame, 19.7 GB for 100k videos x 12
 frames), and the script says so. Then a FAISS index (``build_index_dir``, ``--factory``, default
 ``auto``: HNSW32 above 50k videos), a randomly initialised re-ranker (``torch.manual_seed(0)``) of
 ``--reranker-size``: ``default`` = ``RerankerConfig``'s defaults, what ``tvrerank train`` builds
@@ -18,32 +19,34 @@ demo's (width 96, 1 layer), saved with ``save_reranker``, and the gallery store
 
 ``--queries`` queries (MSR-VTT's 1k-A test captions, the field's standard 1,000 queries, from
 ``tests/data/annotations``; toy-world captions for ``tvr-toy``) are searched one at a time (batch
-size 1, as an interactive user would), top 10 of K = ``--k`` candidates, with two retrievers side by side
-(queries interleaved, so background load hits both alike): with the gallery store and without
-it. Each query is split into the phases ``Retriever.search`` runs, by calling its own pieces in
-its order: text encode (``encoder.encode_texts``), FAISS search (``search`` + rows), candidate
-tokens (``Retriever.candidate_tokens``: the store's K records, or without the store the K full
-token grids read from the cache and put through the selectors), re-rank
+size 1, as an interactive user would), top 10 of K = ``--k`` candidates, with two retrievers side
+by side (queries interleaved, so background load hits both alike): with the gallery store and
+without it. Each query is split into the phases ``Retriever.search`` runs, by calling its own
+pieces in its order: text encode (``encoder.encode_texts``), FAISS search (``search`` + rows),
+candidate tokens (``Retriever.candidate_tokens``: the store's K records, or without the store the
+K full token grids read from the cache and put through the selectors), re-rank
 (``Retriever.score_candidates`` + fusion and ordering by ``Retriever._rank``). p50/p95 are
 per-query figures (p50 of the per-query sums, not sums of p50s), after 5 warm-up queries; on CUDA
-the device is synchronised before every clock read. ``--threads`` sets torch's intra-op threads
-(default: torch's choice, what ``tvrerank retrieve`` gets); on cores busy with other work, more
-threads than idle cores make every small op wait for a descheduled thread, so pass ``--threads 1``
-there. ``Retriever.search([query])`` end to end is timed on the first ``--e2e-queries`` queries
-to cross-check the sum; the rankings of both ways (and of both configurations) are compared. The
-files were just written, so store reads come from a warm page cache; from a cold disk the token
-load pays K random reads.
+the device is synchronised before every clock read. ``--threads`` sets torch's and FAISS's CPU
+threads as ``tvrerank retrieve --threads`` does (default: their choice); on cores busy with other
+work, more threads than idle cores make every small op wait for a descheduled thread, so pass
+``--threads 1`` there. ``Retriever.search([query])`` end to end is timed on the first
+``--e2e-queries`` queries to cross-check the sum; the rankings of both ways (and of both
+configurations) are compared. The files were just written, so reads may come from a warm page
+cache; ``--cold`` evicts the cache and store files from it first (``posix_fadvise``), so the
+token load pays K random disk reads.
 
 Stage-1-only latency = text encode + FAISS. The last line is ``rerank_overhead=<x>``, x = p50 of
-re-ranked latency with the store / p50 of stage-1-only latency - 1 (target <= 0.5); the p95 and
-no-store variants are printed above it. The ratio is the re-ranker's cost over the text tower's:
-with the store the re-ranker only sees width-d selected tokens, so its cost hardly depends on the
-backbone, while the text tower grows with it (ViT-B-32's is the smallest real one). ``tvr-toy``'s
-3-layer, 64-wide text tower costs less than any re-ranker: its figure is printed, not a target.
+re-ranked latency with the store / p50 of stage-1-only latency - 1 (target <= 0.5); the added
+milliseconds, the p95 and the no-store variants are printed above it. The ratio is the
+re-ranker's cost over the text tower's: with the store the re-ranker only sees width-d selected
+tokens, so its cost hardly depends on the backbone, while the text tower grows with it.
+``tvr-toy``'s 3-layer, 64-wide text tower costs less than any re-ranker: its ratio is printed,
+not a target.
 
     python benchmarks/bench_retrieve.py [--videos 100000] [--queries 1000] [--k 15] [--frames 12]
         [--model ViT-B-32] [--reranker-size default|demo] [--device auto] [--threads 0]
-        [--max-token-gb 24] [--factory auto] [--workdir DIR] [--keep]
+        [--max-token-gb 24] [--factory auto] [--cold] [--workdir DIR] [--keep]
     python benchmarks/bench_retrieve.py --videos 2000 --queries 50 --threads 1      # quick check
 """
 
@@ -52,6 +55,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -71,7 +75,7 @@ from tvrerank.extract.models import SHIPPED_WEIGHTS
 from tvrerank.index.faiss_index import search
 from tvrerank.index.store import build_index_dir
 from tvrerank.retrieve.gallery_store import build_gallery_store
-from tvrerank.retrieve.retriever import Retriever
+from tvrerank.retrieve.retriever import Retriever, set_cpu_threads
 from tvrerank.toy.demo import DEMO_TRAINING
 from tvrerank.toy.world import captions_for, random_script
 from tvrerank.train.checkpoint import load_reranker, save_reranker
@@ -168,6 +172,16 @@ def make_queries(count: int, model: str, seed: int = 1) -> list[str]:
     print("queries: toy-world captions")
     rng = random.Random(seed)
     return [rng.choice(captions_for(random_script(rng))) for _ in range(count)]
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Write back and evict ``path``'s pages (Linux), so the next reads go to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def timed(fn, *args, **kwargs):
@@ -268,6 +282,7 @@ def report(phases: dict, e2e: dict, mismatches: int, config_differs: int) -> Non
           f"store vs no store: {config_differs} of {queries} rankings differ")
     stage1 = pct(total("store", PHASES[:2]))
     with_store, without = pct(total("store", PHASES)), pct(total("no store", PHASES))
+    print(f"rerank_added_ms={with_store[0] - stage1[0]:.1f} (p50 with the store, over stage 1's {stage1[0]:.1f})")
     print(f"rerank_overhead_no_store={without[0] / stage1[0] - 1:.2f}")
     print(f"rerank_overhead_p95={with_store[1] / stage1[1] - 1:.2f}")
     print(f"rerank_overhead={with_store[0] / stage1[0] - 1:.2f}")
@@ -287,6 +302,7 @@ def main() -> None:
     parser.add_argument("--max-token-gb", type=float, default=24.0)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--factory", default="auto", help="FAISS factory for build_index_dir (auto or Flat, ...)")
+    parser.add_argument("--cold", action="store_true", help="evict the cache and store files from the page cache")
     parser.add_argument("--workdir", help="where to build (default: a temporary folder; 100k ViT-B-32 videos "
                                           "need ~28 GB)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
@@ -295,7 +311,7 @@ def main() -> None:
     logging.getLogger("tvrerank.extract.annotations").setLevel(logging.ERROR)  # the queries' videos are absent
     device = resolve_device(args.device)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_cpu_threads(args.threads)  # torch and FAISS, as `tvrerank retrieve --threads`
     print(f"torch threads: {torch.get_num_threads()}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-retrieve-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -310,6 +326,10 @@ def main() -> None:
         build_reranker(run_dir, encoder, args.frames, fingerprint, args.reranker_size)
         build_store(cache_path, run_dir, device, args.videos)
 
+        if args.cold:
+            for path in (cache_path, *run_dir.glob("gallery/*.h5")):
+                drop_from_page_cache(path)
+            print("page cache: the cache and store files evicted (--cold)")
         configs = {"store": Retriever(cache_path, index_dir, run_dir, device=args.device, use_store=True),
                    "no store": Retriever(cache_path, index_dir, run_dir, device=args.device, use_store=False)}
         assert configs["store"].store is not None, "Retriever did not find the gallery store"

@@ -13,8 +13,9 @@ from conftest import TINY_VIT, make_dataset, synthetic_cache
 
 from tvrerank.cache.reader import CacheReader
 from tvrerank.cli import main
-from tvrerank.retrieve.gallery_store import FIELDS, GalleryStore
+from tvrerank.retrieve.gallery_store import FIELDS, FORMAT, GalleryStore, StoreFormatError, build_gallery_store
 from tvrerank.retrieve.retriever import Retriever
+from tvrerank.train.model import Reranker, RerankerConfig
 
 SMALL = {"captions": 4, "negatives": 2, "in_batch": 1, "eval_every": 2,
          "model": {"width": 16, "heads": 2, "layers": 1, "queries": 2, "video_keep": 4, "perturb_samples": 4}}
@@ -131,10 +132,25 @@ def test_gallery_store_records_are_memory_mapped_and_old_stores_are_ignored(setu
         with pytest.raises(KeyError):
             store.read(np.array([reader.num_videos + 5]), torch.device("cpu"))
         store.close()
-        with h5py.File(store.path, "r+") as f:  # as a version with chunked records wrote it
-            f.attrs["format"] = "tvrerank.gallery/1"
+        with h5py.File(store.path, "r") as f:  # rewrite it as the version with chunked records did
+            arrays, attrs = {name: f[name][()] for name in ("rows",) + FIELDS}, dict(f.attrs)
+        with h5py.File(store.path, "w") as f:
+            f["rows"] = arrays.pop("rows")
+            for name, array in arrays.items():
+                f.create_dataset(name, data=array, chunks=(1,) + array.shape[1:])
+            f.attrs.update({k: v for k, v in attrs.items() if k != "format"})
         assert GalleryStore.find(root / "run", reader) is None and "rebuild it" in caplog.text
+        with h5py.File(store.path, "r+") as f:  # marked current but still chunked: refused, not misread
+            f.attrs["format"] = FORMAT
+        with pytest.raises(StoreFormatError, match="chunked"):
+            GalleryStore(store.path)
     assert invoke("gallery", "--gallery", str(cache), "--reranker", str(root / "run"), "--device", "cpu").exit_code == 0
+
+
+def test_a_gallery_without_ok_videos_has_no_store(tmp_path):
+    cache = synthetic_cache(tmp_path / "failed.h5", videos=3, failed=(0, 1, 2))
+    with pytest.raises(ValueError, match="no video extracted ok"):
+        build_gallery_store(cache, tmp_path / "run", Reranker(config=RerankerConfig()), device=torch.device("cpu"))
 
 
 def test_an_index_or_reranker_for_another_gallery_is_refused(setup, tmp_path):

@@ -385,7 +385,7 @@ def gallery(gallery: str, run_dir: str, device: str) -> None:
     trained = _run_or_exit(lambda: load_reranker(run_dir, torch_device))
     with CacheReader(gallery) as cache:
         _run_or_exit(lambda: check_cache_matches(trained.fingerprint, cache, f"re-ranker {run_dir}"))
-    path = build_gallery_store(gallery, run_dir, trained.model, device=torch_device)
+    path = _run_or_exit(lambda: build_gallery_store(gallery, run_dir, trained.model, device=torch_device))
     info = describe(path)
     click.echo(f"{path}: selected tokens of {info['videos']} videos ({_human(info['bytes'])})")
 

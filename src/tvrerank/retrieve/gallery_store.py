@@ -48,6 +48,8 @@ def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Rera
     model.eval()  # hard top-k, as at query time
     with CacheReader(cache_path) as cache:
         rows = cache.ok_rows()
+        if len(rows) == 0:
+            raise ValueError(f"{cache_path}: no video extracted ok, so there is nothing to store")
         path = store_path(run_dir, cache)
         digest = video_ids_digest(cache.strings("videos/id"))
     source = CacheRows(cache_path, memory_budget=0)
@@ -75,6 +77,9 @@ class GalleryStore:
     def __init__(self, path: Path):
         self.path = path
         self.file = h5py.File(path, "r")
+        if self.file.attrs.get("format") != FORMAT:
+            self.file.close()
+            raise StoreFormatError(f"{path} was made by an older version: rebuild it with `tvrerank gallery`")
         self.rows = self.file["rows"][()]
         self.arrays = {name: _memory_map(path, self.file[name]) for name in FIELDS}
 
@@ -84,12 +89,12 @@ class GalleryStore:
         path = store_path(run_dir, cache)
         if not path.is_file():
             return None
-        store = cls(path)
-        attrs = store.file.attrs
-        if attrs.get("format") != FORMAT:
-            log.warning("%s was made by an older version: rebuild it with `tvrerank gallery` (not used now)", path)
-            store.close()
+        try:
+            store = cls(path)
+        except StoreFormatError as exc:
+            log.warning("%s (not used now)", exc)
             return None
+        attrs = store.file.attrs
         if (attrs["video_ids_sha256"] != video_ids_digest(cache.strings("videos/id"))
                 or attrs["reranker_sha256"] != reranker_digest(run_dir)):
             store.close()
@@ -109,13 +114,17 @@ class GalleryStore:
         self.file.close()
 
 
+class StoreFormatError(ValueError):
+    """A gallery store this version cannot read (made by an older one); `tvrerank gallery` rebuilds it."""
+
+
 def _memory_map(path: Path, dataset: h5py.Dataset) -> np.ndarray:
     """A read-only view of a contiguous, unfiltered HDF5 dataset straight from the file's bytes."""
-    offset = dataset.id.get_offset()
-    if dataset.shape[0] == 0 or offset is None:  # nothing written (an empty gallery): nothing to map
-        return np.empty(dataset.shape, dtype=dataset.dtype)
     if dataset.chunks is not None or dataset.compression is not None:
-        raise ValueError(f"{path}: dataset {dataset.name} is chunked or compressed; rebuild with `tvrerank gallery`")
+        raise StoreFormatError(f"{path}: {dataset.name} is chunked or compressed; rebuild it with `tvrerank gallery`")
+    offset = dataset.id.get_offset()  # None until written
+    if offset is None:
+        raise StoreFormatError(f"{path}: {dataset.name} was never written; rebuild it with `tvrerank gallery`")
     return np.memmap(path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
 
 

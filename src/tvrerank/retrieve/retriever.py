@@ -143,8 +143,8 @@ class Retriever:
     def candidate_tokens(self, candidate_rows: np.ndarray) -> tuple[SelectedVideos, torch.Tensor | None]:
         """The candidates' selected tokens: (videos, pair_video), pairs = the valid (query, slot)s row-major.
 
-        From the gallery store, else through the selectors. When each video is in one pair (one
-        query) the videos come in pair order and pair_video is None: scoring then gathers nothing.
+        From the gallery store, else through the selectors. When each video is in one pair (always
+        so for one query) the videos come in pair order and pair_video is None: scoring gathers nothing.
         """
         rows = candidate_rows[candidate_rows >= 0]  # (C,) one per pair
         needed, pair_video = np.unique(rows, return_inverse=True)
