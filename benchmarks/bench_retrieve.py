@@ -300,7 +300,7 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32", help="open_clip model of the gallery (tvr-toy: the toy encoder)")
     parser.add_argument("--reranker-size", default="default", choices=sorted(RERANKER_SIZES))
     parser.add_argument("--max-token-gb", type=float, default=24.0)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch and FAISS CPU threads (0: their default)")
     parser.add_argument("--factory", default="auto", help="FAISS factory for build_index_dir (auto or Flat, ...)")
     parser.add_argument("--cold", action="store_true", help="evict the cache and store files from the page cache")
     parser.add_argument("--workdir", help="where to build (default: a temporary folder; 100k ViT-B-32 videos "
