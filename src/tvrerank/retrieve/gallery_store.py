@@ -29,13 +29,13 @@ from tvrerank.train.model import Reranker, SelectedVideos
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("frame_tokens", "frame_pad", "video_tokens", "video_pad")
+FIELDS = SelectedVideos.names()  # one dataset each
 FORMAT = "tvrerank.gallery/2"  # /1 (chunked per record) is no longer read: rebuild with `tvrerank gallery`
 
 
-def store_path(run_dir: str | Path, cache: CacheReader) -> Path:
-    digest = video_ids_digest(cache.strings("videos/id"))[:12]
-    return Path(run_dir) / "gallery" / f"{cache.path.stem}-{digest}.h5"
+def store_path(run_dir: str | Path, cache_path: str | Path, ids_digest: str) -> Path:
+    """Where the store of this cache (``ids_digest``: ``video_ids_digest`` of its ids) lives in ``run_dir``."""
+    return Path(run_dir) / "gallery" / f"{Path(cache_path).stem}-{ids_digest[:12]}.h5"
 
 
 def reranker_digest(run_dir: str | Path) -> str:
@@ -50,8 +50,8 @@ def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Rera
         rows = cache.ok_rows()
         if len(rows) == 0:
             raise ValueError(f"{cache_path}: no video extracted ok, so there is nothing to store")
-        path = store_path(run_dir, cache)
         digest = video_ids_digest(cache.strings("videos/id"))
+        path = store_path(run_dir, cache_path, digest)
     source = CacheRows(cache_path, memory_budget=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -86,7 +86,8 @@ class GalleryStore:
     @classmethod
     def find(cls, run_dir: str | Path, cache: CacheReader) -> "GalleryStore | None":
         """The store of this cache and re-ranker, or None (missing or made for another one)."""
-        path = store_path(run_dir, cache)
+        ids_digest = video_ids_digest(cache.strings("videos/id"))
+        path = store_path(run_dir, cache.path, ids_digest)
         if not path.is_file():
             return None
         try:
@@ -95,7 +96,7 @@ class GalleryStore:
             log.warning("%s (not used now)", exc)
             return None
         attrs = store.file.attrs
-        if (attrs["video_ids_sha256"] != video_ids_digest(cache.strings("videos/id"))
+        if (attrs["video_ids_sha256"] != ids_digest
                 or attrs["reranker_sha256"] != reranker_digest(run_dir)):
             store.close()
             return None

@@ -126,13 +126,17 @@ class Retriever:
         for start in range(0, len(queries), batch):
             chunk = list(queries[start : start + batch])
             emb, tokens, lengths = self.encoder.encode_texts(chunk)
-            scores, positions = search(self.index, emb, depth)
-            candidate_rows = np.where(positions >= 0, self.index_rows[np.clip(positions, 0, None)], -1)
+            scores, candidate_rows = self.first_stage(emb, depth)
             rerank_scores = self._rerank(tokens, lengths, candidate_rows[:, :k]) if rerank else None
             for i, query in enumerate(chunk):
                 results.append(self._rank(query, scores[i], candidate_rows[i], k, top,
                                            None if rerank_scores is None else rerank_scores[i]))
         return results
+
+    def first_stage(self, text_emb: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS top-``depth``: text_emb (Q, E) → stage-1 scores (Q, depth), cache rows (Q, depth), -1: none."""
+        scores, positions = search(self.index, text_emb, depth)
+        return scores, np.where(positions >= 0, self.index_rows[np.clip(positions, 0, None)], -1)
 
     def _rerank(self, text_tokens: np.ndarray, lengths: np.ndarray, candidate_rows: np.ndarray) -> np.ndarray:
         """(Q, L, Dt), (Q,), (Q, K) rows (-1: none) → re-ranker scores (Q, K), -inf where no candidate."""

@@ -17,8 +17,7 @@ def select_videos(model: Reranker, rows_source: CacheRows, rows: np.ndarray, *, 
     for start in range(0, len(rows), batch):
         data = {k: v.to(device) for k, v in rows_source.videos(rows[start : start + batch]).items()}
         parts.append(model.select(data["tokens"], data["frame_emb"], data["frame_mask"]))
-    return SelectedVideos(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                            ("frame_tokens", "frame_pad", "video_tokens", "video_pad")))
+    return SelectedVideos.concatenate(parts)
 
 
 @torch.no_grad()

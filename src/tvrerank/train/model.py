@@ -26,6 +26,7 @@ Q learnable queries, C (caption, video) pairs.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -212,8 +213,16 @@ class SelectedVideos:
     video_tokens: torch.Tensor  # (B, Nv, d)
     video_pad: torch.Tensor  # (B, Nv)
 
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in dataclasses.fields(cls))
+
     def fields(self) -> tuple[torch.Tensor, ...]:
-        return self.frame_tokens, self.frame_pad, self.video_tokens, self.video_pad
+        return tuple(getattr(self, name) for name in self.names())
+
+    @classmethod
+    def concatenate(cls, parts: "list[SelectedVideos]") -> "SelectedVideos":
+        return cls(*(torch.cat(field) for field in zip(*(part.fields() for part in parts))))
 
     def to(self, device) -> "SelectedVideos":
         return SelectedVideos(*(t.to(device) for t in self.fields()))
