@@ -87,7 +87,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="seconds-long check that the script runs (a 4 s video)")
     args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.repeats = 4, 1
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "long.mp4"

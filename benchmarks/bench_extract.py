@@ -8,17 +8,15 @@ open_clip architectures, e.g. the real ``ViT-B-32``):
 1. ``run_extraction`` over all videos (``--workers`` decoding processes, the default pipeline):
    videos/s end to end (model build and final assembly included; the figure the CLI prints)
    and for the pipeline alone (from the first request for decoded frames to the end).
-2. The decode wait: ``runner.DecodeQueue`` is replaced by a subclass whose ``run`` times every
-   ``next()`` of the main loop, and ``runner.encode_part`` by a timed wrapper. The share of the
-   pipeline's wall time spent blocked on decoded frames is what the GPU (on CPU: the encoder)
-   sat waiting on decoding; the first wait, which includes the workers' start-up, is shown apart.
+2. The decode wait, as the runner reports it in its summary (``ExtractionSummary``): the share
+   of the pipeline's wall time spent blocked on decoded frames is what the GPU (on CPU: the
+   encoder) sat waiting on decoding; the first wait, which includes the workers' start-up, is
+   shown apart.
 3. Stages side by side in this process, on the same videos, with the runner's part/batch layout:
    decode = ``sample_frames`` per video (one process, FFmpeg threads as each worker gets them);
-   preprocess = ``encoder.preprocess`` (timed inside ``encode_part`` by wrapping it on the
-   instance, with a device sync on CUDA); encode = the rest of ``encode_part``: the frame forward
-   pass (``forward_intermediates``, projection, copy to host, array assembly) plus
-   ``encode_texts`` for the captions (shown apart); write = ``PartStore.write`` of the resulting
-   parts into a temporary folder. Seconds and shares of their sum, and encoder frames/s.
+   encode = ``encode_part`` (preprocess, frame forward pass, projection, copy to host, captions),
+   with ``encoder.preprocess`` and ``encode_texts`` also timed alone on the same inputs;
+   write = ``PartStore.write`` of the resulting parts into a temporary folder.
 
 Finally peak RSS of ``tvrerank extract --workers 0`` (tiny model, CPU) in a fresh subprocess on
 one 10 s and one 10 min video (160x120, 25 fps), read with ``os.wait4`` in a bare launcher
@@ -29,12 +27,12 @@ rss_ratio=<x>`` (end-to-end videos/s; model names lower-cased, non-alphanumerics
     python benchmarks/bench_extract.py [--models tiny,ViT-B-32] [--videos 24] [--device auto]
         [--precision fp32] [--batch-size 64] [--workers 2] [--skip-rss]
     python benchmarks/bench_extract.py --models ViT-bigG-14 --precision bf16 --device cuda
+    python benchmarks/bench_extract.py --smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -77,13 +75,15 @@ def moving_frames(num: int, width: int, height: int, seed: int):
         yield frame
 
 
-def make_dataset(root: Path, count: int, seed: int = 0) -> tuple[Path, list[Path], list[str]]:
-    """``count`` videos under ``root/videos`` and ``root/captions.jsonl``; (annotations, paths, captions)."""
+def make_dataset(root: Path, count: int, seed: int = 0, length: tuple[float, float] = (8, 10)
+                 ) -> tuple[Path, list[Path], list[str]]:
+    """``count`` videos of ``length`` seconds (range) under ``root/videos`` and ``root/captions.jsonl``;
+    (annotations, paths, captions)."""
     rng = np.random.default_rng(seed)
     names = list(COLOURS)
     paths, captions, lines = [], [], []
     for i in range(count):
-        fps, seconds = int(rng.integers(25, 31)), float(rng.uniform(8, 10))
+        fps, seconds = int(rng.integers(25, 31)), float(rng.uniform(*length))
         frames = moving_frames(int(fps * seconds), 320, 240, seed=i)
         path = write_video(root / "videos" / f"v{i:04d}.mp4", frames, fps=fps)
         caption = f"a {names[i % 4]} box and a {names[(i + 1) % 4]} box move across a textured wall (clip {i})"
@@ -101,48 +101,8 @@ def slug(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- 1+2: full run
-class TimedDecodeQueue(runner.DecodeQueue):
-    """DecodeQueue whose ``run`` records how long each item took to arrive (``waits``, seconds)."""
-
-    waits: list[float] = []
-    first_request: float | None = None
-
-    def run(self, items):
-        inner = super().run(items)
-        while True:
-            start = time.perf_counter()
-            if TimedDecodeQueue.first_request is None:
-                TimedDecodeQueue.first_request = start
-            try:
-                item = next(inner)
-            except StopIteration:
-                return
-            TimedDecodeQueue.waits.append(time.perf_counter() - start)
-            yield item
-
-
-@contextlib.contextmanager
-def instrumented_runner(encode_times: list[float]):
-    """Swap in TimedDecodeQueue and a timed ``encode_part`` inside ``tvrerank.extract.runner``."""
-    original_queue, original_encode = runner.DecodeQueue, runner.encode_part
-    TimedDecodeQueue.waits, TimedDecodeQueue.first_request = [], None
-
-    def timed_encode_part(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original_encode(*args, **kwargs)
-        finally:
-            encode_times.append(time.perf_counter() - start)
-
-    runner.DecodeQueue, runner.encode_part = TimedDecodeQueue, timed_encode_part
-    try:
-        yield
-    finally:
-        runner.DecodeQueue, runner.encode_part = original_queue, original_encode
-
-
 def full_run(model: str, label: str, annotations: Path, out: Path, args, count: int) -> float:
-    """Run ``run_extraction`` with timing hooks; print its figures; return end-to-end videos/s."""
+    """``run_extraction`` as the CLI runs it; prints its own timings; returns end-to-end videos/s."""
     from tvrerank.config import ExtractConfig
 
     config = ExtractConfig(
@@ -150,24 +110,20 @@ def full_run(model: str, label: str, annotations: Path, out: Path, args, count: 
         model=model, frames=FRAMES, batch_size=args.batch_size, workers=args.workers,
         device=args.device, precision=args.precision,
     )
-    encode_times: list[float] = []
-    with instrumented_runner(encode_times):
-        start = time.perf_counter()
-        summary = runner.run_extraction(config, progress=False)
-        end = time.perf_counter()
+    start = time.perf_counter()
+    summary = runner.run_extraction(config, progress=False)
+    wall = time.perf_counter() - start
     if summary.ok != count:
         raise SystemExit(f"extraction failed: {summary.line()}")
-    waits, pipeline = TimedDecodeQueue.waits, end - TimedDecodeQueue.first_request
-    wall = end - start
+    pipeline, waited = summary.pipeline_seconds, summary.decode_wait_seconds
     print(f"  full run ({args.workers} workers): {wall:6.2f} s = {count / wall:6.2f} videos/s end to end; "
-          f"pipeline {pipeline:6.2f} s = {count / pipeline:6.2f} videos/s "
-          f"(set-up before it {TimedDecodeQueue.first_request - start:.2f} s)")
-    print(f"  waiting on decoded frames: {sum(waits):6.2f} s = {sum(waits) / pipeline:6.1%} of the pipeline "
-          f"(first item {waits[0]:.2f} s{' incl. worker start-up' if args.workers else ''}; "
-          f"after it {sum(waits[1:]) / pipeline:.1%}); encode_part {sum(encode_times):6.2f} s = "
-          f"{sum(encode_times) / pipeline:.1%}; rest (write hand-off, assembly) "
-          f"{pipeline - sum(waits) - sum(encode_times):.2f} s")
-    print(f"  decode_wait_share_{label}={sum(waits) / pipeline:.3f}")
+          f"pipeline {pipeline:6.2f} s = {count / pipeline:6.2f} videos/s")
+    print(f"  waiting on decoded frames: {waited:6.2f} s = {waited / pipeline:6.1%} of the pipeline "
+          f"(first item {summary.first_wait_seconds:.2f} s{' incl. worker start-up' if args.workers else ''}; "
+          f"after it {(waited - summary.first_wait_seconds) / pipeline:.1%}); encode_part "
+          f"{summary.encode_seconds:6.2f} s = {summary.encode_seconds / pipeline:.1%}; rest (write hand-off) "
+          f"{pipeline - waited - summary.encode_seconds:.2f} s")
+    print(f"  decode_wait_share_{label}={waited / pipeline:.3f}")
     return count / wall
 
 
@@ -180,28 +136,18 @@ def sync(encoder) -> None:
         torch.cuda.synchronize(encoder.device)
 
 
-@contextlib.contextmanager
-def timed_method(obj, name: str, total: list[float], synchronise=None):
-    """Wrap ``obj.<name>`` on the instance: each call adds its seconds (after ``synchronise``) to ``total``."""
-    original = getattr(obj, name)
-
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        result = original(*args, **kwargs)
-        if synchronise is not None:
-            synchronise()
-        total[0] += time.perf_counter() - start
-        return result
-
-    setattr(obj, name, wrapper)
-    try:
-        yield
-    finally:
-        delattr(obj, name)
+def timed(fn, encoder) -> float:
+    """Seconds ``fn()`` takes, the device synchronised after it."""
+    start = time.perf_counter()
+    fn()
+    sync(encoder)
+    return time.perf_counter() - start
 
 
 def stage_times(model: str, paths: list[Path], captions: list[str], args) -> None:
-    """Decode / preprocess / encode / write side by side in this process; prints the breakdown."""
+    """Decode / encode / write side by side in this process, each a plain call of the library; prints the
+    breakdown. Preprocess and the caption encoding are timed again on their own (same inputs) to split
+    them out of ``encode_part``."""
     from tvrerank.cache.writer import PartStore
     from tvrerank.extract.encoder import FrozenClipEncoder
 
@@ -214,16 +160,20 @@ def stage_times(model: str, paths: list[Path], captions: list[str], args) -> Non
 
     bytes_per_video = FRAMES * layout.tokens_per_frame * layout.token_dim * 2
     bounds = runner.part_bounds(len(paths), runner.auto_part_videos(FRAMES, args.batch_size, bytes_per_video))
-    pre, text, parts, encode = [0.0], [0.0], [], 0.0
-    with timed_method(encoder, "preprocess", pre, lambda: sync(encoder)), \
-            timed_method(encoder, "encode_texts", text, lambda: sync(encoder)):
-        start = time.perf_counter()
+    parts = []
+
+    def encode_all():
         for lo, hi in bounds:
             rows = np.arange(lo, hi)
             parts.append(runner.encode_part(encoder, rows, decoded[lo:hi], rows, captions[lo:hi],
                                             frames=FRAMES, batch_size=args.batch_size))
-        sync(encoder)
-        encode = time.perf_counter() - start - pre[0]
+
+    encode = timed(encode_all, encoder)
+    frames_in = np.concatenate([sample.frames[: sample.num_valid] for sample, _ in decoded])
+    pre = timed(lambda: [encoder.preprocess(frames_in[i : i + args.batch_size])
+                         for i in range(0, len(frames_in), args.batch_size)], encoder)
+    text = timed(lambda: [encoder.encode_texts(captions[i : i + args.batch_size])
+                          for i in range(0, len(captions), args.batch_size)], encoder)
 
     with tempfile.TemporaryDirectory() as tmp:
         store = PartStore(Path(tmp) / "stages.h5")
@@ -234,16 +184,17 @@ def stage_times(model: str, paths: list[Path], captions: list[str], args) -> Non
         write = time.perf_counter() - start
         written = sum(p.stat().st_size for p in store.folder.iterdir())
 
-    frames = sum(sample.num_valid for sample, _ in decoded)
-    total = decode + pre[0] + encode + write
+    frames = len(frames_in)
+    total = decode + encode + write
     print(f"  stages in one process ({frames} frames at {size}px, {len(bounds)} parts, batch {args.batch_size}, "
           f"{encoder.device.type} {args.precision}, decode threads {threads or 'auto'}):")
-    for name, seconds in (("decode", decode), ("preprocess", pre[0]), ("encode", encode), ("write", write)):
+    for name, seconds in (("decode", decode), ("encode", encode), ("write", write)):
         print(f"    {name:<10} {seconds:7.3f} s  {seconds / total:6.1%}")
-    print(f"      of which encode_texts {text[0]:.3f} s for {len(captions)} captions; "
-          f"parts written: {written / 2**20:.1f} MiB")
-    print(f"    encoder: {frames / (encode - text[0]):8.1f} frames/s (forward only), "
-          f"{frames / (encode - text[0] + pre[0]):8.1f} frames/s with preprocess; "
+    print(f"      encode_part includes preprocess (~{pre:.3f} s alone) and encode_texts (~{text:.3f} s alone for "
+          f"{len(captions)} captions); parts written: {written / 2**20:.1f} MiB")
+    forward = max(encode - pre - text, 1e-9)
+    print(f"    encoder: {frames / forward:8.1f} frames/s (forward only, by difference), "
+          f"{frames / (encode - text):8.1f} frames/s with preprocess; "
           f"decode {len(paths) / decode:.1f} videos/s in one process")
 
 
@@ -319,7 +270,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-rss", action="store_true", help="skip the 10 s vs 10 min peak-RSS check")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long check that the script runs: the tiny "
+                        "model, 3 one-second videos, CPU, no RSS check")
     args = parser.parse_args()
+    if args.smoke:
+        args.models, args.videos, args.device, args.workers, args.skip_rss = "tiny", 3, "cpu", 0, True
     sys.stdout.reconfigure(line_buffering=True)  # keep order with warnings on stderr when piped
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # open_clip's "initialized randomly" on the root logger
@@ -336,8 +291,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()
-        annotations, paths, captions = make_dataset(tmp / "data", args.videos)
-        print(f"wrote {args.videos} videos (320x240, 8-10 s, 25-30 fps, "
+        annotations, paths, captions = make_dataset(tmp / "data", args.videos,
+                                                    length=(1, 1.2) if args.smoke else (8, 10))
+        print(f"wrote {args.videos} videos (320x240, {'~1' if args.smoke else '8-10'} s, 25-30 fps, "
               f"{sum(p.stat().st_size for p in paths) / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s; "
               f"{os.cpu_count()} CPUs; random weights")
         for name in args.models.split(","):

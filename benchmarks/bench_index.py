@@ -55,7 +55,10 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=15)
     parser.add_argument("--memory-budget-gb", type=float, default=4.0)
+    parser.add_argument("--smoke", action="store_true", help="seconds-long check that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.queries, args.dim = "3000", 50, 32
     import_faiss()
     rng = np.random.default_rng(0)
     summary = []

@@ -25,7 +25,7 @@ without it. Each query is split into the phases ``Retriever.search`` runs, by ca
 pieces in its order: text encode (``encoder.encode_texts``), FAISS search (``Retriever.first_stage``),
 candidate tokens (``Retriever.candidate_tokens``: the store's K records, or without the store the
 K full token grids read from the cache and put through the selectors), re-rank
-(``Retriever.score_candidates`` + fusion and ordering by ``Retriever._rank``). p50/p95 are
+(``Retriever.score_candidates`` + fusion and ordering by ``Retriever.rank_hits``). p50/p95 are
 per-query figures (p50 of the per-query sums, not sums of p50s), after 5 warm-up queries; on CUDA
 the device is synchronised before every clock read. ``--threads`` sets torch's and FAISS's CPU
 threads as ``tvrerank retrieve --threads`` does (default: their choice); on cores busy with other
@@ -70,15 +70,16 @@ from tvrerank.cache.schema import OK, CacheHeader
 from tvrerank.cache.writer import create_cache
 from tvrerank.config import SamplingConfig
 from tvrerank.extract.annotations import read_annotations
-from tvrerank.extract.encoder import FrozenClipEncoder, resolve_device
+from tvrerank.devices import resolve_device
+from tvrerank.extract.encoder import FrozenClipEncoder
 from tvrerank.extract.models import SHIPPED_WEIGHTS
 from tvrerank.index.store import build_index_dir
 from tvrerank.retrieve.gallery_store import build_gallery_store
 from tvrerank.retrieve.retriever import Retriever, set_cpu_threads
 from tvrerank.toy.demo import DEMO_TRAINING
 from tvrerank.toy.world import captions_for, random_script
-from tvrerank.train.checkpoint import load_reranker, save_reranker
-from tvrerank.train.model import Reranker, RerankerConfig
+from tvrerank.rerank.checkpoint import load_reranker, save_reranker
+from tvrerank.rerank.model import Reranker, RerankerConfig
 
 TOP, WARMUP, BANK_FRAMES = 10, 5, 4096
 MSRVTT_TEST = Path(__file__).resolve().parents[1] / "tests/data/annotations/msrvtt/MSRVTT_JSFUSION_test.csv"
@@ -215,7 +216,7 @@ def query_phases(r: Retriever, query: str, k: int, clock: Clock) -> tuple[dict[s
     selected, pair_video = r.candidate_tokens(rows[:, :k])
     t3 = clock()
     rerank = r.score_candidates(tokens, lengths, rows[:, :k], selected, pair_video)
-    result = r._rank(query, scores[0], rows[0], k, TOP, rerank[0])
+    result = r.rank_hits(query, scores[0], rows[0], k, TOP, rerank[0])
     t4 = clock()
     return dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3))), [hit.video_id for hit in result.results]
 
@@ -304,7 +305,12 @@ def main() -> None:
     parser.add_argument("--workdir", help="where to build (default: a temporary folder; 100k ViT-B-32 videos "
                                           "need ~28 GB)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long check that the script runs (300 toy "
+                        "videos, the demo's re-ranker, CPU)")
     args = parser.parse_args()
+    if args.smoke:
+        args.videos, args.queries, args.e2e_queries, args.model = 300, 10, 3, "tvr-toy"
+        args.reranker_size, args.factory, args.device = "demo", "Flat", "cpu"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tvrerank.extract.annotations").setLevel(logging.ERROR)  # the queries' videos are absent
     device = resolve_device(args.device)

@@ -4,9 +4,8 @@ Builds a cache in a temporary folder with ``create_cache`` (random float16 array
 ``--model``'s joint tokens, measured without weights by ``plan.measure_layout``; every video ok),
 then measures:
 
-1. One re-ranker training step (forward + backward + gradient clipping + AdamW step, as
-   ``train.loop.train`` computes it: ``pair_caption = arange(B).repeat_interleave(G)``, scores
-   viewed (B, G), listwise loss; bf16 autocast on CUDA) on a step of B captions (``--captions``,
+1. One re-ranker training step (``train.loop.train_step``: forward + backward + gradient
+   clipping + AdamW step; listwise loss; bf16 autocast on CUDA) on a step of B captions (``--captions``,
    default TrainConfig's 32), each paired with G = 1 + 7 hard negatives + 4 in-batch videos
    (384 pairs at the defaults), over U unique videos (``--videos-per-step``, default
    B x (1 + negatives) = 256: each caption's positive and its hard negatives; in-batch negatives
@@ -39,14 +38,13 @@ core then oversubscribes them and small steps slow down tenfold.
     python benchmarks/bench_train_cost.py [--model ViT-B-16] [--device auto] [--precision fp32]
         [--frames 12] [--captions 32] [--videos-per-step 256] [--cache-videos 512] [--repeats 3]
         [--width 256] [--layers 2] [--tower-batch 64] [--threads N]
-    python benchmarks/bench_train_cost.py --videos-per-step 2 --captions 2 --repeats 1 --frames 2
+    python benchmarks/bench_train_cost.py --smoke
     python benchmarks/bench_train_cost.py --model ViT-bigG-14 --device cuda --precision bf16
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import statistics
 import sys
@@ -57,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 TEXT_TOKENS = 32
+TINY = Path(__file__).resolve().parents[1] / "tests" / "data" / "models" / "tiny-vit.json"
 
 
 # --------------------------------------------------------------------------- set-up
@@ -109,19 +108,6 @@ def step_groups(b: int, u: int, negatives: int, in_batch: int, rng: np.random.Ge
     return groups
 
 
-def optimizer_for(model):
-    """AdamW with the training loop's decay / no-decay parameter groups."""
-    import torch
-
-    from tvrerank.train.loop import TrainConfig
-
-    config = TrainConfig()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-
-
 # --------------------------------------------------------------------------- the two paths
 def sync(device) -> None:
     """Wait for queued device work (CUDA only)."""
@@ -131,23 +117,13 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model, optimizer, videos: dict, texts: dict, pair_video, device) -> None:
-    """One step of ``train.loop.train`` (grad_accum 1, listwise loss) on tensors already on the device."""
-    import torch
+def one_step(model, optimizer, videos: dict, texts: dict, pair_video, device) -> None:
+    """One step of the training loop (``train.loop.train_step``, the default TrainConfig) on tensors on the device."""
+    from tvrerank.train.loop import TrainConfig, train_step
 
-    from tvrerank.train.loop import pair_loss
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    b, g = pair_video.shape
-    pair_caption = torch.arange(b, device=device).repeat_interleave(g)
-    with autocast:
-        scores = model(texts["text_tokens"], texts["text_length"], videos["tokens"], videos["frame_emb"],
-                       videos["frame_mask"], pair_video.reshape(-1), pair_caption).float().view(b, g)
-        loss = pair_loss(scores, "listwise")
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    config = TrainConfig()
+    train_step(model, optimizer, iter([{**videos, **texts, "pair_video": pair_video}]), config=config, lr=config.lr,
+               device=device, step=0)
 
 
 def tower_features(encoder, frames: np.ndarray, chunk: int) -> dict:
@@ -186,10 +162,12 @@ def measure_steps(args, cache: Path, encoder, model, device, groups) -> tuple[di
     """Median seconds of the cached and uncached steps and of their parts: ({part: s}, {part: s})."""
     import torch
 
-    from tvrerank.train.data import CacheRows
+    from tvrerank.cache.rows import CacheRows
+
+    from tvrerank.train.loop import TrainConfig, build_optimizer
 
     rows_reader = CacheRows(cache, memory_budget=0)  # read from the file, as for a cache over the budget
-    optimizer = optimizer_for(model)
+    optimizer = build_optimizer(model, TrainConfig())
     rng = np.random.default_rng(1)
     u, b = args.videos_per_step, args.captions
     pair_video = torch.from_numpy(groups).to(device)
@@ -205,12 +183,12 @@ def measure_steps(args, cache: Path, encoder, model, device, groups) -> tuple[di
         videos, texts = {}, {}
         parts["read"] = timed(lambda: (videos.update(on_device(rows_reader.videos(rows))),
                                        texts.update(on_device(rows_reader.texts(captions)))), device)
-        parts["step"] = timed(lambda: train_step(model, optimizer, videos, texts, pair_video, device), device)
+        parts["step"] = timed(lambda: one_step(model, optimizer, videos, texts, pair_video, device), device)
 
     def uncached(parts: dict) -> None:
         videos = {}
         parts["tower"] = timed(lambda: videos.update(tower_features(encoder, frames, args.tower_batch)), device)
-        parts["step"] = timed(lambda: train_step(model, optimizer, videos, texts_ready, pair_video, device), device)
+        parts["step"] = timed(lambda: one_step(model, optimizer, videos, texts_ready, pair_video, device), device)
 
     results = []
     for path in (cached, uncached):
@@ -240,7 +218,7 @@ def read_throughput(cache: Path, folder: Path, args) -> dict[str, float]:
     """MB/s (stored bytes) of each way in ``READS`` of reading a step's video rows; best of the draws."""
     import h5py
 
-    from tvrerank.train.data import VIDEO_FIELDS, CacheRows
+    from tvrerank.cache.rows import VIDEO_FIELDS, CacheRows
 
     rng = np.random.default_rng(2)
     reader, best = CacheRows(cache, memory_budget=0), dict.fromkeys(READS, 0.0)
@@ -291,7 +269,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="seconds-long check that the script runs (tiny "
+                        "model, 4 captions, 4 frames, CPU)")
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.device, args.captions, args.videos_per_step = str(TINY), "cpu", 4, 8
+        args.frames, args.repeats, args.width, args.layers = 4, 1, 32, 1
     args.videos_per_step = args.videos_per_step or args.captions * (1 + defaults.negatives)
     args.cache_videos = max(args.cache_videos or 2 * args.videos_per_step, args.videos_per_step, args.captions)
     sys.stdout.reconfigure(line_buffering=True)
@@ -301,9 +284,10 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tvrerank.extract.encoder import FrozenClipEncoder, resolve_device
+    from tvrerank.devices import resolve_device
+    from tvrerank.extract.encoder import FrozenClipEncoder
     from tvrerank.extract.plan import measure_layout
-    from tvrerank.train.model import Reranker, RerankerConfig
+    from tvrerank.rerank.model import Reranker, RerankerConfig
 
     layout = measure_layout(args.model, "joint", "none")
     device = resolve_device(args.device)

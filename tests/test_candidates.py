@@ -8,7 +8,8 @@ from conftest import synthetic_cache
 
 from tvrerank.cache.reader import CacheReader
 from tvrerank.index.candidates import build_candidates, read_candidates, write_candidates
-from tvrerank.index.store import IndexMismatch, build_index_dir
+from tvrerank.errors import CacheMismatch
+from tvrerank.index.store import build_index_dir
 
 
 @pytest.fixture
@@ -84,11 +85,11 @@ def test_k_is_clamped_and_an_empty_gallery_is_an_error(tmp_path, caplog):
 def test_an_index_or_candidates_from_another_cache_is_refused(cache, tmp_path):
     other = synthetic_cache(tmp_path / "other.h5", videos=40, model="another-encoder")
     build_index_dir(other, tmp_path / "other-index")
-    with pytest.raises(IndexMismatch, match="another encoder"):
+    with pytest.raises(CacheMismatch, match="another encoder"):
         build_candidates(cache, index_dir=tmp_path / "other-index")
     build_index_dir(cache, tmp_path / "index")
     write_candidates(tmp_path / "cand.h5", build_candidates(cache, index_dir=tmp_path / "index"), cache)
-    with CacheReader(other) as reader, pytest.raises(IndexMismatch, match="another cache"):
+    with CacheReader(other) as reader, pytest.raises(CacheMismatch, match="does not belong to .*other.h5"):
         read_candidates(tmp_path / "cand.h5", reader)
     with CacheReader(cache) as reader:
         assert read_candidates(tmp_path / "cand.h5", reader).video.shape == (80, 15)

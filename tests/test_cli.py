@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 
+import re
+import shlex
+from pathlib import Path
+
+import click
 import h5py
 import numpy as np
 import pytest
@@ -11,6 +16,8 @@ from click.testing import CliRunner
 from conftest import TINY_VIT, make_dataset
 
 from tvrerank.cli import main
+
+README = Path(__file__).parent.parent / "README.md"
 
 
 def invoke(*args: str):
@@ -32,11 +39,50 @@ def extracted(tmp_path_factory):
     return annotations, out, result
 
 
-def test_help_lists_the_stages():
-    result = invoke("--help")
-    assert result.exit_code == 0
-    for command in ("extract", "cache", "plan"):
-        assert command in result.output
+def _commands(group=main, path=()):
+    """Every (sub)command path of the CLI, e.g. ("cache", "info")."""
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+def test_every_command_has_help():
+    top = invoke("--help").output
+    paths = list(_commands())
+    assert len(paths) >= 15
+    for path in paths:
+        result = invoke(*path, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.output, path
+        if len(path) == 1:
+            assert path[0] in top
+
+
+def _readme_invocations():
+    """(command path, options) of every `tvrerank ...` line in the README's bash blocks."""
+    text = README.read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].split(" # ")[0]
+            for marker in ("tvrerank ", "-m tvrerank.cli "):
+                if marker in line:
+                    words = shlex.split(line.split(marker, 1)[1])
+                    path, group = [], main
+                    while words and isinstance(group, click.Group) and words[0] in group.commands:
+                        group = group.commands[words[0]]
+                        path.append(words.pop(0))
+                    yield tuple(path), [w.split("=")[0] for w in words if w.startswith("--")]
+                    break
+
+
+def test_every_command_and_option_the_readme_shows_exists():
+    seen = list(_readme_invocations())
+    assert len(seen) >= 20 and any(path == ("train",) and "--val-fraction" in options for path, options in seen)
+    for path, options in seen:
+        assert path, f"the README shows a tvrerank command that does not exist: {options}"
+        help_text = invoke(*path, "--help").output
+        for option in options:
+            assert option in help_text, f"tvrerank {' '.join(path)} has no {option}"
 
 
 def test_extract_summarises_and_writes_a_cache(extracted):
@@ -116,7 +162,7 @@ def test_plan_for_vit_bigg_raw_matches_the_design_figures():
                              "--json").output)
     assert (plan["tokens_per_frame"], plan["token_dim"]) == (256, 1664)
     per_frame_mib = plan["tokens_per_frame"] * plan["token_dim"] * 2 / 2**20
-    assert round(per_frame_mib, 2) == 0.81  # DESIGN.md: ~0.82 MiB per frame, ~100 GB for 10k videos
+    assert round(per_frame_mib, 2) == 0.81  # docs/design.md: ~0.82 MiB per frame, ~100 GB for 10k videos
     assert 95e9 < plan["bytes_total"] < 110e9
 
 
@@ -155,15 +201,23 @@ def test_train_then_eval_with_the_reranker(tmp_path):
                                   "model": {"width": 16, "heads": 2, "layers": 1, "queries": 2,
                                             "video_keep": 4, "perturb_samples": 4}}))
     common = ["--cache", str(cache), "--candidates", str(tmp_path / "k.h5")]
-    result = invoke("train", *common, "--val-cache", str(cache), "--val-candidates", str(tmp_path / "k.h5"),
-                    "--out", str(tmp_path / "run"), "--config", str(config), "--steps", "6", "--device", "cpu")
+    result = invoke("train", *common, "--val-fraction", "0.25", "--out", str(tmp_path / "run"), "--config",
+                    str(config), "--steps", "6", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "6 steps" in result.output and "validation R@1" in result.output
     metrics = json.loads(invoke("eval", *common, "--reranker", str(tmp_path / "run"), "--json",
-                                "--device", "cpu").output)
-    assert set(metrics["reranked"]) == set(metrics["stage1"]) and 0 <= metrics["alpha"] <= 1
+                                "--device", "cpu").output.splitlines()[-1])
+    for variant in ("reranked", "reranker_only", "plain_sum"):
+        assert set(metrics[variant]) == set(metrics["stage1"])
+    assert 0 <= metrics["alpha"] <= 1
+    # evaluated on the cache it was trained and validated on: said, in the JSON and on screen
+    assert metrics["tuned_on_this_split"] is True and metrics["trained_on_this_split"] is True
     table = invoke("eval", *common, "--reranker", str(tmp_path / "run"), "--device", "cpu").output
-    assert "re-ranked (alpha" in table
+    assert "fused (alpha" in table and "re-ranker alone" in table and "plain sum" in table
+    assert "tuned on this split" in table
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    held_out = run_config["splits"]["validation"]["videos"]
+    assert len(held_out) == 5 and run_config["train"]["val_fraction"] == 0.25  # a quarter of 20 videos
     bad = tmp_path / "bad.json"
     bad.write_text('{"stepz": 3}')
     result = invoke("train", *common, "--out", str(tmp_path / "run2"), "--config", str(bad))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_TIMM, TINY_VIT, TINY_VIT_ODD
 
-from tvrerank.extract.encoder import FrozenClipEncoder, pool_grid
+from tvrerank.extract.encoder import FrozenClipEncoder, pad_token_id, pool_grid
 from tvrerank.extract.models import ModelError, resolve_model_config
 
 
@@ -126,3 +126,15 @@ def test_local_dir_weights_load_like_open_clip_folders(tmp_path, encoder):
     assert loaded.config.model_config == config and loaded.layout == encoder.layout
     frames = _frames(2, 32, seed=4)
     np.testing.assert_allclose(loaded.encode_frames(frames)[0], encoder.encode_frames(frames)[0], atol=1e-6)
+
+
+def test_real_tokens_are_counted_with_the_tokenizers_own_pad_id(encoder):
+    class HuggingFaceLike:  # open_clip's HFTokenizer / SigLipTokenizer keep the HF tokenizer here
+        class tokenizer:
+            pad_token_id = 1
+
+    assert pad_token_id(encoder.tokenizer) == 0  # open_clip's BPE tokenizer pads with 0
+    assert pad_token_id(HuggingFaceLike()) == 1
+    _, _, lengths = encoder.encode_texts(["a cat", "a cat sat on the mat"])
+    ids = encoder.tokenizer(["a cat", "a cat sat on the mat"])
+    assert lengths.tolist() == [int((row[: encoder.text_tokens] != 0).sum()) for row in ids] == [4, 8]

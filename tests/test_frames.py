@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import BROKEN, make_dataset, make_video, set_display_rotation
 
+from tvrerank.errors import InputError
 from tvrerank.extract.frames import (
     VideoDecodeError,
     center_crop,
@@ -13,6 +14,7 @@ from tvrerank.extract.frames import (
     resized_size,
     sample_frames,
     sample_or_error,
+    swscale_interpolation,
     target_times,
 )
 
@@ -104,3 +106,13 @@ def test_bad_files_give_a_reason(tmp_path, kind, reason):
         sample_frames(path, num_frames=4, image_size=16)
     sample, error = sample_or_error(path, num_frames=4, image_size=16)
     assert sample is None and reason in error
+
+
+def test_the_encoders_recorded_interpolation_is_the_one_used(tmp_path):
+    assert swscale_interpolation("bicubic") == "BICUBIC" and swscale_interpolation("Bilinear") == "BILINEAR"
+    with pytest.raises(InputError, match="'random'"):
+        swscale_interpolation("random")
+    video = make_video(tmp_path / "v.mp4", num_frames=12, height=60, width=84)
+    bicubic = sample_frames(video, num_frames=3, image_size=32, interpolation=swscale_interpolation("bicubic"))
+    bilinear = sample_frames(video, num_frames=3, image_size=32, interpolation=swscale_interpolation("bilinear"))
+    assert not np.array_equal(bicubic.frames, bilinear.frames)  # the option reaches libswscale

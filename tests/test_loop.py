@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 from conftest import synthetic_cache
 
+from tvrerank.cache.reader import CacheReader
+from tvrerank.errors import CacheMismatch, InputError, NonFiniteScores
+from tvrerank.evaluation import evaluate_run
 from tvrerank.index.candidates import build_candidates, write_candidates
-from tvrerank.index.store import IndexMismatch, build_index_dir
-from tvrerank.train.checkpoint import load_reranker
-from tvrerank.train.evaluate import CacheMismatch, evaluate_run
-from tvrerank.train.loop import TrainConfig, lr_at, train
+from tvrerank.index.store import build_index_dir
+from tvrerank.rerank.checkpoint import load_reranker
+from tvrerank.rerank.model import Reranker
+from tvrerank.train.data import BatchSpec, TrainingBatches
+from tvrerank.train.loop import TrainConfig, lr_at, model_config_for, train, train_step
 
 SMALL_MODEL = {"width": 32, "heads": 2, "layers": 1, "queries": 4, "frame_keep": 2, "video_keep": 6,
                "dropout": 0.0, "perturb_samples": 8}
@@ -44,7 +53,12 @@ def test_lr_schedule_is_a_pure_function_of_the_step():
     assert lr_at(0, config) == pytest.approx(1e-4)
     assert lr_at(9, config) == pytest.approx(1e-3)
     assert lr_at(99, config) == pytest.approx(1e-4, rel=1e-2)
-    assert lr_at(50, config) == lr_at(50, config) and lr_at(30, config) > lr_at(60, config)
+    low = 1e-4  # halfway through the cosine: the mean of lr and lr * min_lr_ratio
+    assert lr_at(55, config) == pytest.approx(low + 0.5 * (1e-3 - low))
+    after_warmup = [lr_at(step, config) for step in range(10, 100)]
+    assert after_warmup == sorted(after_warmup, reverse=True)  # never rises after the warmup
+    forwards = [lr_at(step, config) for step in range(100)]
+    assert forwards[::-1] == [lr_at(step, config) for step in reversed(range(100))]  # no hidden state
 
 
 def test_training_from_the_cache_beats_stage_one(data, caplog):
@@ -68,7 +82,7 @@ def test_training_from_the_cache_beats_stage_one(data, caplog):
 def test_refusals(data, tmp_path):
     root, (cache, candidates), (val_cache, val_candidates) = data
     config = TrainConfig(steps=2, model=SMALL_MODEL)
-    with pytest.raises(IndexMismatch):  # candidates of another cache
+    with pytest.raises(CacheMismatch):  # candidates of another cache
         train(cache, val_candidates, tmp_path / "a", config, progress=False)
     other = synthetic_cache(tmp_path / "other.h5", videos=10, model="another-encoder")
     with pytest.raises(CacheMismatch, match="another encoder"):
@@ -114,24 +128,150 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data, tmp_path):
         assert torch.allclose(a[name], b[name], atol=1e-6), name
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(data, tmp_path):
+def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(data, tmp_path):
+    """2 ranks x 4 captions == 1 process x 2 micro-batches of 4: same batches, same weights, same validation."""
     root, (cache, candidates), _ = data
-    config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps({"steps": 4, "captions": 8, "negatives": 3, "in_batch": 1,
-                                       "model": SMALL_MODEL}))
+    deterministic = dict(SMALL_MODEL, frame_keep=4, video_keep=20)  # nothing to select: no perturbation noise
+    common = {"steps": 4, "captions": 4, "negatives": 3, "in_batch": 1, "lr": 1e-3, "warmup": 0, "eval_every": 2,
+              "val_fraction": 0.25, "model": deterministic}
+    (tmp_path / "ddp.json").write_text(json.dumps(common))
+    (tmp_path / "single.json").write_text(json.dumps(dict(common, grad_accum=2)))
     torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", "-m", "tvrerank.cli",
-               *_train_command(cache, candidates, tmp_path / "ddp", config_path)[3:]]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "tvrerank.cli",
+               *_train_command(cache, candidates, tmp_path / "ddp", tmp_path / "ddp.json")[3:]]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert load_reranker(tmp_path / "ddp").step == 4
+    single = subprocess.run(_train_command(cache, candidates, tmp_path / "single", tmp_path / "single.json"),
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp_run, single_run = load_reranker(tmp_path / "ddp"), load_reranker(tmp_path / "single")
+    assert ddp_run.step == single_run.step
+    a, b = ddp_run.model.state_dict(), single_run.model.state_dict()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=2e-4), (name, (a[name] - b[name]).abs().max())
+    ddp_metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    single_metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert ddp_metrics["val"]["evaluated"] == single_metrics["val"]["evaluated"] > 0  # every validation caption
+    assert ddp_metrics["val"]["stage1"] == single_metrics["val"]["stage1"]
+    log_lines = (tmp_path / "ddp" / "log.csv").read_text().splitlines()
+    assert log_lines[0].startswith("step,") and len(log_lines) == 1 + 4  # rank 0 alone wrote it, once
+    ddp_losses = [float(line.split(",")[2]) for line in log_lines[1:]]
+    single_losses = [float(line.split(",")[2]) for line in (tmp_path / "single" / "log.csv").read_text().splitlines()[1:]]
+    assert ddp_losses == pytest.approx(single_losses, rel=1e-3)
 
 
-def test_gradient_accumulation_and_worker_processes(data, tmp_path):
+def _merge(first: dict, second: dict) -> dict:
+    """One batch holding both micro-batches' captions (the second's video indices shifted)."""
+    merged = {name: torch.cat([first[name], second[name]]) for name in first if name != "pair_video"}
+    merged["pair_video"] = torch.cat([first["pair_video"], second["pair_video"] + len(first["tokens"])])
+    return merged
+
+
+def test_gradient_accumulation_equals_one_batch_twice_as_large(data):
+    """Two micro-batches of 4 captions take the same step as one batch of 8 (eval mode: no noise)."""
+    root, (cache, candidates), _ = data
+    with CacheReader(cache) as reader:
+        model_config = model_config_for(reader, SMALL_MODEL)
+    lists = build_candidates(cache, k=10, index_dir=root / "train-index")
+    batches = TrainingBatches(cache, lists.video, spec=BatchSpec(captions=4, negatives=2, in_batch=1), steps=1,
+                              grad_accum=2)
+    first, second = batches[0], batches[1]
+    torch.manual_seed(0)
+    initial = Reranker(config=model_config).state_dict()
+    weights = []
+    for grad_accum, micro_batches in ((2, [first, second]), (1, [_merge(first, second)])):
+        torch.manual_seed(0)
+        model = Reranker(config=model_config).eval()  # hard top-k, no dropout: deterministic
+        config = TrainConfig(captions=4, grad_accum=grad_accum, model=SMALL_MODEL)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is the (clipped) gradient itself
+        loss = train_step(model, optimizer, iter(micro_batches), config=config, lr=1.0, device=torch.device("cpu"),
+                          step=0)
+        weights.append((loss, {name: p.detach().clone() for name, p in model.named_parameters()}))
+    (loss_a, a), (loss_b, b) = weights
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    moved = 0
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+        moved += not torch.equal(a[name], initial[name])
+    assert moved > 10  # the step changed the weights
+
+
+def test_training_with_worker_processes_and_accumulation_runs(data, tmp_path):
     root, (cache, candidates), _ = data
     config = TrainConfig(steps=2, captions=4, negatives=2, in_batch=1, grad_accum=2, workers=1, model=SMALL_MODEL)
     metrics = train(cache, candidates, tmp_path / "accum", config, progress=False)
     assert metrics["steps"] == 2 and metrics["final_loss"] > 0
     assert load_reranker(tmp_path / "accum").step == 2
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_its_checkpoint(tmp_path):
+    cache, candidates = split(tmp_path, "nan", 0)
+    with h5py.File(cache, "r+") as f:
+        tokens = f["videos/tokens"][()]
+        tokens[:] = np.nan  # every video: the first step's loss is NaN
+        f["videos/tokens"][:] = tokens
+    config = TrainConfig(steps=3, captions=4, negatives=2, in_batch=1, model=SMALL_MODEL)
+    with pytest.raises(NonFiniteScores, match="training step 1: the loss is nan"):
+        train(cache, candidates, tmp_path / "run", config, progress=False)
+    assert not (tmp_path / "run" / "reranker.pt").exists()
+
+
+def test_validation_held_out_of_the_training_cache(data, tmp_path):
+    root, (cache, candidates), _ = data
+    config = TrainConfig(steps=4, captions=8, negatives=3, in_batch=1, eval_every=2, val_fraction=0.2, seed=5,
+                         model=SMALL_MODEL)
+    metrics = train(cache, candidates, tmp_path / "run", config, progress=False)
+    validation = metrics["splits"]["validation"]
+    assert len(validation["videos"]) == round(0.2 * 119)  # 120 videos, one failed
+    assert metrics["val"]["evaluated"] == 2 * len(validation["videos"])  # their captions, 2 each
+    again = train(cache, candidates, tmp_path / "again", config, progress=False)["splits"]["validation"]
+    assert again["videos"] == validation["videos"]  # drawn from the seed alone
+    other = dataclasses.replace(config, seed=6)
+    assert train(cache, candidates, tmp_path / "other", other, progress=False)["splits"]["validation"]["videos"] \
+        != validation["videos"]
+    saved = load_reranker(tmp_path / "run")
+    assert saved.splits["validation"]["videos"] == validation["videos"]
+    with pytest.raises(InputError, match="not both"):
+        train(cache, candidates, tmp_path / "both", config, val_cache=cache, val_candidates=candidates,
+              progress=False)
+
+
+def test_accumulation_skips_the_gradient_all_reduce_on_all_but_the_last_micro_batch(data):
+    """A DDP-like wrapper: ``no_sync`` must cover micro-batches 1..N-1 and never the last one."""
+    root, (cache, candidates), _ = data
+    with CacheReader(cache) as reader:
+        model = Reranker(config=model_config_for(reader, SMALL_MODEL))
+    lists = build_candidates(cache, k=10, index_dir=root / "train-index")
+    batches = TrainingBatches(cache, lists.video, spec=BatchSpec(captions=4, negatives=2, in_batch=1), steps=1,
+                              grad_accum=3)
+
+    class Wrapped(torch.nn.Module):  # what DistributedDataParallel offers: no_sync()
+        def __init__(self):
+            super().__init__()
+            self.module, self.inside_no_sync, self.synced = model, False, []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.inside_no_sync = True
+            try:
+                yield
+            finally:
+                self.inside_no_sync = False
+
+        def forward(self, *args):
+            self.synced.append(not self.inside_no_sync)
+            return self.module(*args)
+
+    wrapped = Wrapped()
+    config = TrainConfig(captions=4, grad_accum=3, model=SMALL_MODEL)
+    train_step(wrapped, torch.optim.SGD(model.parameters(), lr=0.1), iter([batches[i] for i in range(3)]),
+               config=config, lr=0.1, device=torch.device("cpu"), step=0)
+    assert wrapped.synced == [False, False, True]

@@ -17,21 +17,23 @@ from tvrerank.metrics import (
     retrieval_metrics,
     text_to_video_ranks,
     video_to_text_ranks,
+    without_true_items,
 )
 
 
 # --- brute-force references: the rank definition, one item at a time ---------------------
 
-def brute_rank(row: np.ndarray, true_score: float) -> int:
-    """1 + #{j: row[j] > true_score}; NaN entries are -inf; a NaN true score → len(row)."""
+def brute_rank(row: np.ndarray, true_score: float, true_items) -> int:
+    """1 + #{j not a true item: row[j] >= true_score}; NaN entries are -inf; a NaN true score → len(row)."""
     if math.isnan(true_score):
         return len(row)
-    return 1 + sum(1 for value in row if not math.isnan(value) and value > true_score)
+    return 1 + sum(1 for j, value in enumerate(row)
+                   if j not in true_items and not math.isnan(value) and value >= true_score)
 
 
 def brute_ranks(scores: np.ndarray, true_index: np.ndarray) -> np.ndarray:
     num_rows, _ = scores.shape
-    return np.array([brute_rank(scores[i], float(scores[i, true_index[i]]))
+    return np.array([brute_rank(scores[i], float(scores[i, true_index[i]]), {true_index[i]})
                      for i in range(num_rows)], dtype=np.int64)
 
 
@@ -44,7 +46,8 @@ def brute_video_to_text(similarity: np.ndarray, caption_video: np.ndarray):
             continue
         scored = [value for value in own if not math.isnan(value)]
         best = max(scored) if scored else math.nan
-        ranks.append(brute_rank(similarity[:, video], best))
+        own_captions = {c for c in range(num_captions) if caption_video[c] == video}
+        ranks.append(brute_rank(similarity[:, video], best, own_captions))
         columns.append(video)
     return np.array(ranks, dtype=np.int64), np.array(columns, dtype=np.int64)
 
@@ -82,8 +85,8 @@ def test_text_to_video_ranks_matches_brute_force_multi_caption(seed):
 
 def test_integer_scores_are_accepted():
     scores = np.array([[3, 5, 5, 1], [2, 2, 2, 2]])
-    np.testing.assert_array_equal(ranks_from_scores(scores, np.array([1, 0])), [1, 1])
-    np.testing.assert_array_equal(ranks_from_scores(scores, np.array([0, 3])), [3, 1])
+    np.testing.assert_array_equal(ranks_from_scores(scores, np.array([1, 0])), [2, 4])  # ties count against
+    np.testing.assert_array_equal(ranks_from_scores(scores, np.array([0, 3])), [3, 4])
 
 
 def test_ranks_from_true_scores_on_row_blocks_equals_full_matrix():
@@ -91,8 +94,9 @@ def test_ranks_from_true_scores_on_row_blocks_equals_full_matrix():
     scores = tied_scores(rng, (30, 12), nan_fraction=0.1)
     true_index = rng.integers(0, 12, size=30)
     full = ranks_from_scores(scores, true_index)
-    true_scores = scores[np.arange(30), true_index]
-    pieces = [ranks_from_true_scores(scores[start:start + 7], true_scores[start:start + 7])
+    others, true_scores = without_true_items(scores, true_index)
+    assert np.isnan(others[np.arange(30), true_index]).all()
+    pieces = [ranks_from_true_scores(others[start:start + 7], true_scores[start:start + 7])
               for start in range(0, 30, 7)]
     np.testing.assert_array_equal(np.concatenate(pieces), full)
 
@@ -183,26 +187,32 @@ def test_matches_clip4clip_compute_metrics_on_tie_free_matrix(size):
 
 # --- ties and NaN ------------------------------------------------------------------------
 
-def test_ties_count_only_strictly_higher_items():
+def test_ties_count_against_the_true_item():
     scores = np.array([
-        [0.5, 0.5, 0.5, 0.5],  # fully tied row: rank 1
-        [0.2, 0.9, 0.5, 0.5],  # true 0.5 ties with column 3, one strictly higher: rank 2
-        [0.7, 0.7, 0.9, 0.9],  # true 0.7 ties with column 0, two strictly higher: rank 3
+        [0.5, 0.5, 0.5, 0.5],  # fully tied row: the worst rank, 4
+        [0.2, 0.9, 0.5, 0.5],  # true 0.5 ties with column 3, one strictly higher: rank 3
+        [0.7, 0.7, 0.9, 0.9],  # true 0.7 ties with column 0, two strictly higher: rank 4
+        [0.1, 0.4, 0.3, 0.2],  # no tie: rank 1
     ])
-    np.testing.assert_array_equal(ranks_from_scores(scores, np.array([2, 2, 1])), [1, 2, 3])
+    np.testing.assert_array_equal(ranks_from_scores(scores, np.array([2, 2, 1, 1])), [4, 3, 4, 1])
+
+
+def test_a_constant_scorer_ranks_every_true_item_last():
+    constant = np.full((5, 7), 0.3)
+    np.testing.assert_array_equal(ranks_from_scores(constant, np.arange(5)), [7] * 5)
+    assert retrieval_metrics(ranks_from_scores(constant, np.arange(5)))["R1"] == 0.0
 
 
 def test_nan_scores_are_minus_infinity_and_nan_true_score_is_worst():
     scores = np.array([
         [np.nan, 0.1, np.nan, 0.3],    # NaN distractors never beat the true 0.1: 1 + 1
-        [-np.inf, np.nan, 0.0, -np.inf],  # true -inf: only the 0.0 beats it
+        [-np.inf, np.nan, 0.0, -np.inf],  # true -inf: the 0.0 beats it, the other -inf ties: 1 + 2
         [0.1, np.nan, 0.2, 0.3],       # NaN true score: worst rank N = 4
         [np.nan, np.nan, np.nan, np.nan],  # all NaN: still N
     ])
     true_index = np.array([1, 0, 1, 2])
-    np.testing.assert_array_equal(ranks_from_scores(scores, true_index), [2, 2, 4, 4])
-    np.testing.assert_array_equal(
-        ranks_from_true_scores(scores, scores[np.arange(4), true_index]), [2, 2, 4, 4])
+    np.testing.assert_array_equal(ranks_from_scores(scores, true_index), [2, 3, 4, 4])
+    np.testing.assert_array_equal(ranks_from_true_scores(*without_true_items(scores, true_index)), [2, 3, 4, 4])
 
 
 # --- multi-caption: 3 videos, 2 captions each --------------------------------------------

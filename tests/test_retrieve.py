@@ -15,7 +15,7 @@ from tvrerank.cache.reader import CacheReader
 from tvrerank.cli import main
 from tvrerank.retrieve.gallery_store import FIELDS, FORMAT, GalleryStore, StoreFormatError, build_gallery_store
 from tvrerank.retrieve.retriever import Retriever
-from tvrerank.train.model import Reranker, RerankerConfig
+from tvrerank.rerank.model import Reranker, RerankerConfig
 
 SMALL = {"captions": 4, "negatives": 2, "in_batch": 1, "eval_every": 2,
          "model": {"width": 16, "heads": 2, "layers": 1, "queries": 2, "video_keep": 4, "perturb_samples": 4}}
@@ -59,8 +59,10 @@ def test_json_results_are_reranked_and_never_failed_videos(setup):
         assert len(hits) == 5  # all 5 ok videos: 3 re-ranked, then 2 in stage-1 order
         assert all(hit["video_id"].startswith("v") for hit in hits)  # the broken files never come back
         assert all(hit["rerank"] is not None for hit in hits[:3]) and hits[3]["rerank"] is None
+        assert [hit["ranked_by"] for hit in hits] == ["fused"] * 3 + ["stage1"] * 2
         scores = [hit["score"] for hit in hits[:3]]
         assert scores == sorted(scores, reverse=True)
+        assert [hit["score"] for hit in hits[3:]] == [hit["stage1"] for hit in hits[3:]]
         assert hits[3]["stage1"] >= hits[4]["stage1"]
 
 
@@ -72,6 +74,10 @@ def test_table_output_and_stage_one_only(setup):
                    "--device", "cpu", "--json", "clip 2 caption 1")
     hits = json.loads(plain.output.splitlines()[-1])["results"]
     assert all(hit["rerank"] is None for hit in hits)
+    # "score" is always what the list is ordered by: here the stage-1 score
+    assert all(hit["score"] == hit["stage1"] and hit["ranked_by"] == "stage1" for hit in hits)
+    scores = [hit["score"] for hit in hits]
+    assert scores == sorted(scores, reverse=True)
 
 
 def test_threads_option_sets_torch_threads(setup):
@@ -115,7 +121,7 @@ def test_gallery_store_gives_the_same_results(setup):
     with_store.close()
     for a, b in zip(before + before, after + one_by_one):
         assert [h.video_id for h in a.results] == [h.video_id for h in b.results]
-        np.testing.assert_allclose([h.score or 0 for h in a.results], [h.score or 0 for h in b.results], atol=1e-5)
+        np.testing.assert_allclose([h.score for h in a.results], [h.score for h in b.results], atol=1e-5)
 
 
 def test_gallery_store_records_are_memory_mapped_and_old_stores_are_ignored(setup, caplog):
@@ -145,6 +151,17 @@ def test_gallery_store_records_are_memory_mapped_and_old_stores_are_ignored(setu
         with pytest.raises(StoreFormatError, match="chunked"):
             GalleryStore(store.path)
     assert invoke("gallery", "--gallery", str(cache), "--reranker", str(root / "run"), "--device", "cpu").exit_code == 0
+
+
+def test_a_reranker_that_outputs_nan_is_refused(setup, tmp_path):
+    root, cache = setup
+    saved = torch.load(root / "run" / "reranker.pt", weights_only=True)
+    saved["state_dict"]["head.3.bias"].fill_(float("nan"))
+    (tmp_path / "nan-run").mkdir()
+    torch.save(saved, tmp_path / "nan-run" / "reranker.pt")
+    result = invoke("retrieve", "--gallery", str(cache), "--index", str(root / "index"), "--reranker",
+                    str(tmp_path / "nan-run"), "--device", "cpu", "--no-store", "clip 1 caption 0")
+    assert result.exit_code == 2 and "NaN/inf" in result.output and "Traceback" not in result.output
 
 
 def test_a_gallery_without_ok_videos_has_no_store(tmp_path):

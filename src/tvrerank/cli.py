@@ -1,6 +1,8 @@
 """The ``tvrerank`` command line: one thin command per stage; the work lives in the subpackages.
 
 Heavy imports (torch, av, open_clip, h5py) happen inside the commands, so ``--help`` is instant.
+Errors a user can cause (``tvrerank.errors.TvrerankError``) print one line and exit 2; any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -34,7 +36,21 @@ def _shard(value: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-@click.group()
+class _Commands(click.Group):
+    """The error boundary: a TvrerankError prints one line and exits 2 (with its traceback under -v)."""
+
+    def invoke(self, ctx: click.Context):
+        from tvrerank.errors import TvrerankError
+
+        try:
+            return super().invoke(ctx)
+        except TvrerankError as exc:
+            logging.getLogger("tvrerank").debug("the error's traceback:", exc_info=True)
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="tvrerank")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
@@ -76,12 +92,7 @@ def extract(annotations, fmt, videos, model, pretrained, out, frames, token_spac
     from tvrerank.extract import runner
 
     shard_index, shard_count = _shard(shard) or runner.shard_from_env()
-    under_launcher = shard is None and shard_count > 1
-    if under_launcher and device == "auto":
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"cuda:{int(__import__('os').environ.get('LOCAL_RANK', 0))}"
+    under_launcher = shard is None and shard_count > 1  # "auto"/"cuda" then mean this rank's GPU
     config = ExtractConfig(
         annotations=tuple(annotations), format=fmt, videos=videos, out=out, model=model,
         pretrained=pretrained, frames=frames, token_space=token_space, token_pool=token_pool,
@@ -89,32 +100,16 @@ def extract(annotations, fmt, videos, model, pretrained, out, frames, token_spac
         precision=precision, shard_index=shard_index, shard_count=shard_count,
         part_videos=part_videos, overwrite=overwrite,
     )
-    summary = _run_or_exit(lambda: runner.run_extraction(config, progress=not quiet))
+    summary = runner.run_extraction(config, progress=not quiet)
     click.echo(summary.line())
     if under_launcher:  # every rank waits; rank 0 merges and judges the whole run
-        summary = _run_or_exit(lambda: runner.merge_after_torchrun(config, summary.seconds))
+        summary = runner.merge_after_torchrun(config, summary.seconds)
         if summary is None:
             return
         click.echo(f"merged {shard_count} shards: {summary.line()}")
     if summary.ok == 0 and summary.videos > 0:
         click.echo(f"error: every video failed; see videos/error in {summary.out}", err=True)
         sys.exit(1)
-
-
-def _run_or_exit(fn):
-    """Run a stage; known input errors print one clear line and exit 2 instead of a traceback."""
-    from tvrerank.cache.writer import PlanMismatch
-    from tvrerank.extract.annotations import AnnotationError
-    from tvrerank.extract.models import ModelError
-    from tvrerank.extract.runner import ExtractionError
-    from tvrerank.index.faiss_index import FaissMissing
-
-    try:
-        return fn()
-    except (AnnotationError, ModelError, ExtractionError, PlanMismatch, FaissMissing, FileNotFoundError,
-            ValueError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
 
 
 @main.group()
@@ -129,7 +124,7 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
     """Counts, encoder, sampling, token layout, shapes and size of a cache."""
     from tvrerank.cache.inspect import cache_info
 
-    info = _run_or_exit(lambda: cache_info(path))
+    info = cache_info(path)
     if as_json:
         click.echo(json.dumps(info, sort_keys=True))
         return
@@ -170,7 +165,7 @@ def cache_merge_cmd(shards, out: str) -> None:
     """Join shard caches into one with HDF5 virtual datasets (no copy; keep the shards)."""
     from tvrerank.cache.merge import merge_shards
 
-    merged = _run_or_exit(lambda: merge_shards(shards, out))
+    merged = merge_shards(shards, out)
     click.echo(f"merged {len(shards)} shards into {merged}")
 
 
@@ -189,10 +184,10 @@ def plan(model, num_videos, frames, num_captions, token_space, token_pool, text_
 
     from tvrerank.extract.plan import plan_cache
 
-    estimate = _run_or_exit(lambda: plan_cache(
+    estimate = plan_cache(
         model, num_videos, captions=num_captions, frames=frames, token_space=token_space,
         token_pool=token_pool, text_tokens=text_tokens,
-    ))
+    )
     if as_json:
         click.echo(json.dumps(dict(asdict(estimate), bytes_total=estimate.bytes_total)))
         return
@@ -216,7 +211,7 @@ def index(cache_path: str, out: str, factory: str, memory_budget_gb: float) -> N
     """FAISS inner-product index over the cache's video embeddings (ok videos only)."""
     from tvrerank.index.store import build_index_dir
 
-    config = _run_or_exit(lambda: build_index_dir(cache_path, out, factory, int(memory_budget_gb * 2**30)))
+    config = build_index_dir(cache_path, out, factory, int(memory_budget_gb * 2**30))
     click.echo(f"{out}: {config.factory} over {config.count} videos ({config.reason})")
 
 
@@ -230,13 +225,13 @@ def index(cache_path: str, out: str, factory: str, memory_budget_gb: float) -> N
 @click.option("--similarity", type=click.Path(exists=True, dir_okay=False),
               help="External first stage: a captions x videos score matrix (.npy).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Candidates file to write (.h5).")
-@click.option("--k", default=15, show_default=True, help="Candidates per caption.")
+@click.option("--k", default=15, show_default=True, type=click.IntRange(min=1), help="Candidates per caption.")
 def candidates(cache_path, index_dir, text_emb, video_emb, similarity, out, k) -> None:
     """Top-K stage-1 candidates (and every caption's true stage-1 rank) for every caption."""
     from tvrerank.index.candidates import build_candidates, write_candidates
 
-    lists = _run_or_exit(lambda: build_candidates(cache_path, k=k, index_dir=index_dir, text_emb=text_emb,
-                                                  video_emb=video_emb, similarity=similarity))
+    lists = build_candidates(cache_path, k=k, index_dir=index_dir, text_emb=text_emb, video_emb=video_emb,
+                             similarity=similarity)
     write_candidates(out, lists, cache_path)
     valid = lists.true_rank[lists.true_rank > 0]
     within = float((valid <= lists.video.shape[1]).mean() * 100) if len(valid) else 0.0
@@ -249,32 +244,38 @@ def candidates(cache_path, index_dir, text_emb, video_emb, similarity, out, k) -
               help="Training cache.")
 @click.option("--candidates", "candidates_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Candidates of the training cache.")
-@click.option("--val-cache", type=click.Path(exists=True, dir_okay=False), help="Validation cache (tunes fusion).")
-@click.option("--val-candidates", type=click.Path(exists=True, dir_okay=False))
+@click.option("--val-fraction", type=click.FloatRange(0, 0.9, min_open=True), default=None,
+              help="Hold out this fraction of the training cache's videos (seeded) to tune the fusion weight "
+                   "and choose the checkpoint; they are never trained on.")
+@click.option("--val-cache", type=click.Path(exists=True, dir_okay=False),
+              help="Or: a validation cache of its own (never the split you report).")
+@click.option("--val-candidates", type=click.Path(exists=True, dir_okay=False), help="Candidates of --val-cache.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="Training options as JSON (TrainConfig fields; 'model' holds RerankerConfig fields).")
-@click.option("--steps", type=int, default=None, help="Override the number of steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the number of steps.")
 @click.option("--device", default=None, help="auto, cpu, cuda (overrides the config).")
-@click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader worker processes.")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR's last checkpoint.")
-def train(cache_path, candidates_path, val_cache, val_candidates, out, config_path, steps, device, workers,
-          resume) -> None:
+def train(cache_path, candidates_path, val_fraction, val_cache, val_candidates, out, config_path, steps, device,
+          workers, resume) -> None:
     """Train the re-ranker from the cache and candidate lists alone (DDP under torchrun)."""
     from tvrerank.train.loop import load_train_config, train as run_training
 
     if (val_cache is None) != (val_candidates is None):
         raise click.UsageError("--val-cache and --val-candidates go together")
-    config = _run_or_exit(lambda: load_train_config(config_path, steps=steps, device=device, workers=workers))
-    metrics = _run_or_exit(lambda: run_training(cache_path, candidates_path, out, config, val_cache=val_cache,
-                                                val_candidates=val_candidates, resume=resume))
-    if metrics is None:
-        return
+    if val_cache is not None and val_fraction is not None:
+        raise click.UsageError("give --val-fraction or --val-cache/--val-candidates, not both")
+    config = load_train_config(config_path, steps=steps, device=device, workers=workers, val_fraction=val_fraction)
+    metrics = run_training(cache_path, candidates_path, out, config, val_cache=val_cache,
+                           val_candidates=val_candidates, resume=resume)
     line = f"{out}: {config.steps} steps, final loss {metrics['final_loss']:.3f}"
     if "val" in metrics:
         val = metrics["val"]
         line += (f"; validation R@1 {val['stage1']['R1']:.1f} -> {val['reranked']['R1']:.1f} "
-                 f"(fusion alpha {val['alpha']:.2f})")
+                 f"(fusion alpha {val['alpha']:.2f}, step {metrics['best_step']})")
+    else:
+        line += "; no validation split (alpha from the config; consider --val-fraction 0.1)"
     click.echo(line)
 
 
@@ -282,22 +283,27 @@ def train(cache_path, candidates_path, val_cache, val_candidates, out, config_pa
 @click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--candidates", "candidates_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--reranker", "run_dir", type=click.Path(exists=True, file_okay=False),
-              help="A trained re-ranker's run folder: adds the re-ranked column.")
+              help="A trained re-ranker's run folder: adds the re-ranked columns.")
 @click.option("--dsl", is_flag=True, help="Also report dual-softmax (inverted softmax) re-weighted stage 1, apart.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--ranks-out", type=click.Path(dir_okay=False),
+              help="With --reranker: write every caption's rank under each variant to this CSV file.")
 def evaluate(cache_path: str, candidates_path: str, run_dir: str | None, dsl: bool, device: str,
-             as_json: bool) -> None:
+             as_json: bool, ranks_out: str | None) -> None:
     """Retrieval metrics (R@1/5/10, MdR, MnR): stage 1, and re-ranked with --reranker."""
-    from tvrerank.index.evaluation import stage1_evaluation
+    from tvrerank.evaluation import VARIANTS, evaluate_run, stage1_evaluation, write_rank_table
     from tvrerank.metrics import format_table
 
-    result = _run_or_exit(lambda: stage1_evaluation(cache_path, candidates_path, dsl=dsl))
+    if ranks_out is not None and run_dir is None:
+        raise click.UsageError("--ranks-out needs --reranker")
+    result = stage1_evaluation(cache_path, candidates_path, dsl=dsl)
     if run_dir is not None:
-        from tvrerank.train.evaluate import evaluate_run
-
-        reranked = _run_or_exit(lambda: evaluate_run(run_dir, cache_path, candidates_path, device=device))
-        result.update(reranked=reranked["reranked"], alpha=reranked["alpha"])
+        reranked = evaluate_run(run_dir, cache_path, candidates_path, device=device, keep_ranks=ranks_out is not None)
+        if ranks_out is not None:
+            write_rank_table(ranks_out, cache_path, reranked["ranks"])
+        result.update({key: reranked[key] for key in (*VARIANTS, "alpha", "tuned_on_this_split",
+                                                      "trained_on_this_split")})
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return
@@ -305,8 +311,12 @@ def evaluate(cache_path: str, candidates_path: str, run_dir: str | None, dsl: bo
                f"(true video within top-{result['k']}: {result['recall_at_k']:.1f}%)")
     columns = {"stage 1": result["stage1"]}
     if "reranked" in result:
-        columns[f"re-ranked (alpha {result['alpha']:.2f})"] = result["reranked"]
+        columns.update({"re-ranker alone": result["reranker_only"], "plain sum": result["plain_sum"],
+                        f"fused (alpha {result['alpha']:.2f})": result["reranked"]})
     click.echo(format_table(columns))
+    for flag, what in (("trained_on_this_split", "trained"), ("tuned_on_this_split", "tuned")):
+        if result.get(flag):
+            click.echo(f"warning: the re-ranker was {what} on this split: these are not held-out numbers", err=True)
     if "v2t" in result:
         click.echo("video->text")
         click.echo(format_table({"stage 1": result["v2t"]["stage1"]}))
@@ -323,8 +333,9 @@ def evaluate(cache_path: str, candidates_path: str, run_dir: str | None, dsl: bo
               help="Trained re-ranker run folder (needed unless --no-rerank).")
 @click.option("--queries-file", type=click.Path(allow_dash=True, dir_okay=False),
               help="One query per line; - reads standard input.")
-@click.option("--top", default=10, show_default=True, help="Results per query.")
-@click.option("--k", default=15, show_default=True, help="Stage-1 candidates the re-ranker re-orders.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(min=1), help="Results per query.")
+@click.option("--k", default=15, show_default=True, type=click.IntRange(min=1),
+              help="Stage-1 candidates the re-ranker re-orders.")
 @click.option("--no-rerank", is_flag=True, help="Stage 1 only.")
 @click.option("--no-store", is_flag=True, help="Ignore the gallery store (compute selected tokens on the fly).")
 @click.option("--device", default="auto", show_default=True)
@@ -337,7 +348,8 @@ def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rera
 
     texts, names = list(queries), [f"query {i + 1} (argument)" for i in range(len(queries))]
     if queries_file is not None:
-        lines = click.open_file(queries_file, encoding="utf-8").read().splitlines()
+        with click.open_file(queries_file, encoding="utf-8") as stream:
+            lines = stream.read().splitlines()
         where = "stdin" if queries_file == "-" else queries_file
         for number, line in enumerate(lines, start=1):
             if line == "":
@@ -348,15 +360,12 @@ def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rera
         raise click.UsageError("give queries as arguments, --queries-file FILE, or --queries-file - (stdin)")
     if run_dir is None and not no_rerank:
         raise click.UsageError("--reranker RUN_DIR is needed (or pass --no-rerank for stage 1 only)")
-    _run_or_exit(lambda: check_queries(texts, names))
+    check_queries(texts, names)
     if threads is not None:
         set_cpu_threads(threads)
-    retriever = _run_or_exit(lambda: Retriever(gallery, index_dir, None if no_rerank else run_dir, device=device,
-                                               use_store=not no_store))
-    try:
+    with Retriever(gallery, index_dir, None if no_rerank else run_dir, device=device,
+                   use_store=not no_store) as retriever:
         results = retriever.search(texts, top=top, k=k, rerank=not no_rerank)
-    finally:
-        retriever.close()
     for result in results:
         if as_json:
             click.echo(json.dumps(result.to_json(), ensure_ascii=False))
@@ -365,8 +374,7 @@ def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rera
         click.echo(f"  {'rank':>4}  {'video':<20} {'stage1':>7} {'rerank':>7} {'score':>7}  path")
         for rank, hit in enumerate(result.results, start=1):
             rerank = "-" if hit.rerank is None else f"{hit.rerank:.3f}"
-            score = "-" if hit.score is None else f"{hit.score:.3f}"
-            click.echo(f"  {rank:>4}  {hit.video_id:<20} {hit.stage1:>7.3f} {rerank:>7} {score:>7}  {hit.path}")
+            click.echo(f"  {rank:>4}  {hit.video_id:<20} {hit.stage1:>7.3f} {rerank:>7} {hit.score:>7.3f}  {hit.path}")
 
 
 @main.command()
@@ -375,17 +383,10 @@ def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rera
 @click.option("--device", default="auto", show_default=True)
 def gallery(gallery: str, run_dir: str, device: str) -> None:
     """Precompute the re-ranker's selected tokens of every gallery video (used by retrieve)."""
-    from tvrerank.cache.reader import CacheReader
-    from tvrerank.extract.encoder import resolve_device
-    from tvrerank.retrieve.gallery_store import build_gallery_store, describe
-    from tvrerank.train.checkpoint import load_reranker
-    from tvrerank.train.evaluate import check_cache_matches
+    from tvrerank.devices import resolve_device
+    from tvrerank.retrieve.gallery_store import build_for_run, describe
 
-    torch_device = resolve_device(device)
-    trained = _run_or_exit(lambda: load_reranker(run_dir, torch_device))
-    with CacheReader(gallery) as cache:
-        _run_or_exit(lambda: check_cache_matches(trained.fingerprint, cache, f"re-ranker {run_dir}"))
-    path = _run_or_exit(lambda: build_gallery_store(gallery, run_dir, trained.model, device=torch_device))
+    path = build_for_run(gallery, run_dir, resolve_device(device))
     info = describe(path)
     click.echo(f"{path}: selected tokens of {info['videos']} videos ({_human(info['bytes'])})")
 
@@ -438,15 +439,14 @@ def demo(out: str, seed: int, videos: int, steps: int | None, workers: int) -> N
     import dataclasses
 
     from tvrerank.metrics import format_table
-    from tvrerank.toy.demo import DemoConfig, run_demo
+    from tvrerank.toy.demo import DemoConfig, format_examples, metric_columns, run_demo
 
     config = DemoConfig(out=out, seed=seed, videos=videos, workers=workers)
     summary = run_demo(config if steps is None else dataclasses.replace(config, steps=steps))
     metrics = summary["metrics"]
     click.echo(f"test split, text->video ({metrics['evaluated']} captions; true video within top-{metrics['k']}: "
                f"{metrics['recall_at_k']:.1f}%):")
-    click.echo(format_table({"stage 1": metrics["stage1"], "re-ranked": metrics["reranked"]}))
-    from tvrerank.toy.demo import format_examples
+    click.echo(format_table(metric_columns(metrics)))
 
     click.echo(format_examples(summary["examples"]))
     click.echo(f"R@1 {metrics['stage1']['R1']:.1f} -> {metrics['reranked']['R1']:.1f} "

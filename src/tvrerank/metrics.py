@@ -3,15 +3,17 @@
 The metrics are those of CLIP4Clip's ``compute_metrics``, with one explicit rank rule that
 also covers ties and NaN scores:
 
-    rank = 1 + #{items scored STRICTLY higher than the true item}
+    rank = 1 + #{other items scored HIGHER THAN OR EQUAL TO the true item}
 
-* Ties: an item with the same score as the true one does not push it down (an all-equal row
-  gives rank 1). So tied distractors never cost the true item anything, and they never lift it
-  above any item that really scored higher. CLIP4Clip's formula agrees with this rule on
-  tie-free rows.
+* Ties count against the true item (the pessimistic rule): an item with the same score is
+  taken to come first, so an all-equal row gives the worst rank, N. A model can never gain
+  from ties — a constant scorer ranks every true item last. CLIP4Clip's formula agrees with
+  this rule on tie-free rows.
 * NaN: a NaN distractor score counts as -inf (it never beats the true item). A NaN true score
-  gets the worst rank possible: N, the number of items in the row (every other item is taken
-  to beat it).
+  gets the worst rank possible: N, the number of items in the row.
+
+The re-ranked ranks (stage 2 over a caption's top K) follow the same rule; see
+``tvrerank.rerank.ranking``.
 
 Shapes: M queries (captions), N gallery items (videos), E embedding width. A similarity
 matrix is (M captions, N videos), higher is better. Ranks are 1-based int64.
@@ -46,38 +48,48 @@ def _as_index_vector(index: np.ndarray, length: int, name: str) -> np.ndarray:
     return index.astype(np.int64, copy=False)
 
 
-def ranks_from_true_scores(scores: np.ndarray, true_scores: np.ndarray) -> np.ndarray:
-    """1-based ranks when the true item's score is given separately.
+def ranks_from_true_scores(other_scores: np.ndarray, true_scores: np.ndarray) -> np.ndarray:
+    """1-based ranks when the true item's score is given apart from the other items' scores.
 
-    scores (M, N) real, true_scores (M,) real → ranks (M,) int64:
-    ``rank[i] = 1 + #{j: scores[i, j] > true_scores[i]}``.
+    other_scores (M, N) real — the row's items with the true item left out or set to NaN —,
+    true_scores (M,) real → ranks (M,) int64:
+    ``rank[i] = 1 + #{j: other_scores[i, j] >= true_scores[i]}``.
 
     Use it for a block of rows of a larger matrix, or whenever the true score comes from
-    elsewhere. The true item's own column, if present in ``scores``, is not strictly higher
-    than itself, so it does not count. NaN entries of ``scores`` never count (NaN is -inf);
-    a NaN true score gives rank N (the worst rank in an N-item gallery).
+    elsewhere. NaN entries of ``other_scores`` never count (NaN is -inf); a NaN true score
+    gives rank N (the worst rank in an N-item row).
     """
-    scores = _as_score_matrix(scores)
-    num_rows, num_items = scores.shape
+    other_scores = _as_score_matrix(other_scores)
+    num_rows, num_items = other_scores.shape
     true_scores = np.asarray(true_scores)
     if true_scores.shape != (num_rows,):
         raise ValueError(f"true_scores must have shape ({num_rows},), got {true_scores.shape}")
-    # Comparisons with NaN are False, so NaN entries are never counted as higher: -inf.
-    num_higher = np.count_nonzero(scores > true_scores[:, np.newaxis], axis=1)
-    ranks = 1 + num_higher.astype(np.int64)
+    # Comparisons with NaN are False, so NaN entries never count: -inf.
+    num_ahead = np.count_nonzero(other_scores >= true_scores[:, np.newaxis], axis=1)
+    ranks = 1 + num_ahead.astype(np.int64)
     if np.issubdtype(true_scores.dtype, np.floating):
         ranks[np.isnan(true_scores)] = num_items
     return ranks
+
+
+def without_true_items(scores: np.ndarray, true_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scores (M, N), true_index (M,) int in [0, N) → (a float copy with each row's true item set
+    to NaN, the true scores (M,)): the inputs of :func:`ranks_from_true_scores`."""
+    rows = np.arange(scores.shape[0])
+    others = scores.astype(np.result_type(scores.dtype, np.float32), copy=True)
+    true_scores = others[rows, true_index].copy()
+    others[rows, true_index] = np.nan
+    return others, true_scores
 
 
 def ranks_from_scores(scores: np.ndarray, true_index: np.ndarray) -> np.ndarray:
     """1-based rank of each row's true column.
 
     scores (M, N) real, true_index (M,) int in [0, N) → ranks (M,) int64:
-    ``rank[i] = 1 + #{j: scores[i, j] > scores[i, true_index[i]]}``.
+    ``rank[i] = 1 + #{j != true_index[i]: scores[i, j] >= scores[i, true_index[i]]}``.
 
-    Ties with the true score do not count; NaN scores count as -inf; a NaN true score
-    gives rank N (see the module docstring).
+    Ties count against the true item; NaN scores count as -inf; a NaN true score gives
+    rank N (see the module docstring).
     """
     scores = _as_score_matrix(scores)
     num_rows, num_items = scores.shape
@@ -85,8 +97,7 @@ def ranks_from_scores(scores: np.ndarray, true_index: np.ndarray) -> np.ndarray:
     if true_index.size and (true_index.min() < 0 or true_index.max() >= num_items):
         raise ValueError(f"true_index must lie in [0, {num_items}), got values in "
                          f"[{true_index.min()}, {true_index.max()}]")
-    true_scores = scores[np.arange(num_rows), true_index]
-    return ranks_from_true_scores(scores, true_scores)
+    return ranks_from_true_scores(*without_true_items(scores, true_index))
 
 
 def retrieval_metrics(ranks: np.ndarray) -> dict[str, float]:
@@ -132,10 +143,10 @@ def video_to_text_ranks(similarity: np.ndarray,
     columns of the V videos that have at least one caption and ranks[k] is the rank of
     video video_columns[k]. Videos with no caption are skipped (they have no true item).
 
-    ``rank = 1 + #{captions c: similarity[c, v] > best}``, where ``best`` is the highest
-    score among v's own captions (the usual multi-caption convention: the video is
-    retrieved as soon as its best caption is). NaN scores count as -inf; if all of v's
-    captions score NaN, its rank is M, the worst.
+    ``rank = 1 + #{captions c not of v: similarity[c, v] >= best}``, where ``best`` is the highest
+    score among v's own captions (the usual multi-caption convention: the video is retrieved as
+    soon as its best caption is). Ties with other videos' captions count against v; NaN scores
+    count as -inf; if all of v's captions score NaN, its rank is M, the worst.
     """
     similarity = _as_score_matrix(similarity, "similarity")
     num_captions, num_videos = similarity.shape
@@ -144,13 +155,13 @@ def video_to_text_ranks(similarity: np.ndarray,
         raise ValueError(f"caption_video must lie in [0, {num_videos}), got values in "
                          f"[{caption_video.min()}, {caption_video.max()}]")
     video_columns = np.unique(caption_video)
-    true_scores = similarity[np.arange(num_captions), caption_video].astype(np.float64)
+    others, true_scores = without_true_items(similarity, caption_video)  # every own caption is NaN
     best_true = np.full(num_videos, -np.inf)
-    np.fmax.at(best_true, caption_video, true_scores)  # fmax ignores NaN
+    np.fmax.at(best_true, caption_video, true_scores.astype(np.float64))  # fmax ignores NaN
     has_scored_caption = np.zeros(num_videos, dtype=bool)
     has_scored_caption[caption_video[~np.isnan(true_scores)]] = True
     best_true[~has_scored_caption] = np.nan  # every true caption is NaN: worst rank
-    ranks = ranks_from_true_scores(similarity[:, video_columns].T, best_true[video_columns])
+    ranks = ranks_from_true_scores(others[:, video_columns].T, best_true[video_columns])
     return ranks, video_columns
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.schema import STR, VIRTUAL_ARRAYS, CacheHeader, dataset_specs
+from tvrerank.errors import CacheMismatch, InputError
 
 
 def _order_shards(paths: Sequence[str | Path]) -> list[tuple[Path, CacheHeader]]:
@@ -28,7 +29,7 @@ def _order_shards(paths: Sequence[str | Path]) -> list[tuple[Path, CacheHeader]]
             shards.append((Path(path), cache.header))
     counts = {h.dataset.get("shard", {}).get("count", 1) for _, h in shards}
     if len(counts) != 1 or counts.pop() != len(shards):
-        raise ValueError(
+        raise InputError(
             f"expected every shard of one run (the shards say {sorted({h.dataset.get('shard', {}).get('count', 1) for _, h in shards})} "
             f"in total), got {len(shards)} files"
         )
@@ -36,10 +37,10 @@ def _order_shards(paths: Sequence[str | Path]) -> list[tuple[Path, CacheHeader]]
     first = shards[0][1].fingerprint()
     for path, header in shards:
         if header.fingerprint() != first:
-            raise ValueError(f"{path} was made with another encoder, sampling or token layout than {shards[0][0]}")
+            raise CacheMismatch(f"{path} was made with another encoder, sampling or token layout than {shards[0][0]}")
     indices = [h.dataset["shard"]["index"] for _, h in shards]
     if indices != list(range(len(shards))):
-        raise ValueError(f"shard indices {indices} are not 0..{len(shards) - 1}: a shard is missing or repeated")
+        raise InputError(f"shard indices {indices} are not 0..{len(shards) - 1}: a shard is missing or repeated")
     return shards
 
 

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 
 from tvrerank.cache.schema import OK, CacheHeader
+from tvrerank.errors import InputError, MissingInput
 
 
 class CacheReader:
@@ -16,16 +17,16 @@ class CacheReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such cache file")
+            raise MissingInput(f"{self.path}: no such cache file")
         try:
             self.file = h5py.File(self.path, "r")
         except OSError as exc:
-            raise ValueError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
+            raise InputError(f"{self.path}: not a readable HDF5 file ({exc}); extract it again") from None
         try:
             self.header = CacheHeader.from_attrs(self.file.attrs, where=str(self.path))
         except (KeyError, ValueError) as exc:
             self.file.close()
-            raise ValueError(f"{self.path}: bad cache header: {exc}") from exc
+            raise InputError(f"{self.path}: bad cache header: {exc}") from None
 
     def __enter__(self) -> "CacheReader":
         return self

@@ -1,4 +1,4 @@
-"""The HDF5 cache schema ``tvrerank.cache/1`` (DESIGN.md, "The cache").
+"""The HDF5 cache schema ``tvrerank.cache/1`` (docs/design.md, "The cache").
 
 N videos, M captions, T frames, P tokens per frame, D token width, E embedding width,
 L text tokens, Dt text token width. Root attributes hold JSON of the encoder, the sampling,

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from tvrerank.cache.schema import STR, TEXT_ARRAYS, VIDEO_ARRAYS, CacheHeader, chunks_for, dataset_specs
+from tvrerank.errors import TvrerankError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class PartData:
     texts: dict[str, np.ndarray]  # TEXT_ARRAYS, each (m, ...)
 
 
-class PlanMismatch(ValueError):
+class PlanMismatch(TvrerankError, ValueError):
     """An unfinished run in the parts folder was started with other settings."""
 
 

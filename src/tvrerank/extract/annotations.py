@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from tvrerank.errors import TvrerankError
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "csv", "msrvtt", "msvd", "didemo", "lsmdc", "activitynet")
@@ -36,7 +38,7 @@ _MSVD_CAPTION_FILES = ("captions_msvd.json", "raw-captions.pkl")
 _LSMDC_COLUMNS = "clip_id, start_aligned, end_aligned, start_extracted, end_extracted, sentence"
 
 
-class AnnotationError(ValueError):
+class AnnotationError(TvrerankError, ValueError):
     """Unreadable annotations. The message always names the file and the line number (1-based)
     or the JSON key/field, and says what to do."""
 

@@ -18,17 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from tvrerank.config import EncoderConfig, TokenLayout
+from tvrerank.devices import resolve_device
+from tvrerank.errors import InputError
 from tvrerank.extract.models import create_clip, preprocess_config
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def pool_grid(tokens: torch.Tensor, pool: str) -> torch.Tensor:
@@ -37,7 +33,14 @@ def pool_grid(tokens: torch.Tensor, pool: str) -> torch.Tensor:
         return tokens
     if pool == "2x2":
         return F.avg_pool2d(tokens, kernel_size=2, stride=2, ceil_mode=True)
-    raise ValueError(f"token pool must be none or 2x2, got {pool!r}")
+    raise InputError(f"token pool must be none or 2x2, got {pool!r}")
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id a tokenizer pads with: open_clip's BPE tokenizer pads with 0; its Hugging Face and
+    SigLIP tokenizers with their own ``pad_token_id`` (1 for SigLIP's T5-style vocabulary)."""
+    pad = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None)
+    return 0 if pad is None else int(pad)
 
 
 def _linear_projection(projection) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -64,7 +67,7 @@ class FrozenClipEncoder:
         device: str = "auto",
     ):
         if token_space not in ("joint", "raw"):
-            raise ValueError(f"token space must be joint or raw, got {token_space!r}")
+            raise InputError(f"token space must be joint or raw, got {token_space!r}")
         self.device = resolve_device(device)
         if precision == "fp16" and self.device.type == "cpu":
             log.warning("fp16 is slow or unsupported on CPU; consider --precision bf16 or fp32")
@@ -99,7 +102,7 @@ class FrozenClipEncoder:
         projection = getattr(visual, "proj", None)
         projection = _linear_projection(projection if projection is not None else getattr(visual, "head", None))
         if projection is None:
-            raise ValueError(
+            raise InputError(
                 f"{self.config.model}: its image tower has no per-token projection into the joint "
                 "space; use --token-space raw"
             )
@@ -112,7 +115,7 @@ class FrozenClipEncoder:
             projection = getattr(owner, "text_projection", None) if owner is not None else None
             if projection is not None:
                 return _linear_projection(projection)
-        raise ValueError(
+        raise InputError(
             f"{self.config.model}: its text tower has no per-token projection; use --token-space raw"
         )
 
@@ -126,7 +129,7 @@ class FrozenClipEncoder:
             if self.token_space == "joint" and tokens.shape[-1] != frame_emb.shape[-1]:
                 raise ValueError("projection output does not match the embedding width")
         except (IndexError, ValueError) as exc:
-            raise ValueError(f"{self.config.model}: cannot project patch tokens ({exc}); "
+            raise InputError(f"{self.config.model}: cannot project patch tokens ({exc}); "
                              "use --token-space raw") from exc
         return TokenLayout(
             space=self.token_space,
@@ -183,7 +186,7 @@ class FrozenClipEncoder:
         tokens = out["text_intermediates"][-1][:, : self.text_tokens]  # (M, L, W)
         if self._text_projection is not None:
             tokens = self._text_projection(tokens.to(self.dtype))  # (M, L, E)
-        lengths = (ids[:, : self.text_tokens] != 0).sum(dim=1)
+        lengths = (ids[:, : self.text_tokens] != pad_token_id(self.tokenizer)).sum(dim=1)
         return (
             out["text_features"].float().cpu().numpy(),
             tokens.float().cpu().numpy(),

@@ -23,10 +23,12 @@ from typing import Iterator
 
 import numpy as np
 
+from tvrerank.errors import InputError, TvrerankError
+
 log = logging.getLogger(__name__)
 
 
-class VideoDecodeError(Exception):
+class VideoDecodeError(TvrerankError):
     """A video that cannot be sampled; the message says why (recorded in ``videos/error``)."""
 
 
@@ -58,6 +60,20 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     top, left = (h - size) // 2, (w - size) // 2
     return image[top : top + size, left : left + size]
+
+
+#: open_clip's resize names (its preprocess config) → libswscale's, as PyAV's ``reformat`` takes them.
+SWSCALE_INTERPOLATION = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "POINT", "area": "AREA",
+                         "lanczos": "LANCZOS"}
+
+
+def swscale_interpolation(name: str) -> str:
+    """The libswscale interpolation for the encoder's recorded one (``EncoderConfig.interpolation``)."""
+    try:
+        return SWSCALE_INTERPOLATION[name.lower()]
+    except KeyError:
+        raise InputError(f"the encoder resizes with {name!r}, which the frame sampler cannot do; "
+                         f"supported: {', '.join(SWSCALE_INTERPOLATION)}") from None
 
 
 def frame_to_array(frame, image_size: int, interpolation: str = "BICUBIC") -> np.ndarray:

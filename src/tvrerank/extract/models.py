@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tvrerank.errors import TvrerankError
+
 log = logging.getLogger(__name__)
 
 PACKAGE_CONFIGS = Path(__file__).parent / "model_configs"
@@ -28,7 +30,7 @@ LOCAL_DIR = "local-dir:"
 RANDOM_WEIGHTS_SEED = 0
 
 
-class ModelError(ValueError):
+class ModelError(TvrerankError, ValueError):
     """A model or weights that cannot be resolved; the message says what to pass instead."""
 
 

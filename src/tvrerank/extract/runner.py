@@ -33,16 +33,18 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from tvrerank.cache.identity import cache_mismatch, video_ids_digest
 from tvrerank.cache.schema import FAILED, OK, CacheHeader
+from tvrerank.errors import TvrerankError
 from tvrerank.cache.writer import PartData, PartStore, assemble
 from tvrerank.config import ExtractConfig, SamplingConfig
 from tvrerank.extract.annotations import Caption, read_annotations
-from tvrerank.extract.frames import SampledFrames, sample_or_error
+from tvrerank.extract.frames import SampledFrames, sample_or_error, swscale_interpolation
 
 log = logging.getLogger(__name__)
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(TvrerankError, RuntimeError):
     """A run that cannot start or finish; the message says what to do."""
 
 
@@ -251,6 +253,13 @@ class ExtractionSummary:
     seconds: float
     resumed_parts: int = 0
     already_done: bool = False
+    # where this run's time went (0 when nothing was extracted): the pipeline (from the first request for
+    # decoded frames to the last part handed to the writer), the time blocked waiting on decoded frames
+    # (the first wait, which includes the decoding workers' start-up, apart) and the time in encode_part
+    pipeline_seconds: float = 0.0
+    decode_wait_seconds: float = 0.0
+    first_wait_seconds: float = 0.0
+    encode_seconds: float = 0.0
 
     def line(self) -> str:
         rate = self.videos / self.seconds if self.seconds > 0 else 0.0
@@ -342,28 +351,43 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
         log.info("resuming %s: %d of %d parts already done", out, len(done), len(bounds))
     videos_root = Path(config.videos)
     items = ((row, videos_root / table.video_paths[row]) for i in todo for row in range(*bounds[i]))
-    results = decode.run(items, num_frames=config.frames, image_size=encoder.config.image_size)
+    results = decode.run(items, num_frames=config.frames, image_size=encoder.config.image_size,
+                         interpolation=swscale_interpolation(encoder.config.interpolation))
     writer = PartWriter(parts)
-    with tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="video", desc=f"extract {out.name}",
-              disable=not progress) as bar:
-        for index in todo:
-            start, stop = bounds[index]
-            decoded = [next(results)[1:] for _ in range(start, stop)]
-            first, last = np.searchsorted(table.caption_video, [start, stop])
-            part = encode_part(
-                encoder, np.arange(start, stop), decoded, np.arange(first, last),
-                table.captions[first:last], frames=config.frames, batch_size=config.batch_size,
-            )
-            writer.put(index, part)
-            bar.update(stop - start)
-    writer.close()
+    waits, encode_seconds, pipeline_start = [], 0.0, time.perf_counter()
+    try:
+        with tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="video", desc=f"extract {out.name}",
+                  disable=not progress) as bar:
+            for index in todo:
+                start, stop = bounds[index]
+                decoded = []
+                for row in range(start, stop):
+                    waited = time.perf_counter()
+                    done_row, frames, error = next(results)
+                    waits.append(time.perf_counter() - waited)
+                    if done_row != row:  # never attribute one video's frames to another
+                        raise RuntimeError(f"decoded video {done_row} arrived for row {row}")
+                    decoded.append((frames, error))
+                first, last = np.searchsorted(table.caption_video, [start, stop])
+                encoding = time.perf_counter()
+                part = encode_part(
+                    encoder, np.arange(start, stop), decoded, np.arange(first, last),
+                    table.captions[first:last], frames=config.frames, batch_size=config.batch_size,
+                )
+                encode_seconds += time.perf_counter() - encoding
+                writer.put(index, part)
+                bar.update(stop - start)
+    finally:
+        writer.close()
+    timings = {"pipeline_seconds": time.perf_counter() - pipeline_start, "decode_wait_seconds": sum(waits),
+               "first_wait_seconds": waits[0] if waits else 0.0, "encode_seconds": encode_seconds}
 
     assemble(
         parts, len(bounds), out, header, video_ids=table.video_ids, video_paths=table.video_paths,
         captions=table.captions, caption_video=table.caption_video,
     )
     parts.remove()
-    return _summarise(out, time.perf_counter() - started, resumed_parts=len(done))
+    return _summarise(out, time.perf_counter() - started, resumed_parts=len(done), **timings)
 
 
 def _finished_already(out: Path, header: CacheHeader, table: VideoTable, started: float) -> ExtractionSummary:
@@ -371,8 +395,8 @@ def _finished_already(out: Path, header: CacheHeader, table: VideoTable, started
 
     with CacheReader(out) as cache:
         same = (
-            cache.header.fingerprint() == header.fingerprint()
-            and list(cache.strings("videos/id")) == table.video_ids
+            cache_mismatch(cache, fingerprint=header.fingerprint(),
+                           video_ids_sha256=video_ids_digest(table.video_ids)) is None
             and list(cache.strings("texts/caption")) == table.captions
         )
     if not same:

@@ -5,9 +5,11 @@ embeddings (``--text-emb``/``--video-emb``, rows aligned with the cache's captio
 compared by cosine) or its full similarity matrix (``--similarity``, captions × videos). Only
 videos that extracted ok are candidates.
 
-Besides the lists, every caption's *true* stage-1 rank over the whole gallery is computed
-exactly (1 + number of videos scored strictly higher), even when it is beyond K: training needs
-it and evaluation reports it. A caption whose video failed extraction gets rank -1.
+Besides the lists, every caption's *true* stage-1 rank is stored, even when it is beyond K:
+training needs it and evaluation reports it. It is the rank the lists give (``ranks_as_listed``:
+ties count against the true video, and a video missing from its list comes after every listed
+one), computed exactly over the whole gallery beyond the list. A caption whose video failed
+extraction gets rank -1.
 
 File (HDF5, schema ``tvrerank.candidates/1``)::
 
@@ -28,10 +30,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
 from tvrerank.cache.reader import CacheReader
-from tvrerank.metrics import ranks_from_true_scores
+from tvrerank.errors import CacheMismatch, InputError, MissingInput
 from tvrerank.index.faiss_index import build_index, search, to_gpu_if_available
-from tvrerank.index.store import IndexMismatch, check_index_matches, load_index_dir, read_gallery, video_ids_digest
+from tvrerank.index.store import check_index_matches, load_index_dir, read_gallery
+from tvrerank.metrics import ranks_from_true_scores, without_true_items
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +69,35 @@ def true_ranks(scores_of, num_queries: int, true_columns: np.ndarray, block: int
         valid = np.flatnonzero(columns >= 0)
         if len(valid) == 0:
             continue
-        scores = scores_of(window)[valid]  # (b, N)
-        truth = scores[np.arange(len(valid)), columns[valid]]
-        ranks[start + valid] = ranks_from_true_scores(scores, truth)
+        others, truth = without_true_items(scores_of(window)[valid], columns[valid])  # (b, N), (b,)
+        ranks[start + valid] = ranks_from_true_scores(others, truth)
         true_score[start + valid] = truth
     return ranks, true_score
+
+
+def ranks_as_listed(video: np.ndarray, score: np.ndarray, true_video: np.ndarray, exact_rank: np.ndarray,
+                    exact_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stage-1 ranks as the first stage's lists order the videos (the order ``retrieve`` serves).
+
+    video/score (M, K) lists (-1 padding), true_video (M,) rows, exact_rank/exact_score (M,) over the
+    whole gallery (rank -1: not in the gallery) → (rank, score) (M,), ties counted against the true video:
+
+    * true video in its list: ``1 + #{other listed videos with score >= its listed score}``;
+    * not in its list: after every listed video, ``#listed + 1 + #{unlisted others scored >= it}``
+      (equals the exact rank for an exact index; larger when an approximate index missed it).
+    """
+    rank, true_score = exact_rank.astype(np.int32).copy(), exact_score.astype(np.float32).copy()
+    present = video >= 0
+    hit = video == true_video[:, None]
+    inside = hit.any(axis=1)
+    slot = hit.argmax(axis=1)
+    listed_true = score[np.arange(len(score)), slot]
+    listed_ahead = (present & (score >= listed_true[:, None])).sum(axis=1)  # the true slot included
+    rank[inside], true_score[inside] = listed_ahead[inside], listed_true[inside]
+    beyond = ~inside & (exact_rank > 0)
+    listed_above = (present & (score >= exact_score[:, None])).sum(axis=1)
+    rank[beyond] = np.maximum(exact_rank - listed_above + present.sum(axis=1), present.sum(axis=1) + 1)[beyond]
+    return rank, true_score
 
 
 def top_k_from_scores(scores_of, num_queries: int, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +114,7 @@ def top_k_from_scores(scores_of, num_queries: int, k: int, block: int = 2048) ->
 
 def _clamp_k(k: int, gallery: int) -> int:
     if gallery == 0:
-        raise ValueError("the gallery is empty: no video extracted ok")
+        raise InputError("the gallery is empty: no video extracted ok")
     if k > gallery:
         log.warning("K=%d is larger than the gallery (%d videos): using K=%d", k, gallery, gallery)
     return min(k, gallery)
@@ -96,9 +124,9 @@ def _load_matrix(path: str | Path, name: str, rows: int, what: str) -> np.ndarra
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{name} {path}: not a readable .npy file ({exc})") from exc
+        raise InputError(f"{name} {path}: not a readable .npy file ({exc})") from exc
     if array.ndim != 2 or array.shape[0] != rows:
-        raise ValueError(f"{name} {path}: shape {array.shape}, expected ({rows}, ...) — one row per {what}")
+        raise InputError(f"{name} {path}: shape {array.shape}, expected ({rows}, ...) — one row per {what}")
     return array
 
 
@@ -114,9 +142,9 @@ def build_candidates(
     """Top-K lists and exact true ranks for every caption of a cache, from one first stage."""
     given = [index_dir is not None, text_emb is not None or video_emb is not None, similarity is not None]
     if sum(given) != 1:
-        raise ValueError("give exactly one first stage: --index DIR, --text-emb/--video-emb, or --similarity")
+        raise InputError("give exactly one first stage: --index DIR, --text-emb/--video-emb, or --similarity")
     if (text_emb is None) != (video_emb is None):
-        raise ValueError("--text-emb and --video-emb go together")
+        raise InputError("--text-emb and --video-emb go together")
     with CacheReader(cache_path) as cache:
         rows = cache.ok_rows()
         m, n = cache.num_captions, cache.num_videos
@@ -130,7 +158,7 @@ def build_candidates(
             check_index_matches(config, cache, f"index {index_dir}")
             index = to_gpu_if_available(index)
             if not np.array_equal(index_rows, rows):
-                raise IndexMismatch(f"index {index_dir} holds other videos than the ok videos of {cache_path}")
+                raise CacheMismatch(f"index {index_dir} holds other videos than the ok videos of {cache_path}")
             queries = cache["texts/emb"][()].astype(np.float32)
             _, gallery = read_gallery(cache)
             scores, positions = search(index, queries, k)
@@ -140,14 +168,14 @@ def build_candidates(
             queries = _normalise(_load_matrix(text_emb, "--text-emb", m, "caption of the cache"))
             gallery = _normalise(_load_matrix(video_emb, "--video-emb", n, "video of the cache"))[rows]
             if queries.shape[1] != gallery.shape[1]:
-                raise ValueError(f"--text-emb has {queries.shape[1]} columns, --video-emb {gallery.shape[1]}")
+                raise InputError(f"--text-emb has {queries.shape[1]} columns, --video-emb {gallery.shape[1]}")
             scores, positions = search(build_index(gallery, "Flat"), queries, k)
             source = "external-embeddings"
             ranks, truth = true_ranks(lambda w: queries[w] @ gallery.T, m, true_columns)
         else:
             matrix = _load_matrix(similarity, "--similarity", m, "caption of the cache")
             if matrix.shape[1] != n:
-                raise ValueError(f"--similarity {similarity}: {matrix.shape[1]} columns, the cache has {n} videos")
+                raise InputError(f"--similarity {similarity}: {matrix.shape[1]} columns, the cache has {n} videos")
             def scores_of(window):
                 return np.asarray(matrix[window], dtype=np.float32)[:, rows]
 
@@ -155,6 +183,7 @@ def build_candidates(
             source = "external-similarity"
             ranks, truth = true_ranks(scores_of, m, true_columns)
     video = np.where(positions >= 0, rows[np.clip(positions, 0, None)], -1).astype(np.int32)
+    ranks, truth = ranks_as_listed(video, scores, caption_video, ranks, truth)
     if (missing := int((ranks < 0).sum())):
         log.warning("%d captions belong to videos that failed extraction: they get rank -1", missing)
     return CandidateLists(video=video, score=scores.astype(np.float32), true_rank=ranks, true_score=truth,
@@ -163,7 +192,7 @@ def build_candidates(
 
 def write_candidates(path: str | Path, lists: CandidateLists, cache_path: str | Path) -> None:
     with CacheReader(cache_path) as cache:
-        fingerprint, digest = cache.header.fingerprint(), video_ids_digest(cache.strings("videos/id"))
+        fingerprint, digest = cache.header.fingerprint(), cache_video_ids_digest(cache)
     tmp = Path(str(path) + ".tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(tmp, "w") as f:
@@ -179,15 +208,16 @@ def read_candidates(path: str | Path, cache: CacheReader) -> CandidateLists:
     """Load a candidate file, refusing one made from another cache."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such candidates file; make one with `tvrerank candidates`")
+        raise MissingInput(f"{path}: no such candidates file; make one with `tvrerank candidates`")
     with h5py.File(path, "r") as f:
         if f.attrs.get("schema") != SCHEMA:
-            raise ValueError(f"{path}: not a tvrerank candidates file (schema {f.attrs.get('schema')!r})")
-        if (json.loads(f.attrs["fingerprint"]) != cache.header.fingerprint()
-                or f.attrs["video_ids_sha256"] != video_ids_digest(cache.strings("videos/id"))):
-            raise IndexMismatch(f"{path} was made from another cache ({f.attrs['cache']}) than {cache.path}")
+            raise InputError(f"{path}: not a tvrerank candidates file (schema {f.attrs.get('schema')!r})")
+        require_same_cache(cache, f"candidates {path} (made from {f.attrs['cache']})",
+                           fingerprint=json.loads(f.attrs["fingerprint"]),
+                           video_ids_sha256=str(f.attrs["video_ids_sha256"]),
+                           remedy=f"make them again with `tvrerank candidates {cache.path} ...`")
         if f["true_rank"].shape[0] != cache.num_captions:
-            raise IndexMismatch(f"{path} has {f['true_rank'].shape[0]} captions, {cache.path} {cache.num_captions}")
+            raise CacheMismatch(f"{path} has {f['true_rank'].shape[0]} captions, {cache.path} {cache.num_captions}")
         return CandidateLists(video=f["candidates/video"][()], score=f["candidates/score"][()],
                               true_rank=f["true_rank"][()], true_score=f["true_score"][()],
                               source=str(f.attrs["source"]))

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tvrerank.errors import TvrerankError
+
 log = logging.getLogger(__name__)
 
 EXACT_MAX = 50_000  # below this, exact search is fast enough for any query load we expect
 HNSW_LINKS = 32
 
 
-class FaissMissing(ImportError):
-    pass
+class FaissMissing(TvrerankError, ImportError):
+    """FAISS is not installed (an extra of the package)."""
 
 
 def import_faiss():

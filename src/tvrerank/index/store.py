@@ -8,7 +8,6 @@ video ids), so an index is never used with a cache it was not made from.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -16,15 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
 from tvrerank.cache.reader import CacheReader
 from tvrerank.config import from_dict, to_dict
+from tvrerank.errors import InputError, MissingInput
 from tvrerank.index.faiss_index import IndexChoice, auto_factory, build_index, import_faiss
 
 log = logging.getLogger(__name__)
-
-
-class IndexMismatch(ValueError):
-    """An index (or candidate file) used with a cache it was not made from."""
 
 
 @dataclass(frozen=True)
@@ -40,15 +37,11 @@ class IndexConfig:
     created: str = ""
 
 
-def video_ids_digest(video_ids) -> str:
-    return hashlib.sha256("\n".join(video_ids).encode()).hexdigest()
-
-
 def read_gallery(cache: CacheReader) -> tuple[np.ndarray, np.ndarray]:
     """(rows (N_ok,), video_emb (N_ok, E) float32) of the videos that extracted ok."""
     rows = cache.ok_rows()
     if len(rows) == 0:
-        raise ValueError(f"{cache.path}: no video extracted ok, the gallery is empty")
+        raise InputError(f"{cache.path}: no video extracted ok, the gallery is empty")
     embeddings = cache["videos/video_emb"][()][rows].astype(np.float32)
     return rows, embeddings
 
@@ -61,7 +54,7 @@ def build_index_dir(cache_path: str | Path, out: str | Path, factory: str = "Fla
     with CacheReader(cache_path) as cache:
         rows, embeddings = read_gallery(cache)
         fingerprint = cache.header.fingerprint()
-        digest = video_ids_digest(cache.strings("videos/id"))
+        digest = cache_video_ids_digest(cache)
         skipped = cache.num_videos - len(rows)
     if skipped:
         log.warning("%s: %d videos failed extraction and are not indexed", cache_path, skipped)
@@ -85,7 +78,7 @@ def load_index_dir(path: str | Path):
     faiss = import_faiss()
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "index.faiss").is_file():
-        raise FileNotFoundError(f"{path}: not an index folder (expected index.faiss and config.json); "
+        raise MissingInput(f"{path}: not an index folder (expected index.faiss and config.json); "
                                 "make one with `tvrerank index CACHE --out DIR`")
     config = from_dict(IndexConfig, json.loads((path / "config.json").read_text()))
     index = faiss.read_index(str(path / "index.faiss"))
@@ -96,14 +89,5 @@ def load_index_dir(path: str | Path):
 
 def check_index_matches(config: IndexConfig, cache: CacheReader, where: str) -> None:
     """Refuse an index made from another encoder/sampling/layout or another set of videos."""
-    if config.fingerprint != cache.header.fingerprint():
-        raise IndexMismatch(
-            f"{where} was made from a cache with another encoder, sampling or token layout than "
-            f"{cache.path} (index: {config.fingerprint.get('encoder', {}).get('model')}, cache: "
-            f"{cache.header.encoder.model}); rebuild it with `tvrerank index {cache.path} --out DIR`"
-        )
-    if config.video_ids_sha256 != video_ids_digest(cache.strings("videos/id")):
-        raise IndexMismatch(
-            f"{where} indexes other videos than {cache.path} (it was built from {config.cache}); "
-            f"rebuild it with `tvrerank index {cache.path} --out DIR`"
-        )
+    require_same_cache(cache, where, fingerprint=config.fingerprint, video_ids_sha256=config.video_ids_sha256,
+                       remedy=f"rebuild it with `tvrerank index {cache.path} --out DIR`")

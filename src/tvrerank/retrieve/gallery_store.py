@@ -21,11 +21,13 @@ import h5py
 import numpy as np
 import torch
 
+from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
 from tvrerank.cache.reader import CacheReader
-from tvrerank.index.store import video_ids_digest
-from tvrerank.train.data import CacheRows
-from tvrerank.train.inference import select_videos
-from tvrerank.train.model import Reranker, SelectedVideos
+from tvrerank.cache.rows import CacheRows
+from tvrerank.errors import InputError, TvrerankError
+from tvrerank.rerank.checkpoint import load_reranker
+from tvrerank.rerank.inference import select_videos
+from tvrerank.rerank.model import Reranker, SelectedVideos
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ FORMAT = "tvrerank.gallery/2"  # /1 (chunked per record) is no longer read: rebu
 
 
 def store_path(run_dir: str | Path, cache_path: str | Path, ids_digest: str) -> Path:
-    """Where the store of this cache (``ids_digest``: ``video_ids_digest`` of its ids) lives in ``run_dir``."""
+    """Where the store of this cache (``ids_digest``: its video-ids digest) lives in ``run_dir``."""
     return Path(run_dir) / "gallery" / f"{Path(cache_path).stem}-{ids_digest[:12]}.h5"
 
 
@@ -49,8 +51,8 @@ def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Rera
     with CacheReader(cache_path) as cache:
         rows = cache.ok_rows()
         if len(rows) == 0:
-            raise ValueError(f"{cache_path}: no video extracted ok, so there is nothing to store")
-        digest = video_ids_digest(cache.strings("videos/id"))
+            raise InputError(f"{cache_path}: no video extracted ok, so there is nothing to store")
+        digest = cache_video_ids_digest(cache)
         path = store_path(run_dir, cache_path, digest)
     source = CacheRows(cache_path, memory_budget=0)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +73,15 @@ def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Rera
     return path
 
 
+def build_for_run(cache_path: str | Path, run_dir: str | Path, device: torch.device) -> Path:
+    """``tvrerank gallery``: load the run, check it belongs with the cache, build the store."""
+    trained = load_reranker(run_dir, device)
+    with CacheReader(cache_path) as cache:
+        require_same_cache(cache, f"re-ranker {run_dir}", fingerprint=trained.fingerprint,
+                           remedy="extract the gallery with the encoder the re-ranker was trained on")
+    return build_gallery_store(cache_path, run_dir, trained.model, device=device)
+
+
 class GalleryStore:
     """Reads selected-token records by cache row from a store made for this cache and re-ranker."""
 
@@ -86,7 +97,7 @@ class GalleryStore:
     @classmethod
     def find(cls, run_dir: str | Path, cache: CacheReader) -> "GalleryStore | None":
         """The store of this cache and re-ranker, or None (missing or made for another one)."""
-        ids_digest = video_ids_digest(cache.strings("videos/id"))
+        ids_digest = cache_video_ids_digest(cache)
         path = store_path(run_dir, cache.path, ids_digest)
         if not path.is_file():
             return None
@@ -115,7 +126,7 @@ class GalleryStore:
         self.file.close()
 
 
-class StoreFormatError(ValueError):
+class StoreFormatError(TvrerankError, ValueError):
     """A gallery store this version cannot read (made by an older one); `tvrerank gallery` rebuilds it."""
 
 

@@ -16,23 +16,25 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from tvrerank.cache.identity import require_same_cache
 from tvrerank.cache.reader import CacheReader
-from tvrerank.extract.encoder import FrozenClipEncoder, resolve_device
+from tvrerank.cache.rows import CacheRows
+from tvrerank.devices import resolve_device
+from tvrerank.errors import CacheMismatch, InputError
+from tvrerank.extract.encoder import FrozenClipEncoder
 from tvrerank.extract.models import register_model_config
 from tvrerank.index.faiss_index import import_faiss, search, to_gpu_if_available
 from tvrerank.index.store import check_index_matches, load_index_dir
-from tvrerank.train.checkpoint import load_reranker
-from tvrerank.train.data import CacheRows
-from tvrerank.train.evaluate import check_cache_matches
-from tvrerank.train.fusion import fuse
-from tvrerank.train.inference import select_videos
-from tvrerank.train.model import SelectedVideos
+from tvrerank.rerank.checkpoint import load_reranker
+from tvrerank.rerank.inference import select_videos
+from tvrerank.rerank.model import SelectedVideos
+from tvrerank.rerank.ranking import fuse, order_candidates
 from tvrerank.retrieve.gallery_store import GalleryStore
 
 log = logging.getLogger(__name__)
 
 
-class QueryError(ValueError):
+class QueryError(InputError):
     """A query that cannot be searched (empty or whitespace only)."""
 
 
@@ -42,7 +44,8 @@ class Hit:
     path: str
     stage1: float
     rerank: float | None  # None: not re-ranked (below K, or --no-rerank)
-    score: float | None  # the fused score (None below K, which keep stage-1 order)
+    score: float  # what the list is ordered by: the fused score inside the re-ranked top K, else stage1
+    ranked_by: str  # "fused" (re-ranked top K) or "stage1"
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def set_cpu_threads(threads: int) -> None:
     """Use ``threads`` CPU threads for torch (intra-op) and FAISS. On a machine whose cores are busy,
     fewer threads than idle cores keep small per-query ops from waiting on descheduled threads."""
     if threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {threads}")
+        raise InputError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
     import_faiss().omp_set_num_threads(threads)
 
@@ -77,7 +80,7 @@ def text_encoder_for(cache: CacheReader, device: str) -> FrozenClipEncoder:
                                 token_pool=layout.pool, text_tokens=layout.text_tokens, precision=wanted.precision,
                                 device=device)
     if encoder.config.identity() != wanted.identity() or encoder.layout != layout:
-        raise ValueError(
+        raise CacheMismatch(
             f"the encoder rebuilt from {cache.path}'s attributes ({wanted.model}, pretrained={wanted.pretrained}) "
             "is not the one that made the cache (other weights or config); pass the same checkpoint file"
         )
@@ -85,20 +88,32 @@ def text_encoder_for(cache: CacheReader, device: str) -> FrozenClipEncoder:
 
 
 class Retriever:
+    """Search one gallery. Checks every artifact on construction; use as a context manager (or ``close``)."""
+
     def __init__(self, gallery: str | Path, index_dir: str | Path, run_dir: str | Path | None = None, *,
                  device: str = "auto", use_store: bool = True):
         self.device = resolve_device(device)
         self.gallery = Path(gallery)
         self.cache = CacheReader(gallery)
+        self.store = None
+        try:
+            self._open(index_dir, run_dir, use_store)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, index_dir, run_dir, use_store: bool) -> None:
+        gallery = self.gallery
         self.index, config, self.index_rows = load_index_dir(index_dir)
         check_index_matches(config, self.cache, f"index {index_dir}")
         self.index = to_gpu_if_available(self.index)
         self.video_ids = self.cache.strings("videos/id")
         self.video_paths = self.cache.strings("videos/path")
-        self.reranker, self.store = None, None
+        self.reranker = None
         if run_dir is not None:
             self.reranker = load_reranker(run_dir, self.device)
-            check_cache_matches(self.reranker.fingerprint, self.cache, f"re-ranker {run_dir}")
+            require_same_cache(self.cache, f"re-ranker {run_dir}", fingerprint=self.reranker.fingerprint,
+                               remedy="extract the gallery with the encoder the re-ranker was trained on")
             self.store = GalleryStore.find(run_dir, self.cache) if use_store else None
             if self.store is not None:
                 log.info("using the gallery store %s", self.store.path)
@@ -107,6 +122,12 @@ class Retriever:
                          "--reranker %s` precomputes them once)", gallery, gallery, run_dir)
         self.rows = CacheRows(gallery, memory_budget=0)
         self.encoder = text_encoder_for(self.cache, str(self.device))
+
+    def __enter__(self) -> "Retriever":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.store is not None:
@@ -129,7 +150,7 @@ class Retriever:
             scores, candidate_rows = self.first_stage(emb, depth)
             rerank_scores = self._rerank(tokens, lengths, candidate_rows[:, :k]) if rerank else None
             for i, query in enumerate(chunk):
-                results.append(self._rank(query, scores[i], candidate_rows[i], k, top,
+                results.append(self.rank_hits(query, scores[i], candidate_rows[i], k, top,
                                            None if rerank_scores is None else rerank_scores[i]))
         return results
 
@@ -173,22 +194,24 @@ class Retriever:
         out[pair_query, pair_slot] = scores.float().cpu().numpy()
         return out
 
-    def _rank(self, query: str, stage1: np.ndarray, rows: np.ndarray, k: int, top: int,
+    def rank_hits(self, query: str, stage1: np.ndarray, rows: np.ndarray, k: int, top: int,
               rerank: np.ndarray | None) -> QueryResult:
-        order = np.arange(len(rows))
-        fused = None
+        """One query's hits by the ranking rule (``rerank.ranking``): the top K by fused score, then
+        stage-1 order; stage1 (depth,), rows (depth,) cache rows (-1: none), rerank (K,) or None."""
+        order, fused = np.arange(len(rows)), None
         if rerank is not None:
-            present = rows[:k] >= 0
-            fused = fuse(stage1[None, :k][:, present], rerank[None, present], self.reranker.fusion_alpha)[0]
-            head = np.flatnonzero(present)[np.argsort(-fused, kind="stable")]
-            order = np.concatenate([head, np.arange(k, len(rows))])
-            fused = dict(zip(np.flatnonzero(present), fused))
+            present = rows[None, :k] >= 0
+            fused = fuse(stage1[None, :k], rerank[None, :k], self.reranker.fusion_alpha, present)[0]  # (K,)
+            order = np.concatenate([order_candidates(fused[None], stage1[None, :k])[0], order[k:]])
         hits = []
-        for slot in order[:top]:
+        for slot in order:
             if rows[slot] < 0:
                 continue
-            in_head = fused is not None and slot in fused
+            in_head = fused is not None and slot < k
             hits.append(Hit(video_id=str(self.video_ids[rows[slot]]), path=str(self.video_paths[rows[slot]]),
                             stage1=float(stage1[slot]), rerank=float(rerank[slot]) if in_head else None,
-                            score=float(fused[slot]) if in_head else None))
+                            score=float(fused[slot] if in_head else stage1[slot]),
+                            ranked_by="fused" if in_head else "stage1"))
+            if len(hits) == top:
+                break
         return QueryResult(query=query, results=hits)

@@ -2,10 +2,17 @@
 
 AdamW with warmup + cosine (``lr_at``, a pure function of the step), AMP (bf16) on GPU,
 gradient accumulation, checkpoints every N steps and at the end, ``--resume`` after a kill,
-validation (stage 1 vs re-ranked, fusion weight tuned) each epoch when a validation split is
-given — ``reranker.pt`` is then the best validated model — and DistributedDataParallel under
-``torchrun``. RUN_DIR gets ``reranker.pt``,
-``checkpoint.pt``, ``config.json``, ``metrics.json`` and ``log.csv``.
+and DistributedDataParallel under ``torchrun``.
+
+Validation (stage 1 vs re-ranked by the ranking rule of ``rerank.ranking``; the fusion weight
+tuned) runs each epoch when a validation split is given, and ``reranker.pt`` is then the best
+validated model. The split is either held out of the training cache (``val_fraction``: whole
+videos, drawn with the seed, never trained on) or a cache of its own (``--val-cache``); never
+the split that is reported. Under DDP every rank scores its share of the validation captions
+and the scores are gathered, so no rank idles into a collective timeout.
+
+Only rank 0 writes RUN_DIR: ``reranker.pt``, ``checkpoint.pt``, ``config.json``,
+``metrics.json`` and ``log.csv``.
 """
 
 from __future__ import annotations
@@ -25,15 +32,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tvrerank.cache.identity import require_same_cache
 from tvrerank.cache.reader import CacheReader
 from tvrerank.config import from_dict, to_dict
-from tvrerank.index.candidates import read_candidates
-from tvrerank.train.checkpoint import device_for, load_state, save_reranker, save_state
+from tvrerank.devices import resolve_device
+from tvrerank.errors import InputError, NonFiniteScores
+from tvrerank.evaluation import load_lists, split_identity, stage_metrics
+from tvrerank.index.candidates import CandidateLists, read_candidates
+from tvrerank.rerank.checkpoint import MODEL_FILE, atomic_save, save_reranker
+from tvrerank.rerank.inference import rerank_scores
+from tvrerank.rerank.model import Reranker, RerankerConfig
+from tvrerank.rerank.ranking import selection_key
 from tvrerank.train.data import BatchSpec, TrainingBatches, collate_single
-from tvrerank.train.evaluate import check_cache_matches, compare_stages, load_lists
-from tvrerank.train.model import Reranker, RerankerConfig
 
 log = logging.getLogger(__name__)
+
+STATE_FILE = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -51,11 +65,30 @@ class TrainConfig:
     checkpoint_every: int = 500
     eval_every: int = 0  # steps between validations; 0: once per epoch of the training captions
     fusion_alpha: float = 0.3  # used when no validation split tunes it
+    val_fraction: float = 0.0  # videos of the training cache held out for validation (0: none)
     seed: int = 0
     workers: int = 0  # DataLoader worker processes
     device: str = "auto"
     memory_budget_gb: float = 2.0
     model: dict = field(default_factory=dict)  # RerankerConfig overrides: width, layers, heads, ...
+
+    def __post_init__(self):
+        at_least = {"steps": 1, "captions": 2, "negatives": 0, "in_batch": 0, "warmup": 0, "grad_accum": 1,
+                    "checkpoint_every": 1, "eval_every": 0, "seed": 0, "workers": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise InputError(f"training option {name!r} must be an integer >= {low}, got {value!r}")
+        for name, low, high in (("lr", 0.0, math.inf), ("min_lr_ratio", 0.0, 1.0), ("weight_decay", 0.0, math.inf),
+                                ("fusion_alpha", 0.0, 1.0), ("val_fraction", 0.0, 0.9),
+                                ("memory_budget_gb", 0.0, math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise InputError(f"training option {name!r} must be a number in [{low}, {high}], got {value!r}")
+        if self.loss not in ("listwise", "binary", "both"):
+            raise InputError(f"training option 'loss' must be listwise, binary or both, got {self.loss!r}")
+        if not isinstance(self.model, dict):
+            raise InputError(f"training option 'model' must be an object of re-ranker options, got {self.model!r}")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -69,19 +102,28 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
     """A TrainConfig from a JSON file (optional) with command-line overrides on top."""
-    data = json.loads(Path(path).read_text()) if path else {}
+    where = path or "the command line"
+    try:
+        data = json.loads(Path(path).read_text()) if path else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON file of training options ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object of training options, got {type(data).__name__}")
     unknown = set(data) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
-        raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
+        raise InputError(f"{path}: unknown training options {sorted(unknown)}")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return from_dict(TrainConfig, data)
+    try:
+        return from_dict(TrainConfig, data)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 def model_config_for(cache: CacheReader, overrides: dict) -> RerankerConfig:
     layout = cache.header.layout
     known = {f.name for f in dataclasses.fields(RerankerConfig)}
     if unknown := set(overrides) - known:
-        raise ValueError(f"unknown model options {sorted(unknown)}")
+        raise InputError(f"unknown model options {sorted(unknown)} (known: {sorted(known)})")
     return RerankerConfig(frames=cache.header.sampling.frames, tokens_per_frame=layout.tokens_per_frame,
                           token_dim=layout.token_dim, embed_dim=layout.embed_dim,
                           text_token_dim=layout.text_token_dim, text_tokens=layout.text_tokens, **overrides)
@@ -99,18 +141,150 @@ def pair_loss(scores: torch.Tensor, kind: str) -> torch.Tensor:
         weights[:, 0] = scores.shape[1] - 1  # balance the one positive against the negatives
         losses.append(F.binary_cross_entropy_with_logits(scores, labels, weight=weights / weights.mean()))
     if not losses:
-        raise ValueError(f"loss must be listwise, binary or both, got {kind!r}")
+        raise InputError(f"loss must be listwise, binary or both, got {kind!r}")
     return sum(losses)
 
 
-def _distributed() -> tuple[int, int]:
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases, norms, queries or scalars)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches, *, config: TrainConfig,
+               lr: float, device: torch.device, step: int) -> float:
+    """One optimizer step over ``config.grad_accum`` micro-batches (dicts of tensors); returns the loss.
+
+    ``trained`` is the model or its DistributedDataParallel wrapper: gradients are all-reduced on
+    the last micro-batch only. A non-finite loss (on any rank) raises NonFiniteScores naming the
+    step, before the weights are touched.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total = torch.zeros((), device=device)
+    for i in range(config.grad_accum):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(micro_batches).items()}
+        last = i == config.grad_accum - 1
+        skip_sync = trained.no_sync() if hasattr(trained, "no_sync") and not last else contextlib.nullcontext()
+        b, g = batch["pair_video"].shape
+        pair_caption = torch.arange(b, device=device).repeat_interleave(g)
+        with skip_sync:
+            with autocast_for(device):
+                scores = trained(batch["text_tokens"], batch["text_length"], batch["tokens"], batch["frame_emb"],
+                                 batch["frame_mask"], batch["pair_video"].reshape(-1), pair_caption)
+                loss = pair_loss(scores.float().view(b, g), config.loss) / config.grad_accum
+            loss.backward()
+        total += loss.detach()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)  # every rank stops together on a non-finite loss
+        total /= torch.distributed.get_world_size()
+    total = float(total)
+    if not math.isfinite(total):
+        raise NonFiniteScores(f"training step {step + 1}: the loss is {total}; the model diverged. The last "
+                              f"checkpoint is kept: lower 'lr' in --config and train again")
+    torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+# --------------------------------------------------------------------------- validation
+@dataclass
+class Validation:
+    """The captions that choose the fusion weight and the kept checkpoint, and their lists."""
+
+    cache: Path
+    lists: CandidateLists
+    true_video: np.ndarray  # (M,) of the cache
+    captions: np.ndarray  # (m,) sorted caption rows of the cache that are validated
+    held_out: np.ndarray  # (h,) video rows of the training cache kept out of training
+    identity: dict  # split_identity(...), recorded in the run
+
+
+def validation_split(config: TrainConfig, cache_path: Path, lists: CandidateLists, *,
+                     val_cache: Path | None, val_candidates: Path | None) -> Validation | None:
+    """A validation split held out of the training cache (``val_fraction``), one of its own, or None."""
+    if val_cache is not None and config.val_fraction:
+        raise InputError("give either --val-fraction or --val-cache/--val-candidates, not both")
+    if val_cache is not None:
+        val_lists, true_video = load_lists(val_cache, val_candidates)
+        with CacheReader(val_cache) as cache:
+            identity = split_identity(cache)
+        return Validation(Path(val_cache), val_lists, true_video, np.arange(len(true_video)),
+                          np.empty(0, np.int64), identity)
+    if not config.val_fraction:
+        return None
+    with CacheReader(cache_path) as cache:
+        ok_rows, true_video = cache.ok_rows(), cache["texts/video"][()]
+        rng = np.random.default_rng([config.seed, 0x5A1])  # the split depends on the seed alone
+        count = max(1, round(config.val_fraction * len(ok_rows)))
+        held_out = np.sort(rng.choice(ok_rows, count, replace=False))
+        identity = split_identity(cache, videos=cache.strings("videos/id")[held_out].tolist())
+    captions = np.flatnonzero(np.isin(true_video, held_out))
+    log.info("validation: %d of %d videos held out of %s (%d captions)", count, len(ok_rows), cache_path,
+             len(captions))
+    return Validation(Path(cache_path), lists, true_video, captions, held_out, identity)
+
+
+def validate(model: Reranker, validation: Validation, *, device: torch.device, rank: int, world: int) -> dict:
+    """``stage_metrics`` on the validation captions; each rank scores a share, then all ranks gather."""
+    mine = validation.captions[rank::world]
+    scores = rerank_scores(model, validation.cache, validation.lists.video, device=device, captions=mine)
+    if world > 1:
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, (mine, scores[mine]))
+        for rows, block in shares:
+            scores[rows] = block
+    return stage_metrics(validation.lists, validation.true_video, scores, captions=validation.captions)
+
+
+# --------------------------------------------------------------------------- run files
+class RunLog:
+    """``RUN_DIR/log.csv``: one row per step. Only rank 0 opens the file; other ranks write nothing."""
+
+    HEADER = ["step", "lr", "loss", "seconds", "val_stage1_R1", "val_reranked_R1"]
+
+    def __init__(self, path: Path, *, append: bool, enabled: bool):
+        self.file = None
+        if enabled:
+            append = append and path.exists()
+            self.file = open(path, "a" if append else "w", newline="")
+            self.writer = csv.writer(self.file)
+            if not append:
+                self.writer.writerow(self.HEADER)
+
+    def row(self, values: list) -> None:
+        if self.file is not None:
+            self.writer.writerow(values)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device); joins the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL: each rank on its own GPU
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return int(os.environ.get("RANK", 0)), world
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return int(os.environ.get("RANK", 0)), world, device
 
 
+# --------------------------------------------------------------------------- the loop
 def train(
     cache_path: str | Path,
     candidates_path: str | Path,
@@ -125,113 +299,89 @@ def train(
     """Train a re-ranker into ``out``; returns the final metrics (also in ``out/metrics.json``)."""
     from tqdm.auto import tqdm
 
-    rank, world = _distributed()
-    device = device_for(config.device, int(os.environ.get("LOCAL_RANK", 0)))
-    out = Path(out)
-    if (out / "reranker.pt").exists() and not resume and rank == 0:
-        raise ValueError(f"{out} already holds a trained re-ranker; pass --resume to continue or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    out, cache_path = Path(out), Path(cache_path)
+    if (out / MODEL_FILE).exists() and not resume:  # every rank refuses, before any collective
+        raise InputError(f"{out} already holds a trained re-ranker; pass --resume to continue or another --out")
+    rank, world, device = _distributed(config.device)
     with CacheReader(cache_path) as cache:
         lists = read_candidates(candidates_path, cache)
         fingerprint = cache.header.fingerprint()
         model_config = model_config_for(cache, config.model)
+        train_identity = split_identity(cache)
     if val_cache is not None:
         with CacheReader(val_cache) as val:
-            check_cache_matches(fingerprint, val, f"validation cache {val_cache}: the training cache")
+            require_same_cache(val, f"training cache {cache_path}", fingerprint=fingerprint,
+                               remedy="validate on a cache extracted with the same settings")
+    validation = validation_split(config, cache_path, lists, val_cache=val_cache, val_candidates=val_candidates)
+    splits = {"train": train_identity, "validation": validation.identity if validation else None}
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
     torch.manual_seed(config.seed)
     model = Reranker(config=model_config).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    start_step, history = 0, []
-    state = load_state(out) if resume else None
+    optimizer = build_optimizer(model, config)
+    state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False) \
+        if resume and (out / STATE_FILE).is_file() else None
+    start_step, history, best = 0, [], None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_step, history = state["step"], state["history"]
+        start_step, history, best = state["step"], state["history"], state.get("best")
         log.info("resuming %s at step %d", out, start_step)
     elif resume:
         log.warning("%s has no checkpoint to resume from: starting at step 0", out)
-    trained = model
-    if world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    trained = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
     spec = BatchSpec(captions=config.captions, negatives=config.negatives, in_batch=config.in_batch)
-    batches = TrainingBatches(cache_path, lists.video, spec=spec, steps=config.steps * config.grad_accum,
-                              seed=config.seed, rank=rank,
-                              memory_budget=int(config.memory_budget_gb * 2**30))
-    epoch = max(1, len(batches.trainable) // (config.captions * world))
-    eval_every = config.eval_every or epoch
+    batches = TrainingBatches(cache_path, lists.video, spec=spec, steps=config.steps, seed=config.seed, rank=rank,
+                              world=world, grad_accum=config.grad_accum,
+                              memory_budget=int(config.memory_budget_gb * 2**30),
+                              held_out=validation.held_out if validation else None)
+    eval_every = config.eval_every or max(1, len(batches.trainable) // (config.captions * world))
     items = torch.utils.data.Subset(batches, range(start_step * config.grad_accum, len(batches)))
     loader = iter(torch.utils.data.DataLoader(items, batch_size=1, collate_fn=collate_single,
                                               num_workers=config.workers, persistent_workers=config.workers > 0))
-    validation = load_lists(val_cache, val_candidates) if val_cache is not None and rank == 0 else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    log_path = out / "log.csv"
-    new_log = not log_path.exists() or state is None
-    with open(log_path, "w" if new_log else "a", newline="") as log_file:
-        writer = csv.writer(log_file)
-        if new_log:
-            writer.writerow(["step", "lr", "loss", "seconds", "val_stage1_R1", "val_reranked_R1"])
+    if state is not None:  # restored last: building the DataLoader above draws from the generator
+        torch.set_rng_state(state["torch_rng"])
+    run_log = RunLog(out / "log.csv", append=state is not None, enabled=rank == 0)
+    started = time.perf_counter()
+    try:
         bar = tqdm(range(start_step, config.steps), desc="train", disable=not progress or rank != 0,
                    initial=start_step, total=config.steps)
-        started = time.perf_counter()
-        best = state.get("best") if state is not None else None
-        if state is not None:  # restored last: building the DataLoader above draws from the generator
-            torch.set_rng_state(state["torch_rng"])
         for step in bar:
             model.train()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config)
-            total = 0.0
-            for _ in range(config.grad_accum):
-                batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
-                b, g = batch["pair_video"].shape
-                pair_caption = torch.arange(b, device=device).repeat_interleave(g)
-                with autocast:
-                    scores = trained(batch["text_tokens"], batch["text_length"], batch["tokens"], batch["frame_emb"],
-                                     batch["frame_mask"], batch["pair_video"].reshape(-1),
-                                     pair_caption).float().view(b, g)
-                    loss = pair_loss(scores, config.loss) / config.grad_accum
-                loss.backward()
-                total += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.append(total)
+            loss = train_step(trained, optimizer, loader, config=config, lr=lr_at(step, config), device=device,
+                              step=step)
+            history.append(loss)
             bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}")
             done = step + 1
-            row = [done, f"{lr_at(step, config):.3e}", f"{total:.4f}", f"{time.perf_counter() - started:.1f}", "", ""]
+            row = [done, f"{lr_at(step, config):.3e}", f"{loss:.4f}", f"{time.perf_counter() - started:.1f}", "", ""]
             if validation is not None and (done % eval_every == 0 or done == config.steps):
-                result = compare_stages(model, val_cache, *validation, device=device)
+                result = validate(model, validation, device=device, rank=rank, world=world)
                 row[4:] = [f"{result['stage1']['R1']:.2f}", f"{result['reranked']['R1']:.2f}"]
                 log.info("step %d: val R@1 stage 1 %.1f -> re-ranked %.1f (alpha %.2f)", done,
                          result["stage1"]["R1"], result["reranked"]["R1"], result["alpha"])
-                if best is None or _better(result, best["val"]):  # keep the best validated model
-                    best = {"step": done, "val": result}
-                    save_reranker(out, model, fusion_alpha=result["alpha"], fingerprint=fingerprint, step=done,
-                                  train_config=to_dict(config))
-            if rank == 0:
-                writer.writerow(row)
-                if done % config.checkpoint_every == 0 or done == config.steps:
-                    log_file.flush()
-                    save_state(out, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "torch_rng": torch.get_rng_state(), "step": done, "history": history,
-                                     "best": best})
-    return _finish(model, out, config, fingerprint, best, history, rank, world)
+                if best is None or selection_key(result["reranked"]) > selection_key(best["val"]["reranked"]):
+                    best = {"step": done, "val": result}  # the best validated model is kept
+                    if rank == 0:
+                        save_reranker(out, model, fusion_alpha=result["alpha"], fingerprint=fingerprint, step=done,
+                                      train_config=to_dict(config), splits=splits)
+            run_log.row(row)
+            if rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
+                run_log.flush()
+                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "torch_rng": torch.get_rng_state(), "step": done, "history": history, "best": best},
+                            out / STATE_FILE)
+    finally:
+        run_log.close()
+    return _finish(model, out, config, fingerprint, splits, best, history, rank, world)
 
 
-def _better(result: dict, than: dict) -> bool:
-    """Higher re-ranked R@1, then R@5, then lower mean rank."""
-    key = lambda r: (r["reranked"]["R1"], r["reranked"]["R5"], -r["reranked"]["MnR"])  # noqa: E731
-    return key(result) > key(than)
-
-
-def _finish(model, out, config, fingerprint, best, history, rank, world) -> dict:
+def _finish(model, out, config, fingerprint, splits, best, history, rank, world) -> dict:
     """reranker.pt (the best validated model, else the last), config.json, metrics.json (rank 0)."""
-    metrics = {"steps": config.steps, "final_loss": float(np.mean(history[-20:])) if history else None}
+    metrics = {"steps": config.steps, "final_loss": float(np.mean(history[-20:])) if history else None,
+               "splits": splits}
     alpha = config.fusion_alpha
     if best is not None:
         metrics.update(val=best["val"], best_step=best["step"])
@@ -239,10 +389,11 @@ def _finish(model, out, config, fingerprint, best, history, rank, world) -> dict
     if rank == 0:
         if best is None:
             save_reranker(out, model, fusion_alpha=alpha, fingerprint=fingerprint, step=config.steps,
-                          train_config=to_dict(config))
+                          train_config=to_dict(config), splits=splits)
         (out / "config.json").write_text(json.dumps({"train": to_dict(config),
                                                      "model": dataclasses.asdict(model.config),
-                                                     "fusion_alpha": alpha}, indent=2, sort_keys=True) + "\n")
+                                                     "fusion_alpha": alpha, "splits": splits},
+                                                    indent=2, sort_keys=True) + "\n")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if world > 1:
         torch.distributed.barrier()

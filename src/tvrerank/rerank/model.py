@@ -1,4 +1,4 @@
-"""The re-ranker: token selectors + multi-grained cross attention (DESIGN.md, "The re-ranker").
+"""The re-ranker: token selectors + multi-grained cross attention (docs/design.md, "The re-ranker").
 
 Read top to bottom:
 
@@ -97,45 +97,66 @@ def _scorer(width: int) -> nn.Module:
     return nn.Sequential(nn.Linear(2 * width, width // 2), nn.GELU(), nn.Linear(width // 2, 1))
 
 
+def selection_weights(scorer: nn.Module, features: torch.Tensor, k: int, *, training: bool, samples: int,
+                      sigma: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """features (N, P, 2d) → (N, k, P) float32 selection weights; scores and top-k always in float32.
+
+    Under bf16 autocast the scores would carry ~3 significant digits and the sigma = 0.05
+    perturbation of the perturbed top-k would round away, so autocast is off here.
+    """
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        scores = scorer(features.float()).squeeze(-1)  # (N, P)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return top_k_weights(scores, k, training=training, samples=samples, sigma=sigma)
+
+
 # --------------------------------------------------------------------------- 2. frame selector
 class FrameTokenSelector(nn.Module):
-    def __init__(self, *, width: int, keep: int, samples: int, sigma: float):
+    """Keeps ``keep`` of a frame's ``tokens`` patch tokens; with nothing to choose (keep >= tokens) it has no
+    scorer and passes every token through."""
+
+    def __init__(self, *, width: int, keep: int, tokens: int, samples: int, sigma: float):
         super().__init__()
         self.keep, self.samples, self.sigma = keep, samples, sigma
-        self.score = _scorer(width)
+        self.score = _scorer(width) if keep < tokens else None
 
     def forward(self, tokens: torch.Tensor, frame_global: torch.Tensor) -> torch.Tensor:
         # tokens (B, T, P, d), frame_global (B, T, d) → (B, T, 1 + M, d), the global token first
         b, t, p, d = tokens.shape
-        if self.keep >= p:  # nothing to choose: keep every token
+        if self.score is None or self.keep >= p:  # nothing to choose: keep every token
             return torch.cat([frame_global.unsqueeze(2), tokens], dim=2)
         context = frame_global.unsqueeze(2).expand(-1, -1, p, -1)
-        scores = self.score(torch.cat([tokens, context], dim=-1)).squeeze(-1)  # (B, T, P)
-        weights = top_k_weights(scores.reshape(b * t, p), self.keep, training=self.training,
-                                samples=self.samples, sigma=self.sigma)  # (B·T, M, P)
-        kept = torch.bmm(weights, tokens.reshape(b * t, p, d)).reshape(b, t, self.keep, d)
+        features = torch.cat([tokens, context], dim=-1).reshape(b * t, p, 2 * d)
+        weights = selection_weights(self.score, features, self.keep, training=self.training,
+                                    samples=self.samples, sigma=self.sigma)  # (B·T, M, P) float32
+        kept = torch.bmm(weights.to(tokens.dtype), tokens.reshape(b * t, p, d)).reshape(b, t, self.keep, d)
         return torch.cat([frame_global.unsqueeze(2), kept], dim=2)
 
 
 # --------------------------------------------------------------------------- 3. video selector
 class VideoTokenSelector(nn.Module):
-    def __init__(self, *, width: int, keep: int, samples: int, sigma: float):
+    """Keeps ``keep`` of a clip's ``tokens`` frame-level tokens (no scorer when keep >= tokens)."""
+
+    def __init__(self, *, width: int, keep: int, tokens: int, samples: int, sigma: float):
         super().__init__()
         self.keep, self.samples, self.sigma = keep, samples, sigma
-        self.score = _scorer(width)
+        self.score = _scorer(width) if keep < tokens else None
 
     def forward(self, frame_tokens: torch.Tensor, frame_mask: torch.Tensor):
         # frame_tokens (B, T, K, d) with temporal embeddings, frame_mask (B, T) → (B, Nv, d), (B, Nv)
         b, t, k, d = frame_tokens.shape
         tokens = frame_tokens.reshape(b, t * k, d)
         mask = frame_mask.unsqueeze(-1).expand(-1, -1, k).reshape(b, t * k)
-        keep = min(self.keep, t * k)
+        if self.score is None or self.keep >= t * k:  # nothing to choose: keep every token, in order
+            return tokens, mask
+        keep = self.keep
         denominator = mask.sum(1, keepdim=True).clamp(min=1).unsqueeze(-1)
         clip = (tokens * mask.unsqueeze(-1)).sum(1, keepdim=True) / denominator  # (B, 1, d)
-        scores = self.score(torch.cat([tokens, clip.expand(-1, t * k, -1)], dim=-1)).squeeze(-1)
-        scores = scores.masked_fill(~mask, float("-inf"))  # (B, T·K)
-        weights = top_k_weights(scores, keep, training=self.training, samples=self.samples, sigma=self.sigma)
-        selected = torch.bmm(weights, tokens)  # (B, Nv, d)
+        features = torch.cat([tokens, clip.expand(-1, t * k, -1)], dim=-1)  # (B, T·K, 2d)
+        weights = selection_weights(self.score, features, keep, training=self.training, samples=self.samples,
+                                    sigma=self.sigma, mask=mask)  # (B, Nv, T·K) float32
+        selected = torch.bmm(weights.to(tokens.dtype), tokens)  # (B, Nv, d)
         selected_mask = torch.bmm(weights, mask.unsqueeze(-1).to(weights.dtype)).squeeze(-1) > 0.5
         return selected, selected_mask
 
@@ -238,11 +259,12 @@ class Reranker(nn.Module):
         if c.text_token_dim == c.token_dim:  # one space (the joint CLIP space): start with one projection
             self.text_in.load_state_dict(self.token_in.state_dict())
         self.text_position = nn.Parameter(torch.zeros(c.text_tokens, c.width))
-        self.frame_selector = FrameTokenSelector(width=c.width, keep=c.frame_keep, samples=c.perturb_samples,
-                                                 sigma=c.perturb_sigma)
+        self.frame_selector = FrameTokenSelector(width=c.width, keep=c.frame_keep, tokens=c.tokens_per_frame,
+                                                 samples=c.perturb_samples, sigma=c.perturb_sigma)
+        frame_level = c.frames * (1 + min(c.frame_keep, c.tokens_per_frame))  # the video selector's input
         self.temporal = nn.Parameter(torch.zeros(c.frames, c.width))  # frame position in the clip
-        self.video_selector = VideoTokenSelector(width=c.width, keep=c.video_keep, samples=c.perturb_samples,
-                                                 sigma=c.perturb_sigma)
+        self.video_selector = VideoTokenSelector(width=c.width, keep=c.video_keep, tokens=frame_level,
+                                                 samples=c.perturb_samples, sigma=c.perturb_sigma)
         self.queries = nn.Parameter(torch.zeros(c.queries, c.width))
         self.blocks = nn.ModuleList(CrossBlock(width=c.width, heads=c.heads, dropout=c.dropout)
                                     for _ in range(c.layers))

@@ -1,0 +1,50 @@
+""""Was this artifact made from that cache?" — one check for every artifact.
+
+Two things identify what a cache holds:
+
+* its **fingerprint** (``CacheHeader.fingerprint()``): encoder, sampling and token layout. Arrays
+  from caches with equal fingerprints live in the same space, so a re-ranker trained on one
+  cache may score another with the same fingerprint (train → test).
+* its **video ids digest** (``video_ids_digest``): which videos, in which row order. An index,
+  a candidates file or a gallery store addresses videos by row, so it must also match this.
+
+Every artifact records both; :func:`require_same_cache` refuses a mismatch with a message that
+names the artifact, the cache and the command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+from tvrerank.errors import CacheMismatch
+
+
+def video_ids_digest(video_ids: Iterable[str]) -> str:
+    """sha256 of the newline-joined video ids (row order matters)."""
+    return hashlib.sha256("\n".join(video_ids).encode()).hexdigest()
+
+
+def cache_video_ids_digest(cache) -> str:
+    """``video_ids_digest`` of an open cache's ``videos/id``."""
+    return video_ids_digest(cache.strings("videos/id"))
+
+
+def cache_mismatch(cache, *, fingerprint: dict, video_ids_sha256: str | None = None) -> str | None:
+    """Why an artifact with this fingerprint (and video-ids digest, when given) does not belong to ``cache``;
+    None when it does."""
+    if fingerprint != cache.header.fingerprint():
+        made_with = fingerprint.get("encoder", {}).get("model")
+        return (f"it was made from a cache with another encoder, sampling or token layout ({made_with}; "
+                f"{cache.path} holds {cache.header.encoder.model})")
+    if video_ids_sha256 is not None and video_ids_sha256 != cache_video_ids_digest(cache):
+        return f"it was made from another cache, with other videos than {cache.path}"
+    return None
+
+
+def require_same_cache(cache, what: str, *, fingerprint: dict, video_ids_sha256: str | None = None,
+                       remedy: str) -> None:
+    """Raise CacheMismatch naming ``what`` (e.g. "index runs/idx") and ``remedy`` when it is not ``cache``'s."""
+    reason = cache_mismatch(cache, fingerprint=fingerprint, video_ids_sha256=video_ids_sha256)
+    if reason is not None:
+        raise CacheMismatch(f"{what} does not belong to {cache.path}: {reason}; {remedy}")

@@ -1,0 +1,35 @@
+"""Every script in benchmarks/ runs at its --smoke size and ends with its figure (a broken benchmark fails CI)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+#: the figure each script's last line carries
+LAST_LINE = {
+    "bench_decode.py": r"^decode_speedup=\d",
+    "bench_extract.py": r"^videos_per_s_tiny=\d",
+    "bench_index.py": r"^auto_recall_at_15_\d+=\d",
+    "bench_retrieve.py": r"^rerank_overhead=-?\d",
+    "bench_train_cost.py": r"^cache_speedup=\d",
+}
+
+
+def test_every_benchmark_is_covered():
+    assert sorted(p.name for p in BENCHMARKS.glob("bench_*.py")) == sorted(LAST_LINE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(LAST_LINE))
+def test_benchmark_runs_at_smoke_size(script, tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke"], capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.search(LAST_LINE[script], last), last
