@@ -21,8 +21,12 @@ open_clip architectures, e.g. the real ``ViT-B-32``):
 Finally peak RSS of ``tvrerank extract --workers 0`` (tiny model, CPU) in a fresh subprocess on
 one 10 s and one 10 min video (160x120, 25 fps), read with ``os.wait4`` in a bare launcher
 process (see ``LAUNCHER``); target: the long one within 1.5x of the short one. torch and
-open_clip are imported before any timing. The last line is ``videos_per_s_<model>=<x> ...
-rss_ratio=<x>`` (end-to-end videos/s; model names lower-cased, non-alphanumerics dropped).
+open_clip are imported before any timing. Per model it also reports the bare image tower's
+throughput at the same batch size (``encode_frames`` on random frames) and ``tower_ratio``, the
+pipeline's frames/s over it (goal on a GPU: >= 0.9 for ViT-bigG-14), and on an NVIDIA GPU the
+share of the run the GPU was busy (NVML, sampled every 0.1 s). The last line is
+``videos_per_s_<model>=<x> tower_ratio_<model>=<x> [gpu_busy_<model>=<x>] ... [rss_ratio=<x>]``
+(end-to-end videos/s; model names lower-cased, non-alphanumerics dropped).
 
     python benchmarks/bench_extract.py [--models tiny,ViT-B-32] [--videos 24] [--device auto]
         [--precision fp32] [--batch-size 64] [--workers 2] [--skip-rss]
@@ -40,6 +44,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -101,8 +106,42 @@ def slug(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- 1+2: full run
-def full_run(model: str, label: str, annotations: Path, out: Path, args, count: int) -> float:
-    """``run_extraction`` as the CLI runs it; prints its own timings; returns end-to-end videos/s."""
+class GpuBusy:
+    """Samples GPU 0's utilisation through NVML every 0.1 s in a thread while in use; ``share`` is the mean
+    busy fraction (None without an NVIDIA GPU or NVML)."""
+
+    def __init__(self):
+        self.samples, self._stop = [], threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handle, self._nvml = pynvml.nvmlDeviceGetHandleByIndex(0), pynvml
+        except Exception:  # noqa: BLE001 - no NVML, no GPU: nothing to sample
+            self._handle = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100)
+
+    def __enter__(self) -> "GpuBusy":
+        if self._handle is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._handle is not None:
+            self._thread.join()
+
+    @property
+    def share(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def full_run(model: str, label: str, annotations: Path, out: Path, args, count: int) -> dict:
+    """``run_extraction`` as the CLI runs it; prints its own timings; returns its figures."""
     from tvrerank.config import ExtractConfig
 
     config = ExtractConfig(
@@ -111,7 +150,8 @@ def full_run(model: str, label: str, annotations: Path, out: Path, args, count: 
         device=args.device, precision=args.precision,
     )
     start = time.perf_counter()
-    summary = runner.run_extraction(config, progress=False)
+    with GpuBusy() as busy:
+        summary = runner.run_extraction(config, progress=False)
     wall = time.perf_counter() - start
     if summary.ok != count:
         raise SystemExit(f"extraction failed: {summary.line()}")
@@ -123,8 +163,10 @@ def full_run(model: str, label: str, annotations: Path, out: Path, args, count: 
           f"after it {(waited - summary.first_wait_seconds) / pipeline:.1%}); encode_part "
           f"{summary.encode_seconds:6.2f} s = {summary.encode_seconds / pipeline:.1%}; rest (write hand-off) "
           f"{pipeline - waited - summary.encode_seconds:.2f} s")
-    print(f"  decode_wait_share_{label}={waited / pipeline:.3f}")
-    return count / wall
+    gpu = "n/a (no NVML)" if busy.share is None else f"{busy.share:.1%} (NVML, sampled every 0.1 s)"
+    print(f"  decode_wait_share_{label}={waited / pipeline:.3f}; GPU busy during the run: {gpu}")
+    return {"videos_per_s": count / wall, "frames_per_s_pipeline": count * FRAMES / pipeline,
+            "gpu_busy": busy.share}
 
 
 # --------------------------------------------------------------------------- 3: stages
@@ -144,7 +186,17 @@ def timed(fn, encoder) -> float:
     return time.perf_counter() - start
 
 
-def stage_times(model: str, paths: list[Path], captions: list[str], args) -> None:
+def tower_frames_per_s(encoder, batch_size: int, repeats: int = 5) -> float:
+    """The bare image tower's throughput: ``encode_frames`` (preprocess, forward, tokens to host) on
+    random frames at the extractor's batch size, best of ``repeats`` after a warm-up."""
+    size = encoder.config.image_size
+    frames = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+    encoder.encode_frames(frames)
+    best = min(timed(lambda: encoder.encode_frames(frames), encoder) for _ in range(repeats))
+    return batch_size / best
+
+
+def stage_times(model: str, paths: list[Path], captions: list[str], args) -> float:
     """Decode / encode / write side by side in this process, each a plain call of the library; prints the
     breakdown. Preprocess and the caption encoding are timed again on their own (same inputs) to split
     them out of ``encode_part``."""
@@ -196,6 +248,9 @@ def stage_times(model: str, paths: list[Path], captions: list[str], args) -> Non
     print(f"    encoder: {frames / forward:8.1f} frames/s (forward only, by difference), "
           f"{frames / (encode - text):8.1f} frames/s with preprocess; "
           f"decode {len(paths) / decode:.1f} videos/s in one process")
+    tower = tower_frames_per_s(encoder, args.batch_size, repeats=1 if args.smoke else 5)
+    print(f"    bare tower (encode_frames on random frames, batch {args.batch_size}): {tower:8.1f} frames/s")
+    return tower
 
 
 # --------------------------------------------------------------------------- 4: peak RSS
@@ -301,9 +356,14 @@ def main() -> None:
             kind = Path(model).name if model.endswith(".json") else "open_clip architecture"
             print(f"{name} ({kind}, device {args.device}, {args.precision}):")
             results[label] = full_run(model, label, annotations, tmp / f"{label}.h5", args, args.videos)
-            stage_times(model, paths, captions, args)
+            tower = stage_times(model, paths, captions, args)
+            results[label]["tower_ratio"] = results[label]["frames_per_s_pipeline"] / tower
+            print(f"  tower_ratio_{label}={results[label]['tower_ratio']:.2f} (pipeline frames/s over the bare "
+                  "tower's; 1.0: the encoder never waits)")
         ratio = None if args.skip_rss else rss_check(tmp)
-    fields = [f"videos_per_s_{label}={rate:.2f}" for label, rate in results.items()]
+    fields = [f"videos_per_s_{label}={figures['videos_per_s']:.2f} tower_ratio_{label}={figures['tower_ratio']:.2f}"
+              + ("" if figures["gpu_busy"] is None else f" gpu_busy_{label}={figures['gpu_busy']:.3f}")
+              for label, figures in results.items()]
     print(" ".join(fields + ([f"rss_ratio={ratio:.3f}"] if ratio is not None else [])))
 
 

@@ -1,0 +1,133 @@
+"""The prepared GPU suite: the project's benchmarks at GPU sizes, one command, one JSON and one table.
+
+Runs, in this order (most telling first), each benchmark script of this folder as a subprocess
+with GPU-sized options, keeps its whole output, and collects the ``name=value`` figures it prints:
+
+1. extraction (``bench_extract.py``): ``--videos`` MSR-VTT-like clips (320x240, 8-10 s, written
+   by the script) with ViT-B-16 and ViT-bigG-14, random weights, bf16: videos/s, the share of the
+   run the GPU was busy (NVML), and ``tower_ratio`` (pipeline frames/s over the bare tower's at
+   the same batch size; goal >= 0.9 for bigG);
+2. retrieval (``bench_retrieve.py``): batch-1 latency with the ViT-bigG-14 text tower on the GPU,
+   stage 1 alone vs re-ranked at K = 15 with the gallery store (``rerank_overhead``; goal <= 0.1);
+3. training (``bench_train_cost.py``): a re-ranker step at the default width on ViT-bigG-14-shaped
+   tokens (1280-wide, 256 per frame, 12 frames), bf16, from the cache vs with the bigG tower run on
+   the frames (``cache_speedup``);
+4. FAISS (``bench_index.py``): 1M x 1280 vectors, Flat and the ``auto`` IVF-PQ choice, CPU queries/s,
+   and the GPU's (faiss-gpu when installed; a torch exact top-k otherwise, for scale).
+
+Each section has a time limit; a section that would start after ``--budget-s`` is skipped and
+said so. ``OUT/gpu_suite.json`` and ``OUT/gpu_suite.md`` are rewritten after every section, so a
+run cut short still leaves what it measured. With ``--smoke`` every section runs its script's
+``--smoke`` size on the CPU (seconds; a test runs it).
+
+On the GPU machine, the package and its runtime needs beside the machine's torch:
+``pip install -e .`` (or ``PYTHONPATH=src`` with open_clip_torch, av and faiss-cpu or faiss-gpu
+installed), then ``python benchmarks/gpu_suite.py --out DIR``. The last line is
+``gpu_suite_sections=<done>/<all>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FIGURE = re.compile(r"(?<![\w.])([a-z][a-z0-9_]*)=(-?\d+(?:\.\d+)?)")
+
+
+def sections(workers: int) -> list[tuple[str, str, list[str], int]]:
+    """(name, script, GPU-size options, time limit in s), in the order they run."""
+    return [
+        ("extraction", "bench_extract.py", ["--models", "ViT-B-16,ViT-bigG-14", "--precision", "bf16", "--device",
+                                            "cuda", "--videos", "200", "--workers", str(workers), "--batch-size",
+                                            "256", "--skip-rss"], 300),
+        ("retrieval", "bench_retrieve.py", ["--model", "ViT-bigG-14", "--device", "cuda", "--videos", "500",
+                                            "--queries", "200", "--e2e-queries", "20", "--factory", "Flat",
+                                            "--max-token-gb", "8"], 180),
+        ("training", "bench_train_cost.py", ["--model", "ViT-bigG-14", "--device", "cuda", "--precision", "bf16",
+                                             "--repeats", "3"], 240),
+        ("faiss", "bench_index.py", ["--sizes", "1000000", "--dim", "1280", "--queries", "1000"], 240),
+    ]
+
+
+def figures_of(output: str) -> dict[str, float]:
+    """Every ``name=value`` a script printed (the last value of a name wins)."""
+    return {name: float(value) for name, value in FIGURE.findall(output)}
+
+
+def device_line() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}"
+        return f"CPU only ({os.cpu_count()} cores), torch {torch.__version__}"
+    except ImportError:
+        return "torch not importable"
+
+
+def write_report(out: Path, report: dict) -> None:
+    (out / "gpu_suite.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# GPU suite — {report['date']}", "", f"Device: {report['device']}; {report['cpus']} CPU cores; "
+             f"Python {report['python']}.", "", "| section | status | seconds | figures |", "|---|---|---|---|"]
+    for name, section in report["sections"].items():
+        shown = ", ".join(f"`{k}={v:g}`" for k, v in section.get("figures", {}).items())
+        lines.append(f"| {name} | {section['status']} | {section.get('seconds', 0):.0f} | {shown} |")
+    for name, section in report["sections"].items():
+        if section.get("output"):
+            lines += ["", f"## {name}: `{' '.join(section['command'])}`", "", "```", section["output"].rstrip(), "```"]
+    (out / "gpu_suite.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu-suite-out", help="folder for gpu_suite.json and gpu_suite.md")
+    parser.add_argument("--budget-s", type=float, default=480, help="start no section after this many seconds")
+    parser.add_argument("--only", help="comma-separated section names to run (default: all)")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                        help="decoding processes for extraction")
+    parser.add_argument("--smoke", action="store_true", help="every section at its script's --smoke size, on CPU")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = [s for s in sections(args.workers) if not args.only or s[0] in args.only.split(",")]
+    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device_line(),
+              "cpus": os.cpu_count(), "python": platform.python_version(), "smoke": args.smoke, "sections": {}}
+    started, done = time.perf_counter(), 0
+    for name, script, options, limit in chosen:
+        command = [sys.executable, str(HERE / script), *(["--smoke"] if args.smoke else options)]
+        if time.perf_counter() - started > args.budget_s:
+            report["sections"][name] = {"status": "skipped (budget spent)", "command": command[1:]}
+            write_report(out, report)
+            continue
+        print(f"== {name}: {' '.join(command[1:])}", flush=True)
+        begin = time.perf_counter()
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=limit,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            output, status = result.stdout + result.stderr[-4000:], "ok" if result.returncode == 0 else \
+                f"failed ({result.returncode})"
+        except subprocess.TimeoutExpired as exc:
+            output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            status = f"timed out after {limit} s"
+        seconds = time.perf_counter() - begin
+        done += status == "ok"
+        report["sections"][name] = {"status": status, "seconds": seconds, "command": command[1:],
+                                    "figures": figures_of(output), "output": output}
+        print(output[-3000:], flush=True)
+        write_report(out, report)
+    print(f"wrote {out / 'gpu_suite.json'} and {out / 'gpu_suite.md'}")
+    print(f"gpu_suite_sections={done}/{len(chosen)}")
+
+
+if __name__ == "__main__":
+    main()
