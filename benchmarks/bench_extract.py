@@ -154,7 +154,11 @@ def full_run(model: str, label: str, annotations: Path, out: Path, args, count: 
         summary = runner.run_extraction(config, progress=False)
     wall = time.perf_counter() - start
     if summary.ok != count:
-        raise SystemExit(f"extraction failed: {summary.line()}")
+        import h5py
+
+        with h5py.File(out, "r") as f:
+            errors = sorted(set(f["videos/error"].asstr()[()]) - {""})
+        raise SystemExit(f"extraction failed: {summary.line()}; errors: {errors[:3]}")
     pipeline, waited = summary.pipeline_seconds, summary.decode_wait_seconds
     print(f"  full run ({args.workers} workers): {wall:6.2f} s = {count / wall:6.2f} videos/s end to end; "
           f"pipeline {pipeline:6.2f} s = {count / pipeline:6.2f} videos/s")

@@ -118,13 +118,28 @@ class PacketIndex:
         return int(self.pts[max(i, 0)])
 
 
+#: PyAV up to 18 decodes metadata strictly unless told to ignore errors; 19 removed the option (it reads
+#: metadata byte-exact, never failing on it), and passing it raises TypeError for every video.
+OPEN_OPTIONS = {"metadata_errors": "ignore"} if int(__import__("av").__version__.split(".")[0]) < 19 else {}
+
+
+def seconds_per_tick(stream) -> float:
+    """A stream's time base in seconds: a ``fractions.Fraction`` up to PyAV 18, an ``av.AVRational``
+    (numerator/denominator, maybe without ``__float__``) from 19."""
+    time_base = stream.time_base
+    try:
+        return float(time_base)
+    except TypeError:
+        return time_base.numerator / time_base.denominator
+
+
 def read_packet_index(container, stream) -> PacketIndex:
     """Demux every packet of ``stream`` (no decoding) to find its time span and keyframes.
 
     A stream that breaks off part-way (a truncated file) keeps the packets read before the
     break. Raises VideoDecodeError if there are no timed packets at all.
     """
-    time_base = float(stream.time_base)
+    time_base = seconds_per_tick(stream)
     start, end, keyframes, all_pts, exact = None, None, [], [], True
     try:
         for packet in container.demux(stream):
@@ -170,7 +185,7 @@ class _Decoder:
         self.exhausted = False
 
     def seek(self, t: float) -> None:
-        offset = int(round(t / float(self.stream.time_base)))
+        offset = int(round(t / seconds_per_tick(self.stream)))
         self.container.seek(offset, stream=self.stream, backward=True, any_frame=False)
         self._packets, self._ready, self.exhausted = None, [], False
         self.position = -np.inf
@@ -240,7 +255,7 @@ def _open_video(path: str | Path, threads: int):
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"empty file (0 bytes): {path}")
     try:
-        container = av.open(str(path), metadata_errors="ignore")
+        container = av.open(str(path), **OPEN_OPTIONS)
     except Exception as exc:  # noqa: BLE001
         raise VideoDecodeError(f"not a readable video ({type(exc).__name__}: {exc})") from exc
     if not container.streams.video:
