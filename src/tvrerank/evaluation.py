@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
+from tvrerank.cache.identity import cache_video_ids_digest
 from tvrerank.cache.reader import CacheReader
 from tvrerank.devices import resolve_device
 from tvrerank.errors import InputError
@@ -92,7 +92,7 @@ def stage_metrics(lists: CandidateLists, true_video: np.ndarray, scores: np.ndar
     also "ranks": {"caption": caption rows, variant: each caption's rank} (-1: video not in the gallery).
     """
     captions = np.arange(len(lists.true_rank)) if captions is None else np.asarray(captions)
-    result, valid = _counts(lists, captions)
+    result, _ = _counts(lists, captions)
     present = lists.video[captions] >= 0  # approximate indexes may return fewer than K
     stage1, rerank = lists.score[captions], scores[captions]
     video, truth, true_rank = lists.video[captions], true_video[captions], lists.true_rank[captions]
@@ -138,12 +138,6 @@ def write_rank_table(path: str | Path, cache_path: str | Path, ranks: dict) -> N
                              *(int(ranks[name][i]) for name in variants)])
 
 
-def split_identity(cache: CacheReader, videos: list[str] | None = None) -> dict:
-    """What identifies a split of a run: its cache, that cache's video-ids digest, and the held-out
-    video ids when the split is part of the cache (None: all of it)."""
-    return {"cache": str(cache.path), "video_ids_sha256": cache_video_ids_digest(cache), "videos": videos}
-
-
 def evaluate_run(run_dir: str | Path, cache_path: str | Path, candidates_path: str | Path, *,
                  device: str = "auto", keep_ranks: bool = False) -> dict:
     """Stage 1 vs re-ranked for a saved run, with the fusion weight it was trained with.
@@ -154,8 +148,7 @@ def evaluate_run(run_dir: str | Path, cache_path: str | Path, candidates_path: s
     torch_device = resolve_device(device)
     trained = load_reranker(run_dir, torch_device)
     with CacheReader(cache_path) as cache:
-        require_same_cache(cache, f"re-ranker {run_dir}", fingerprint=trained.fingerprint,
-                           remedy="extract the cache with the same settings or train a re-ranker on this one")
+        trained.require_cache(cache)
         digest = cache_video_ids_digest(cache)
     lists, true_video = load_lists(cache_path, candidates_path)
     result = compare_stages(trained.model, cache_path, lists, true_video, device=torch_device,

@@ -30,6 +30,12 @@ def cache_video_ids_digest(cache) -> str:
     return video_ids_digest(cache.strings("videos/id"))
 
 
+def split_identity(cache, videos: list[str] | None = None) -> dict:
+    """What identifies a run's training or validation split: its cache, that cache's video-ids digest,
+    and the held-out video ids when the split is part of the cache (None: all of it)."""
+    return {"cache": str(cache.path), "video_ids_sha256": cache_video_ids_digest(cache), "videos": videos}
+
+
 def cache_mismatch(cache, *, fingerprint: dict, video_ids_sha256: str | None = None) -> str | None:
     """Why an artifact with this fingerprint (and video-ids digest, when given) does not belong to ``cache``;
     None when it does."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tvrerank.cache.identity import require_same_cache
 from tvrerank.config import from_dict
 from tvrerank.errors import MissingInput
 from tvrerank.rerank.model import Reranker, RerankerConfig
@@ -32,6 +33,13 @@ class TrainedReranker:
     # {"train": identity of the training cache, "validation": identity of the split that tuned alpha and
     # chose the checkpoint (None: not validated)}; an identity is {"cache", "video_ids_sha256", "videos"}
     splits: dict
+    run_dir: str = ""
+
+    def require_cache(self, cache) -> None:
+        """Refuse an open cache from another encoder, sampling or token layout than the training cache's."""
+        require_same_cache(cache, f"re-ranker {self.run_dir}", fingerprint=self.fingerprint,
+                           remedy="extract that cache with the encoder and settings the re-ranker was trained on, "
+                                  "or train a re-ranker on it")
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -66,4 +74,5 @@ def load_reranker(run_dir: str | Path, device: str | torch.device = "cpu") -> Tr
     model.load_state_dict(saved["state_dict"])
     model.to(device).eval()
     return TrainedReranker(model=model, fusion_alpha=saved["fusion_alpha"], fingerprint=saved["fingerprint"],
-                           step=saved["step"], train_config=saved["train_config"], splits=saved.get("splits", {}))
+                           step=saved["step"], train_config=saved["train_config"], splits=saved.get("splits", {}),
+                           run_dir=str(run_dir))

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
+from tvrerank.cache.identity import cache_video_ids_digest
 from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.rows import CacheRows
 from tvrerank.errors import InputError, TvrerankError
@@ -77,8 +77,7 @@ def build_for_run(cache_path: str | Path, run_dir: str | Path, device: torch.dev
     """``tvrerank gallery``: load the run, check it belongs with the cache, build the store."""
     trained = load_reranker(run_dir, device)
     with CacheReader(cache_path) as cache:
-        require_same_cache(cache, f"re-ranker {run_dir}", fingerprint=trained.fingerprint,
-                           remedy="extract the gallery with the encoder the re-ranker was trained on")
+        trained.require_cache(cache)
     return build_gallery_store(cache_path, run_dir, trained.model, device=device)
 
 

@@ -16,7 +16,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tvrerank.cache.identity import require_same_cache
 from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.rows import CacheRows
 from tvrerank.devices import resolve_device
@@ -112,8 +111,7 @@ class Retriever:
         self.reranker = None
         if run_dir is not None:
             self.reranker = load_reranker(run_dir, self.device)
-            require_same_cache(self.cache, f"re-ranker {run_dir}", fingerprint=self.reranker.fingerprint,
-                               remedy="extract the gallery with the encoder the re-ranker was trained on")
+            self.reranker.require_cache(self.cache)
             self.store = GalleryStore.find(run_dir, self.cache) if use_store else None
             if self.store is not None:
                 log.info("using the gallery store %s", self.store.path)

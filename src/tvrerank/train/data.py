@@ -5,8 +5,8 @@ each with its positive video, hard negatives from its top-K candidates and in-ba
 (other captions' videos), plus the tokens of every video the step needs, each read once
 (through ``cache.rows.CacheRows``). A micro-batch depends only on (seed, step, slot), where
 slot = micro-step x world size + rank: a resumed run sees the same batches, and N ranks with
-one micro-batch each see exactly the batches one process sees with N micro-batches. Videos held out for validation never appear in a batch, as positive or
-negative.
+one micro-batch each see exactly the batches one process sees with N micro-batches. Videos held
+out for validation never appear in a batch, as positive or negative.
 """
 
 from __future__ import annotations

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tvrerank.cache.identity import require_same_cache
+from tvrerank.cache.identity import require_same_cache, split_identity
 from tvrerank.cache.reader import CacheReader
 from tvrerank.config import from_dict, to_dict
 from tvrerank.devices import resolve_device
 from tvrerank.errors import InputError, NonFiniteScores
-from tvrerank.evaluation import load_lists, split_identity, stage_metrics
+from tvrerank.evaluation import load_lists, stage_metrics
 from tvrerank.index.candidates import CandidateLists, read_candidates
 from tvrerank.rerank.checkpoint import MODEL_FILE, atomic_save, save_reranker
 from tvrerank.rerank.inference import rerank_scores
