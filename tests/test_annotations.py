@@ -442,3 +442,25 @@ def test_read_annotations_input_errors(tmp_path):
     broken.write_text('{"v_a": {"sentences": ["x"],\n')
     with pytest.raises(AnnotationError, match=r"val_1\.json: line 2: invalid JSON"):
         read_annotations([broken], "activitynet", NO_VIDEOS)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_one_video_id_for_two_files_is_refused_naming_both_lines(tmp_path, suffix):
+    """Otherwise extract keeps one video and attaches the other's captions to it."""
+    if suffix == ".jsonl":
+        lines = ['{"video": "a.mp4", "caption": "one", "video_id": "v1"}',
+                 '{"video": "b.mp4", "caption": "two", "video_id": "v2"}',
+                 '{"video": "c.mp4", "caption": "three", "video_id": "v1"}']
+    else:
+        lines = ["video,caption,video_id", "a.mp4,one,v1", "b.mp4,two,v2", "c.mp4,three,v1"]
+    path = tmp_path / f"ann{suffix}"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AnnotationError) as error:
+        read_annotations([path], None, tmp_path)
+    message = str(error.value)
+    assert "'v1'" in message and "'c.mp4'" in message and "'a.mp4'" in message
+    line_first, line_again = (1, 3) if suffix == ".jsonl" else (2, 4)
+    assert f"line {line_again}" in message and f"line {line_first}" in message
+    lines[-1] = lines[-1].replace("c.mp4", "a.mp4")  # the same file twice is fine (two captions)
+    path.write_text("\n".join(lines) + "\n")
+    assert len(read_annotations([path], None, tmp_path)) == 3

@@ -13,6 +13,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 #: the figure each script's last line carries
 LAST_LINE = {
+    "bench_ablation.py": r"^ablation_seconds=\d",
     "bench_decode.py": r"^decode_speedup=\d",
     "bench_extract.py": r"^videos_per_s_tiny=\d",
     "bench_index.py": r"^auto_recall_at_15_\d+=\d",

@@ -82,10 +82,20 @@ def test_k_is_clamped_and_an_empty_gallery_is_an_error(tmp_path, caplog):
         build_index_dir(empty, tmp_path / "j")
 
 
+def test_a_mismatch_names_each_setting_that_differs_with_both_values(cache, tmp_path):
+    other = synthetic_cache(tmp_path / "other.h5", videos=40, frames=8, tokens=6)
+    build_index_dir(other, tmp_path / "other-index")
+    with pytest.raises(CacheMismatch) as error:
+        build_candidates(cache, index_dir=tmp_path / "other-index")
+    message = str(error.value)
+    assert "sampling.frames 8 (it) vs 4 (" in message and "layout.tokens_per_frame 6 (it) vs 4 (" in message
+    assert "encoder" not in message  # only what differs
+
+
 def test_an_index_or_candidates_from_another_cache_is_refused(cache, tmp_path):
     other = synthetic_cache(tmp_path / "other.h5", videos=40, model="another-encoder")
     build_index_dir(other, tmp_path / "other-index")
-    with pytest.raises(CacheMismatch, match="another encoder"):
+    with pytest.raises(CacheMismatch, match=r"encoder.model another-encoder \(it\) vs synthetic"):
         build_candidates(cache, index_dir=tmp_path / "other-index")
     build_index_dir(cache, tmp_path / "index")
     write_candidates(tmp_path / "cand.h5", build_candidates(cache, index_dir=tmp_path / "index"), cache)

@@ -28,6 +28,13 @@ def batches(data, **options):
     return TrainingBatches(cache, candidates, **{"spec": SPEC, "steps": 5, "memory_budget": 0, **options})
 
 
+def with_scores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scored")
+    cache = synthetic_cache(root / "c.h5", videos=30, captions_per_video=2, failed=(3, 7))
+    build_index_dir(cache, root / "index")
+    return cache, build_candidates(cache, k=10, index_dir=root / "index")
+
+
 def test_a_batch_is_a_pure_function_of_seed_step_and_rank(data):
     a, b = batches(data, seed=3), batches(data, seed=3)
     for step in (0, 4, 2):
@@ -86,3 +93,40 @@ def test_too_few_videos_for_a_group_is_refused_not_an_endless_loop(tmp_path):
                               spec=BatchSpec(captions=4, negatives=2, in_batch=1), steps=1)
     groups = exactly.group_rows(np.arange(0, 8, 2), np.random.default_rng(0))
     assert all(sorted(row) == [0, 1, 2, 3] for row in groups.tolist())  # filled with distinct random videos
+
+
+def test_similarity_sampling_prefers_the_most_similar_candidates(tmp_path_factory):
+    """ALBEF's sampler: negatives drawn in proportion to softmax(stage-1 score / temperature). A tiny
+    temperature always draws the highest-scored candidates; uniform sampling does not."""
+    cache, lists = with_scores(tmp_path_factory)
+    spec = BatchSpec(captions=8, negatives=2, in_batch=0, sampling="similarity", temperature=1e-4)
+    sharp = TrainingBatches(cache, lists.video, spec=spec, steps=1, candidate_score=lists.score)
+    uniform = TrainingBatches(cache, lists.video, spec=BatchSpec(captions=8, negatives=2, in_batch=0), steps=1)
+    rng, drawn_top, uniform_top = np.random.default_rng(0), 0, 0
+    for caption in range(0, 40, 3):
+        positive = sharp.caption_video[caption]
+        listed = lists.video[caption]
+        keep = (listed >= 0) & (listed != positive) & sharp.usable[np.maximum(listed, 0)]
+        best = set(listed[keep][:2])  # lists are sorted by score, best first
+        drawn_top += set(sharp.hard_negatives(caption, positive, rng)) == best
+        uniform_top += set(uniform.hard_negatives(caption, positive, rng)) == best
+    assert drawn_top == 14 and uniform_top < 14
+    with pytest.raises(ValueError, match="stage-1 scores"):
+        TrainingBatches(cache, lists.video, spec=spec, steps=1)
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "similarity"])
+def test_negative_captions_belong_to_other_videos(tmp_path_factory, sampling):
+    cache, lists = with_scores(tmp_path_factory)
+    spec = BatchSpec(captions=8, negatives=2, in_batch=1, negative_captions=3, sampling=sampling)
+    made = TrainingBatches(cache, lists.video, spec=spec, steps=3, candidate_score=lists.score)
+    for step in range(3):
+        batch = made[step]
+        negative = batch["negative_text"]  # (B, Nc) into the batch's captions
+        assert negative.shape == (8, 3)
+        positive_row = batch["pair_video"][:, 0]  # each caption's positive, as a row of the batch's videos
+        for b in range(8):
+            assert len(set(negative[b].tolist())) == 3
+            assert all(positive_row[j] != positive_row[b] for j in negative[b].tolist())
+        assert torch.equal(negative, TrainingBatches(cache, lists.video, spec=spec, steps=3,
+                                                     candidate_score=lists.score)[step]["negative_text"])

@@ -60,7 +60,8 @@ def _constant_reranker(cache, value: float = 0.7) -> Reranker:
     with torch.no_grad():
         model.head[-1].weight.zero_()
         model.head[-1].bias.fill_(value)
-        model.token_match_scale.zero_()
+        if model.token_match_scale is not None:
+            model.token_match_scale.zero_()
     return model
 
 

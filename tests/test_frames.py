@@ -116,3 +116,24 @@ def test_the_encoders_recorded_interpolation_is_the_one_used(tmp_path):
     bicubic = sample_frames(video, num_frames=3, image_size=32, interpolation=swscale_interpolation("bicubic"))
     bilinear = sample_frames(video, num_frames=3, image_size=32, interpolation=swscale_interpolation("bilinear"))
     assert not np.array_equal(bicubic.frames, bilinear.frames)  # the option reaches libswscale
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg", "folder", "fifo"])
+def test_a_still_image_or_a_non_file_named_mp4_is_failed_not_a_video(tmp_path, kind):
+    """A picture renamed .mp4 would otherwise be a one-frame video; a FIFO would block the reader."""
+    import os
+
+    from PIL import Image
+
+    path = tmp_path / "x.mp4"
+    if kind in ("png", "jpeg"):
+        Image.fromarray(np.full((32, 48, 3), 128, np.uint8)).save(path, format=kind.upper())
+        reason = "a still image"
+    elif kind == "folder":
+        path.mkdir()
+        reason = "not a regular file"
+    else:
+        os.mkfifo(path)
+        reason = "not a regular file"
+    sample, error = sample_or_error(path, num_frames=4, image_size=16)
+    assert sample is None and reason in error, error

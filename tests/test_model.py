@@ -1,4 +1,5 @@
-"""The re-ranker model: shapes, masks, selection properties, gradients, checkpoint round trip."""
+"""The re-ranker model: shapes, masks, selection properties, the per-frame attention against a
+brute-force reference, every variant's gradients, checkpoint round trip."""
 
 from __future__ import annotations
 
@@ -7,12 +8,20 @@ import dataclasses
 import pytest
 import torch
 
-from tvrerank.rerank.checkpoint import load_reranker, save_reranker
-from tvrerank.rerank.model import CrossBlock, FrameTokenSelector, Reranker, RerankerConfig, SelectedVideos, top_k_weights
+import torch.nn.functional as F
+
+from tvrerank.errors import InputError
+from tvrerank.rerank.checkpoint import MODEL_FILE, load_reranker, save_reranker
+from tvrerank.rerank.model import (CrossBlock, FrameTokenSelector, Reranker, RerankerConfig, SelectedVideos,
+                                   _PerturbedTopK, top_k_weights)
 
 CONFIG = RerankerConfig(frames=4, tokens_per_frame=6, token_dim=12, embed_dim=10, text_token_dim=8, text_tokens=7,
                         width=16, heads=2, layers=1, queries=3, frame_keep=2, video_keep=5, dropout=0.0,
                         perturb_samples=16)
+#: every switch of the ablation table, each on its own
+VARIANTS = [{}, {"frame_level": False}, {"video_level": False}, {"combine": "sum"}, {"share_weights": False},
+            {"frame_tokens": "all"}, {"frame_tokens": "global"}, {"video_selector": False}, {"token_match": True},
+            {"combine": "joint"}, {"combine": "joint", "share_weights": False}, {"combine": "sum", "video_level": False}]
 
 
 def inputs(videos=3, pairs=5, seed=0):
@@ -36,18 +45,18 @@ def model():
 def test_shapes_and_masks(model):
     text, length, tokens, frame_emb, frame_mask, pair_video = inputs()
     selected = model.select(tokens, frame_emb, frame_mask)
-    assert selected.frame_tokens.shape == (3, 4 * (1 + 2), 16)  # global + M per frame
+    assert selected.frame_tokens.shape == (3, 4, 1 + 2, 16)  # global + M per frame
     assert selected.video_tokens.shape == (3, 5, 16) and selected.video_pad.shape == (3, 5)
-    assert selected.frame_pad[0].tolist() == [False] * 6 + [True] * 6  # padded frames are masked
+    assert selected.frame_pad[0].tolist() == [False, False, True, True]  # padded frames are masked
     scores = model(text, length, tokens, frame_emb, frame_mask, pair_video)
     assert scores.shape == (5,) and torch.isfinite(scores).all()
 
 
 def test_inference_top_k_is_hard_and_in_token_order():
     scores = torch.tensor([[0.1, 0.9, 0.3, 0.8], [5.0, -1.0, 4.0, 0.0]])
-    weights = top_k_weights(scores, 2, training=False, samples=8, sigma=0.05)
+    weights = top_k_weights(scores, 2, soft=False, samples=8, sigma=0.05)
     assert weights.tolist() == [[[0, 1, 0, 0], [0, 0, 0, 1]], [[1, 0, 0, 0], [0, 0, 1, 0]]]
-    soft = top_k_weights(scores, 2, training=True, samples=64, sigma=0.05)
+    soft = top_k_weights(scores, 2, soft=True, samples=64, sigma=0.05)
     assert torch.allclose(soft.sum(-1), torch.ones(2, 2)) and (soft >= 0).all()
 
 
@@ -58,7 +67,7 @@ def test_video_selector_never_picks_padded_frames(model):
     assert (~selected.video_pad[0]).sum() == 5  # video 0 has 6 real tokens
     assert (~selected.video_pad[1]).sum() == 3  # only the real ones count as kept
     # selected real tokens of video 1 equal frame-level tokens of its real frame
-    real = selected.frame_tokens[1, :3]
+    real = selected.frame_tokens[1, 0]  # (3, d)
     for token in selected.video_tokens[1][~selected.video_pad[1]]:
         assert torch.isclose(real, token).all(-1).any()
 
@@ -67,19 +76,97 @@ def test_frame_selector_is_the_identity_when_it_keeps_everything():
     selector = FrameTokenSelector(width=8, keep=6, tokens=6, samples=4, sigma=0.05)
     assert selector.score is None  # nothing to learn either
     tokens, frame_global = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 8)
-    out = selector(tokens, frame_global)
+    out = selector(tokens, frame_global, soft=False)
     assert torch.equal(out[:, :, 1:], tokens) and torch.equal(out[:, :, 0], frame_global)
 
 
-def test_every_parameter_gets_a_finite_nonzero_gradient(model):
-    """timm's test_model_backward: no parameter is dead weight (the selectors' scorers included)."""
-    model.train()
-    model(*inputs()).sum().backward()
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")
+def test_every_parameter_gets_a_finite_nonzero_gradient(variant):
+    """timm's test_model_backward, for every variant: no parameter is dead weight (the selectors'
+    scorers included), so DDP never meets an unused parameter."""
+    torch.manual_seed(0)
+    model = Reranker(config=dataclasses.replace(CONFIG, layers=2, **variant)).train()
+    scores = model(*inputs())
+    assert scores.shape == (5,) and torch.isfinite(scores).all()
+    scores.sum().backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None, f"{name}: no gradient"
         assert torch.isfinite(parameter.grad).all(), f"{name}: non-finite gradient"
         assert parameter.grad.abs().sum() > 0, f"{name}: zero gradient"
-    assert {"frame_selector.score.0.weight", "video_selector.score.0.weight"} <= dict(model.named_parameters()).keys()
+    if not variant:
+        assert {"frame_selector.score.0.weight", "video_selector.score.0.weight"} <= dict(model.named_parameters()).keys()
+
+
+def test_perturbed_top_k_is_the_mean_one_hot_of_the_perturbed_top_k():
+    """Brute-force reference: build the (N, S, k, P) one-hots from the same noise and average them."""
+    scores = torch.randn(5, 9)
+    torch.manual_seed(3)
+    weights = _PerturbedTopK.apply(scores, 3, 40, 0.5)
+    torch.manual_seed(3)
+    noise = torch.randn(5, 40, 9)
+    indices = (scores[:, None] + 0.5 * noise).topk(3, dim=-1).indices.sort(dim=-1).values
+    assert torch.allclose(weights, F.one_hot(indices, 9).float().mean(1), atol=1e-6)
+
+
+def test_per_frame_attention_matches_a_frame_by_frame_reference(model):
+    """The frame level attends to each frame on its own: a loop over frames with plain attention gives
+    the same results, and changing one frame changes that frame's result only."""
+    text, length, tokens, frame_emb, frame_mask, pair_video = inputs()
+    selected = model.select(tokens, frame_emb, frame_mask)
+    block, q = model.frame_block(), CONFIG.queries
+    queries = torch.cat([model.queries.expand(5, -1, -1), model.text_in(text) + model.text_position], dim=1)
+    pad = torch.cat([torch.zeros(5, q, dtype=torch.bool), torch.arange(7)[None] >= length[:, None]], dim=1)
+    results, attention = model.frame_results(queries, pad, selected, pair_video, None)
+    assert results.shape == (5, 4, 16) and attention.shape == (5, 4, 2, q, 3)
+    assert torch.allclose(attention.sum(-1), torch.ones(5, 4, 2, q))
+    conditioned = block.condition(queries, pad, rows=q)  # (C, Q, d)
+    for t in range(4):
+        keys, values = block.keys_values(selected.frame_tokens[pair_video, t])  # (C, h, F, d/h)
+        attended = F.scaled_dot_product_attention(block._split(block.q_proj(block.norm_q(conditioned))), keys, values)
+        outputs = conditioned + block.out_proj(attended.transpose(1, 2).flatten(2))  # (C, Q, d): each query
+        mean = outputs.mean(dim=1)  # the frame's result: the mean of the learnable queries' outputs
+        expected = mean + block.mlp(block.norm_mlp(mean)) + model.temporal[t]
+        assert torch.allclose(results[:, t], expected, atol=1e-5)
+    changed = SelectedVideos(selected.frame_tokens.clone(), *selected.fields()[1:])
+    changed.frame_tokens[:, 2] += torch.randn_like(changed.frame_tokens[:, 2])  # (a constant shift would be normed away)
+    moved = model.frame_results(queries, pad, changed, pair_video, None)[0]
+    assert torch.allclose(moved[:, [0, 1, 3]], results[:, [0, 1, 3]], atol=1e-6)
+    assert not torch.allclose(moved[:, 2], results[:, 2])
+
+
+def test_the_frame_results_feed_the_video_level(model):
+    """Hierarchical: with the video tokens fixed, changing a frame's kept tokens changes the score; with
+    the frame level off, the frame tokens reach the score only through the video tokens."""
+    text, length, tokens, frame_emb, frame_mask, pair_video = inputs()
+    selected = model.select(tokens, frame_emb, frame_mask)
+    changed = SelectedVideos(selected.frame_tokens + torch.randn_like(selected.frame_tokens), *selected.fields()[1:])
+    assert not torch.allclose(model.score(text, length, changed, pair_video),
+                              model.score(text, length, selected, pair_video))
+    torch.manual_seed(0)
+    video_only = Reranker(config=dataclasses.replace(CONFIG, frame_level=False)).eval()
+    selected = video_only.select(tokens, frame_emb, frame_mask)
+    changed = SelectedVideos(selected.frame_tokens + torch.randn_like(selected.frame_tokens), *selected.fields()[1:])
+    assert torch.equal(video_only.score(text, length, changed, pair_video),
+                       video_only.score(text, length, selected, pair_video))
+
+
+def test_soft_selection_blends_tokens_and_hard_selection_picks_them(model):
+    _, _, tokens, frame_emb, frame_mask, _ = inputs()
+    hard = model.select(tokens, frame_emb, frame_mask)
+    assert torch.equal(model.select(tokens, frame_emb, frame_mask, soft=False).frame_tokens, hard.frame_tokens)
+    torch.manual_seed(0)
+    soft = model.select(tokens, frame_emb, frame_mask, soft=True)
+    assert not torch.allclose(soft.frame_tokens, hard.frame_tokens)
+    assert not model.training  # soft selection is asked for, not switched on by the mode
+
+
+@pytest.mark.parametrize("bad, fragment", [({"combine": "mean"}, "'combine'"), ({"frame_tokens": "some"}, "'frame_tokens'"),
+                                           ({"frame_level": False, "video_level": False}, "both be false"),
+                                           ({"width": 15}, "multiple of 'heads'"), ({"frame_keep": 0}, "'frame_keep'"),
+                                           ({"token_match": "yes"}, "'token_match'")])
+def test_bad_model_options_name_the_option(bad, fragment):
+    with pytest.raises(InputError, match=fragment):
+        dataclasses.replace(CONFIG, **bad)
 
 
 def test_selection_scores_stay_float32_under_bf16_autocast(model):
@@ -111,7 +198,26 @@ def test_checkpoint_round_trip_loads_with_no_flags(model, tmp_path):
                   train_config={"steps": 7})
     loaded = load_reranker(tmp_path)
     assert loaded.model.config == CONFIG and loaded.fusion_alpha == 0.25 and loaded.step == 7
+    assert loaded.fusion == "tuned"
     assert torch.equal(loaded.model(*inputs()), model(*inputs()))
+    save_reranker(tmp_path, model, fusion_alpha=None, fingerprint={}, step=7, train_config={}, fusion="sum")
+    assert load_reranker(tmp_path).fusion == "sum" and load_reranker(tmp_path).fusion_alpha is None
+
+
+def test_a_checkpoint_from_before_the_switches_loads_as_the_earlier_design(tmp_path):
+    """reranker.pt files written before the ablation switches existed hold the joint design with the
+    word-to-patch term: they load as that, with the same scores."""
+    torch.manual_seed(0)
+    earlier = Reranker(config=dataclasses.replace(CONFIG, combine="joint", token_match=True)).eval()
+    save_reranker(tmp_path, earlier, fusion_alpha=0.3, fingerprint={}, step=1, train_config={})
+    saved = torch.load(tmp_path / MODEL_FILE, weights_only=True)
+    for name in ("combine", "token_match", "frame_level", "video_level", "share_weights", "frame_tokens",
+                 "video_selector"):
+        del saved["model_config"][name]
+    torch.save(saved, tmp_path / MODEL_FILE)
+    loaded = load_reranker(tmp_path).model
+    assert loaded.config.combine == "joint" and loaded.config.token_match
+    assert torch.equal(loaded(*inputs()), earlier(*inputs()))
 
 
 def test_captions_shared_by_pairs_score_as_repeated_captions(model):

@@ -9,6 +9,7 @@ from tvrerank.errors import NonFiniteScores
 from tvrerank.metrics import retrieval_metrics
 from tvrerank.rerank.ranking import (
     fuse,
+    fused_scores,
     order_candidates,
     plain_sum,
     reranked_ranks,
@@ -120,3 +121,11 @@ def test_tune_alpha_cannot_make_a_constant_reranker_look_better():
     alpha, table = tune_alpha(STAGE1, constant, CANDIDATES, TRUE_VIDEO, TRUE_RANK)
     stage1 = retrieval_metrics(TRUE_RANK)
     assert all(row == stage1 for row in table.values()) and alpha == 1.0
+
+
+def test_a_runs_fusion_is_applied_by_name():
+    stage1, rerank = np.array([[0.9, 0.5, 0.1]]), np.array([[-3.0, 4.0, 0.0]])
+    assert np.array_equal(fused_scores(stage1, rerank, fusion="sum", alpha=None), plain_sum(stage1, rerank))
+    assert np.array_equal(fused_scores(stage1, rerank, fusion="tuned", alpha=0.3), fuse(stage1, rerank, 0.3))
+    with pytest.raises(ValueError, match="fusion"):
+        fused_scores(stage1, rerank, fusion="mean", alpha=0.3)

@@ -121,7 +121,8 @@ def test_gallery_store_gives_the_same_results(setup):
     with_store.close()
     for a, b in zip(before + before, after + one_by_one):
         assert [h.video_id for h in a.results] == [h.video_id for h in b.results]
-        np.testing.assert_allclose([h.score for h in a.results], [h.score for h in b.results], atol=1e-5)
+        # the store keeps float16 tokens: scores move by float16 rounding only
+        np.testing.assert_allclose([h.score for h in a.results], [h.score for h in b.results], atol=2e-2)
 
 
 def test_gallery_store_records_are_memory_mapped_and_old_stores_are_ignored(setup, caplog):
@@ -132,6 +133,7 @@ def test_gallery_store_records_are_memory_mapped_and_old_stores_are_ignored(setu
         rows = store.rows[[3, 0, 2]]  # any order: records come back in that order
         selected = store.read(rows, torch.device("cpu"))
         assert all(isinstance(store.arrays[name], np.memmap) for name in FIELDS)
+        assert store.arrays["frame_tokens"].dtype == np.float16 and selected.frame_tokens.dtype == torch.float32
         with h5py.File(store.path, "r") as f:  # the same bytes h5py reads
             for name in FIELDS:
                 np.testing.assert_array_equal(getattr(selected, name).numpy(), f[name][()][[3, 0, 2]])
@@ -176,4 +178,4 @@ def test_an_index_or_reranker_for_another_gallery_is_refused(setup, tmp_path):
     assert invoke("index", str(other), "--out", str(tmp_path / "other-index")).exit_code == 0
     result = invoke("retrieve", "--gallery", str(cache), "--index", str(tmp_path / "other-index"), "--no-rerank",
                     "query")
-    assert result.exit_code == 2 and "another encoder" in result.output
+    assert result.exit_code == 2 and "encoder.model synthetic (it) vs " in result.output

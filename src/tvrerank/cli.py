@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -48,6 +49,28 @@ class _Commands(click.Group):
             logging.getLogger("tvrerank").debug("the error's traceback:", exc_info=True)
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except OSError as exc:
+            message = storage_error(exc)
+            if message is None:
+                raise
+            logging.getLogger("tvrerank").debug("the error's traceback:", exc_info=True)
+            click.echo(f"error: {message}", err=True)
+            sys.exit(2)
+
+
+def storage_error(exc: OSError) -> str | None:
+    """One line for a full disk or an unwritable place (the user's to fix), else None (a bug)."""
+    import errno
+
+    text = str(exc)
+    where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or "errno = 28" in text:
+        return (f"no space left on device{where}; free space and run the same command again (extraction "
+                "resumes from its finished parts; nothing already done is lost)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text \
+            or "Read-only file system" in text:
+        return f"cannot write{where or ' the output'} ({exc.strerror or text}); choose a writable --out"
+    return None
 
 
 @click.group(cls=_Commands)
@@ -73,16 +96,19 @@ def main(verbose: bool) -> None:
 @click.option("--pretrained", default=None,
               help="open_clip tag, checkpoint file, or local-dir:FOLDER. Omitted: random weights.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Cache file to write (.h5).")
-@click.option("--frames", default=12, show_default=True, help="Frames sampled per video.")
+@click.option("--frames", default=12, show_default=True, type=click.IntRange(min=1), help="Frames sampled per video.")
 @click.option("--token-space", type=click.Choice(["joint", "raw"]), default="joint", show_default=True)
 @click.option("--token-pool", type=click.Choice(["none", "2x2"]), default="none", show_default=True)
-@click.option("--text-tokens", default=32, show_default=True, help="Caption token features kept (L).")
-@click.option("--batch-size", default=64, show_default=True, help="Frames (and captions) per forward pass.")
-@click.option("--workers", default=2, show_default=True, help="Decoding processes (0: decode in this process).")
+@click.option("--text-tokens", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Caption token features kept (L).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Frames (and captions) per forward pass.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Decoding processes (0: decode in this process).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--shard", default=None, help="I/N: extract the I-th of N slices (automatic under torchrun).")
-@click.option("--part-videos", default=0, help="Videos per resumable part (0: automatic).")
+@click.option("--part-videos", default=0, type=click.IntRange(min=0), help="Videos per resumable part (0: automatic).")
 @click.option("--overwrite", is_flag=True, help="Start over, discarding an existing cache or unfinished run.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(annotations, fmt, videos, model, pretrained, out, frames, token_space, token_pool, text_tokens,
@@ -171,12 +197,12 @@ def cache_merge_cmd(shards, out: str) -> None:
 
 @main.command()
 @click.option("--model", required=True, help="open_clip model name or model-config JSON.")
-@click.option("--videos", "num_videos", required=True, type=int, help="Number of videos.")
-@click.option("--frames", default=12, show_default=True)
-@click.option("--captions", "num_captions", type=int, default=None, help="Number of captions (default: = videos).")
+@click.option("--videos", "num_videos", required=True, type=click.IntRange(min=1), help="Number of videos.")
+@click.option("--frames", default=12, show_default=True, type=click.IntRange(min=1))
+@click.option("--captions", "num_captions", type=click.IntRange(min=1), default=None, help="Number of captions (default: = videos).")
 @click.option("--token-space", type=click.Choice(["joint", "raw"]), default="joint", show_default=True)
 @click.option("--token-pool", type=click.Choice(["none", "2x2"]), default="none", show_default=True)
-@click.option("--text-tokens", default=32, show_default=True)
+@click.option("--text-tokens", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True)
 def plan(model, num_videos, frames, num_captions, token_space, token_pool, text_tokens, as_json) -> None:
     """Estimate a cache's size on disk from the model config, without loading weights."""
@@ -206,7 +232,8 @@ def plan(model, num_videos, frames, num_captions, token_space, token_pool, text_
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
 @click.option("--factory", default="Flat", show_default=True,
               help="FAISS factory string (Flat, HNSW32, IVF1024,PQ64x8, ...) or auto (by size and memory).")
-@click.option("--memory-budget-gb", default=4.0, show_default=True, help="For --factory auto.")
+@click.option("--memory-budget-gb", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="For --factory auto.")
 def index(cache_path: str, out: str, factory: str, memory_budget_gb: float) -> None:
     """FAISS inner-product index over the cache's video embeddings (ok videos only)."""
     from tvrerank.index.store import build_index_dir
@@ -266,6 +293,8 @@ def train(cache_path, candidates_path, val_fraction, val_cache, val_candidates, 
         raise click.UsageError("--val-cache and --val-candidates go together")
     if val_cache is not None and val_fraction is not None:
         raise click.UsageError("give --val-fraction or --val-cache/--val-candidates, not both")
+    from tvrerank.evaluation import fusion_label
+
     config = load_train_config(config_path, steps=steps, device=device, workers=workers, val_fraction=val_fraction)
     metrics = run_training(cache_path, candidates_path, out, config, val_cache=val_cache,
                            val_candidates=val_candidates, resume=resume)
@@ -273,7 +302,7 @@ def train(cache_path, candidates_path, val_fraction, val_cache, val_candidates, 
     if "val" in metrics:
         val = metrics["val"]
         line += (f"; validation R@1 {val['stage1']['R1']:.1f} -> {val['reranked']['R1']:.1f} "
-                 f"(fusion alpha {val['alpha']:.2f}, step {metrics['best_step']})")
+                 f"({fusion_label(val)}, step {metrics['best_step']})")
     else:
         line += "; no validation split (alpha from the config; consider --val-fraction 0.1)"
     click.echo(line)
@@ -292,7 +321,7 @@ def train(cache_path, candidates_path, val_fraction, val_cache, val_candidates, 
 def evaluate(cache_path: str, candidates_path: str, run_dir: str | None, dsl: bool, device: str,
              as_json: bool, ranks_out: str | None) -> None:
     """Retrieval metrics (R@1/5/10, MdR, MnR): stage 1, and re-ranked with --reranker."""
-    from tvrerank.evaluation import VARIANTS, evaluate_run, stage1_evaluation, write_rank_table
+    from tvrerank.evaluation import VARIANTS, evaluate_run, fusion_label, stage1_evaluation, write_rank_table
     from tvrerank.metrics import format_table
 
     if ranks_out is not None and run_dir is None:
@@ -302,7 +331,7 @@ def evaluate(cache_path: str, candidates_path: str, run_dir: str | None, dsl: bo
         reranked = evaluate_run(run_dir, cache_path, candidates_path, device=device, keep_ranks=ranks_out is not None)
         if ranks_out is not None:
             write_rank_table(ranks_out, cache_path, reranked["ranks"])
-        result.update({key: reranked[key] for key in (*VARIANTS, "alpha", "tuned_on_this_split",
+        result.update({key: reranked[key] for key in (*VARIANTS, "alpha", "fusion", "tuned_on_this_split",
                                                       "trained_on_this_split")})
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
@@ -312,7 +341,7 @@ def evaluate(cache_path: str, candidates_path: str, run_dir: str | None, dsl: bo
     columns = {"stage 1": result["stage1"]}
     if "reranked" in result:
         columns.update({"re-ranker alone": result["reranker_only"], "plain sum": result["plain_sum"],
-                        f"fused (alpha {result['alpha']:.2f})": result["reranked"]})
+                        fusion_label(result): result["reranked"]})
     click.echo(format_table(columns))
     for flag, what in (("trained_on_this_split", "trained"), ("tuned_on_this_split", "tuned")):
         if result.get(flag):
@@ -323,6 +352,19 @@ def evaluate(cache_path: str, candidates_path: str, run_dir: str | None, dsl: bo
     if "dsl" in result:
         click.echo("text->video with dual softmax (uses every test query at once; not comparable)")
         click.echo(format_table({"stage 1 + DSL": result["dsl"]["stage1"]}))
+
+
+def read_text_lines(path: str, where: str) -> list[str]:
+    """The lines of a UTF-8 text file (``-``: stdin); a byte that is not UTF-8 is an error naming its line."""
+    from tvrerank.errors import InputError
+
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(f"{where}: line {line} is not UTF-8 text; save the file as UTF-8 (one query per line)") \
+            from None
 
 
 @main.command()
@@ -348,9 +390,8 @@ def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rera
 
     texts, names = list(queries), [f"query {i + 1} (argument)" for i in range(len(queries))]
     if queries_file is not None:
-        with click.open_file(queries_file, encoding="utf-8") as stream:
-            lines = stream.read().splitlines()
         where = "stdin" if queries_file == "-" else queries_file
+        lines = read_text_lines(queries_file, where)
         for number, line in enumerate(lines, start=1):
             if line == "":
                 continue  # blank separator lines are not queries
@@ -398,8 +439,9 @@ def toy() -> None:
 
 @toy.command("make")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the toy world to.")
-@click.option("--videos", default=240, show_default=True, help="Videos in all (a quarter are test).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--videos", default=240, show_default=True, type=click.IntRange(min=8),
+              help="Videos in all (a quarter are test).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 def toy_make(out: str, videos: int, seed: int) -> None:
     """Write toy videos (mp4) with train/test captions in the generic JSONL format."""
     from tvrerank.toy.make import ToyWorldConfig, make_toy_world
@@ -410,11 +452,11 @@ def toy_make(out: str, videos: int, seed: int) -> None:
 
 @toy.command("pretrain")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Weights file to write (.safetensors).")
-@click.option("--steps", default=1500, show_default=True)
-@click.option("--batch-size", default=128, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--threads", default=0, show_default=True, help="torch threads (0: default).")
+@click.option("--steps", default=1500, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="torch threads (0: default).")
 def toy_pretrain(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int) -> None:
     """Train the toy encoder (tvr-toy) on single toy frames; rebuilds the shipped weights."""
     from tvrerank.extract.encoder import FrozenClipEncoder
@@ -430,10 +472,12 @@ def toy_pretrain(out: str, steps: int, batch_size: int, lr: float, seed: int, th
 
 @main.command()
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True)
-@click.option("--videos", default=360, show_default=True, help="Toy videos in all (train/val/test).")
-@click.option("--steps", default=None, type=int, help="Re-ranker training steps (default: the demo's).")
-@click.option("--workers", default=2, show_default=True, help="Decoding processes for extraction.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--videos", default=360, show_default=True, type=click.IntRange(min=48),
+              help="Toy videos in all (train/val/test).")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="Re-ranker training steps (default: the demo's).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Decoding processes for extraction.")
 def demo(out: str, seed: int, videos: int, steps: int | None, workers: int) -> None:
     """Run the whole pipeline on the toy world and print stage 1 vs re-ranked."""
     import dataclasses

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from tvrerank.errors import InputError
+
 
 def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
     """``auto`` → this process's GPU when there is one, else the CPU; any other name as torch reads it.
@@ -18,5 +20,14 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(name)
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InputError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: torch sees no GPU here (torch {torch.__version__}); use --device cpu, "
+                         "or install a CUDA build of torch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: there are {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return device

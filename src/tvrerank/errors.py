@@ -25,5 +25,9 @@ class CacheMismatch(TvrerankError, ValueError):
     """An artifact (index, candidates, run, gallery store) used with a cache it was not made from."""
 
 
+class CorruptFile(TvrerankError, ValueError):
+    """An artifact that exists but cannot be read (truncated, zero bytes, not what its name says)."""
+
+
 class NonFiniteScores(TvrerankError, ArithmeticError):
     """A re-ranker produced NaN or inf scores (diverged training or a broken checkpoint)."""

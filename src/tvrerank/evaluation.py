@@ -32,7 +32,7 @@ from tvrerank.metrics import dual_softmax, recall_curve, retrieval_metrics, text
 from tvrerank.rerank.checkpoint import load_reranker
 from tvrerank.rerank.inference import rerank_scores
 from tvrerank.rerank.model import Reranker
-from tvrerank.rerank.ranking import fuse, plain_sum, reranked_ranks, tune_alpha
+from tvrerank.rerank.ranking import fuse, fused_scores, plain_sum, reranked_ranks, tune_alpha
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,14 @@ def load_lists(cache_path: str | Path, candidates_path: str | Path) -> tuple[Can
 
 
 def stage_metrics(lists: CandidateLists, true_video: np.ndarray, scores: np.ndarray, *,
-                  alpha: float | None = None, captions: np.ndarray | None = None, keep_ranks: bool = False) -> dict:
+                  alpha: float | None = None, fusion: str = "tuned", captions: np.ndarray | None = None,
+                  keep_ranks: bool = False) -> dict:
     """Stage 1 vs re-ranked from the re-ranker's ``scores`` (M, K) of the lists (pure numpy).
 
-    ``captions`` (caption rows) restricts the evaluation to them (a validation split); ``alpha``
-    None: tuned here on those captions. Keys: the counts, "alpha", "stage1", "reranker_only",
-    "plain_sum", "reranked" (the fusion with alpha) and "recall_curve" of each; with ``keep_ranks``
+    ``captions`` (caption rows) restricts the evaluation to them (a validation split). ``fusion``
+    ``tuned``: "reranked" fuses with ``alpha`` (None: tuned here on those captions); ``sum``: it is
+    the plain sum and "alpha" is None. Keys: the counts, "fusion", "alpha", "stage1", "reranker_only",
+    "plain_sum", "reranked" (the run's fusion) and "recall_curve" of each; with ``keep_ranks``
     also "ranks": {"caption": caption rows, variant: each caption's rank} (-1: video not in the gallery).
     """
     captions = np.arange(len(lists.true_rank)) if captions is None else np.asarray(captions)
@@ -96,16 +98,19 @@ def stage_metrics(lists: CandidateLists, true_video: np.ndarray, scores: np.ndar
     present = lists.video[captions] >= 0  # approximate indexes may return fewer than K
     stage1, rerank = lists.score[captions], scores[captions]
     video, truth, true_rank = lists.video[captions], true_video[captions], lists.true_rank[captions]
-    if alpha is None:
+    if fusion == "sum":
+        alpha = None
+    elif alpha is None:
         alpha, _ = tune_alpha(stage1, rerank, video, truth, true_rank, present)
     ranks = {
         "stage1": true_rank,
         "reranker_only": reranked_ranks(fuse(stage1, rerank, 0.0, present), stage1, video, truth, true_rank),
         "plain_sum": reranked_ranks(plain_sum(stage1, rerank, present), stage1, video, truth, true_rank),
-        "reranked": reranked_ranks(fuse(stage1, rerank, alpha, present), stage1, video, truth, true_rank),
+        "reranked": reranked_ranks(fused_scores(stage1, rerank, fusion=fusion, alpha=alpha, present=present),
+                                   stage1, video, truth, true_rank),
     }
     evaluated = true_rank > 0
-    result["alpha"] = float(alpha)
+    result["fusion"], result["alpha"] = fusion, None if alpha is None else float(alpha)
     result.update({name: retrieval_metrics(r[evaluated]) for name, r in ranks.items()})
     result["recall_curve"] = {name: recall_curve(r[evaluated], result["k"]) for name, r in ranks.items()}
     if keep_ranks:
@@ -114,11 +119,17 @@ def stage_metrics(lists: CandidateLists, true_video: np.ndarray, scores: np.ndar
 
 
 def compare_stages(model: Reranker, cache_path: str | Path, lists: CandidateLists, true_video: np.ndarray, *,
-                   device: torch.device, alpha: float | None = None, captions: np.ndarray | None = None,
-                   keep_ranks: bool = False) -> dict:
+                   device: torch.device, alpha: float | None = None, fusion: str = "tuned",
+                   captions: np.ndarray | None = None, keep_ranks: bool = False) -> dict:
     """Score the lists with ``model``, then :func:`stage_metrics`."""
     scores = rerank_scores(model, cache_path, lists.video, device=device, captions=captions)
-    return stage_metrics(lists, true_video, scores, alpha=alpha, captions=captions, keep_ranks=keep_ranks)
+    return stage_metrics(lists, true_video, scores, alpha=alpha, fusion=fusion, captions=captions,
+                         keep_ranks=keep_ranks)
+
+
+def fusion_label(result: dict) -> str:
+    """How the "reranked" row of a result is named in tables and plots."""
+    return "fused (plain sum)" if result.get("fusion") == "sum" else f"fused (alpha {result['alpha']:.2f})"
 
 
 def write_rank_table(path: str | Path, cache_path: str | Path, ranks: dict) -> None:
@@ -152,7 +163,7 @@ def evaluate_run(run_dir: str | Path, cache_path: str | Path, candidates_path: s
         digest = cache_video_ids_digest(cache)
     lists, true_video = load_lists(cache_path, candidates_path)
     result = compare_stages(trained.model, cache_path, lists, true_video, device=torch_device,
-                            alpha=trained.fusion_alpha, keep_ranks=keep_ranks)
+                            alpha=trained.fusion_alpha, fusion=trained.fusion, keep_ranks=keep_ranks)
     for flag, split in (("tuned_on_this_split", "validation"), ("trained_on_this_split", "train")):
         identity = trained.splits.get(split) or {}
         result[flag] = identity.get("video_ids_sha256") == digest

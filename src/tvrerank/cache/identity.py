@@ -15,6 +15,7 @@ names the artifact, the cache and the command that rebuilds it.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Iterable
 
 from tvrerank.errors import CacheMismatch
@@ -40,12 +41,30 @@ def cache_mismatch(cache, *, fingerprint: dict, video_ids_sha256: str | None = N
     """Why an artifact with this fingerprint (and video-ids digest, when given) does not belong to ``cache``;
     None when it does."""
     if fingerprint != cache.header.fingerprint():
-        made_with = fingerprint.get("encoder", {}).get("model")
-        return (f"it was made from a cache with another encoder, sampling or token layout ({made_with}; "
-                f"{cache.path} holds {cache.header.encoder.model})")
+        return ("it was made from a cache with other settings: "
+                + "; ".join(fingerprint_differences(fingerprint, cache.header.fingerprint(), cache.path)))
     if video_ids_sha256 is not None and video_ids_sha256 != cache_video_ids_digest(cache):
         return f"it was made from another cache, with other videos than {cache.path}"
     return None
+
+
+def fingerprint_differences(made_with: dict, held: dict, path, limit: int = 4) -> list[str]:
+    """The settings two fingerprints differ in, each named with both values, e.g.
+    ``sampling.frames 8 (it) vs 12 (CACHE)``; long values (model configs, digests) are shortened."""
+
+    def flat(tree, prefix=""):
+        if isinstance(tree, dict) and not prefix.endswith("model_config"):
+            return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): tree}
+
+    def short(value):
+        text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    a, b = flat(made_with), flat(held)
+    differ = [f"{key} {short(a.get(key))} (it) vs {short(b.get(key))} ({path})" for key in sorted(a.keys() | b.keys())
+              if a.get(key) != b.get(key)]
+    return differ[:limit] + ([f"and {len(differ) - limit} more"] if len(differ) > limit else [])
 
 
 def require_same_cache(cache, what: str, *, fingerprint: dict, video_ids_sha256: str | None = None,

@@ -227,6 +227,7 @@ class _VideoResolver:
         self._index: tuple[set[str], dict[str, str], dict[str, str]] | None = None  # (paths, by name, by stem)
         self._cache: dict[tuple[tuple[str, ...], str], str] = {}
         self.missing = 0
+        self.first_seen: dict[str, tuple[str, str]] = {}  # video id → (video path, "FILE: line N") of user formats
 
     def resolve(self, bases: Sequence[str], default: str) -> str:
         """Relative POSIX path of the first existing file for ``bases``, else ``default``."""
@@ -307,14 +308,26 @@ def _read_jsonl_file(path: Path, resolver: _VideoResolver) -> list[Caption]:
         if not isinstance(record, dict):
             raise AnnotationError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}; "
                                   'write {"video": ..., "caption": ...}')
-        out.append(_user_caption(record, path, f"line {number}"))
+        out.append(_one_path_per_id(_user_caption(record, path, f"line {number}"), f"{path}: line {number}",
+                                    resolver))
     return out
 
 
 def _read_csv_file(path: Path, resolver: _VideoResolver) -> list[Caption]:
     """csv: header ``video,caption[,video_id]``, one caption per row."""
     _, rows = _csv_table(path, ("video", "caption"), "video,caption[,video_id]")
-    return [_user_caption(row, path, f"line {number}") for number, row in rows]
+    return [_one_path_per_id(_user_caption(row, path, f"line {number}"), f"{path}: line {number}", resolver)
+            for number, row in rows]
+
+
+def _one_path_per_id(caption: Caption, where: str, resolver: _VideoResolver) -> Caption:
+    """Refuse a video id that names two different video files (their captions would be mixed up)."""
+    seen = resolver.first_seen.setdefault(caption.video_id, (caption.video_path, where))
+    if seen[0] != caption.video_path:
+        raise AnnotationError(
+            f"{where}: video_id {caption.video_id!r} is {caption.video_path!r} here but {seen[0]!r} at {seen[1]}; "
+            "give each video file its own video_id (or drop the field to use the file name)")
+    return caption
 
 
 def _load_msrvtt_json(path: Path) -> tuple[list[str], dict[str, list[str]]]:

@@ -252,12 +252,18 @@ def _open_video(path: str | Path, threads: int):
     path = Path(path)
     if not path.exists():
         raise VideoDecodeError(f"file not found: {path}")
+    if not path.is_file():  # a folder, a FIFO (opening one would block), a device
+        raise VideoDecodeError(f"not a regular file: {path}")
     if path.stat().st_size == 0:
         raise VideoDecodeError(f"empty file (0 bytes): {path}")
     try:
         container = av.open(str(path), **OPEN_OPTIONS)
     except Exception as exc:  # noqa: BLE001
         raise VideoDecodeError(f"not a readable video ({type(exc).__name__}: {exc})") from exc
+    demuxer = container.format.name
+    if demuxer == "image2" or demuxer.endswith("_pipe"):  # FFmpeg's still-image demuxers
+        container.close()
+        raise VideoDecodeError(f"a still image ({demuxer}), not a video: {path}")
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         container.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,11 @@ def create_clip(model: str, pretrained: str | None, *, precision: str = "fp32", 
             sha = sha256_file(weights)
         try:
             clip = open_clip.create_model(name, pretrained=weights, precision=precision, device=device)
-        except RuntimeError as exc:
+        except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as exc:
+            if Path(weights).is_file():
+                reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                raise ModelError(f"--pretrained {pretrained}: not a checkpoint of {name}'s weights ({reason}); pass "
+                                 "the model's .pt/.bin/.safetensors file or an open_clip tag") from None
             raise ModelError(
                 f"--pretrained {pretrained} for {name}: {exc}. Without network access, download the "
                 f"checkpoint elsewhere and pass its file path (or local-dir:FOLDER)."

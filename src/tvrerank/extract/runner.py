@@ -40,6 +40,7 @@ from tvrerank.cache.writer import PartData, PartStore, assemble
 from tvrerank.config import ExtractConfig, SamplingConfig
 from tvrerank.extract.annotations import Caption, read_annotations
 from tvrerank.extract.frames import SampledFrames, sample_or_error, swscale_interpolation
+from tvrerank.files import exclusive_lock
 
 log = logging.getLogger(__name__)
 
@@ -295,15 +296,16 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> Extractio
     started = time.perf_counter()
     table = VideoTable.from_captions(read_annotations(config.annotations, config.format, config.videos))
     out = shard_path(config.out, config.shard_index, config.shard_count)
-    if config.overwrite:
-        PartStore(out).remove()
-        out.unlink(missing_ok=True)
-    # the decoding workers boot while the encoder loads
-    decode = DecodeQueue(config.workers, look_ahead=(config.part_videos or 32) + 2 * config.workers)
-    try:
-        return _extract(config, table, out, decode, started, progress)
-    finally:
-        decode.close()
+    with exclusive_lock(out.with_name(out.name + ".lock"), str(out)):  # two runs never share the parts folder
+        if config.overwrite:
+            PartStore(out).remove()
+            out.unlink(missing_ok=True)
+        # the decoding workers boot while the encoder loads
+        decode = DecodeQueue(config.workers, look_ahead=(config.part_videos or 32) + 2 * config.workers)
+        try:
+            return _extract(config, table, out, decode, started, progress)
+        finally:
+            decode.close()
 
 
 def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: DecodeQueue, started: float,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tvrerank.errors import TvrerankError
+from tvrerank.errors import InputError, TvrerankError
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,21 @@ def build_index(vectors: np.ndarray, factory: str = "Flat", search_params: str =
     faiss = import_faiss()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        raise InputError(f"--factory {factory!r}: FAISS cannot build this index; use Flat (exact), auto, or a "
+                         "faiss index_factory string such as IVF256,Flat or HNSW32") from None
     if not index.is_trained:
         sample = vectors
         if n > 256 * 1024:
             sample = vectors[np.random.default_rng(0).choice(n, 256 * 1024, replace=False)]
-        index.train(sample)
+        try:
+            index.train(sample)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "training failed"
+            raise InputError(f"--factory {factory!r}: cannot train it on {len(sample)} vectors ({reason}); "
+                             "use fewer lists (e.g. IVF16,Flat), Flat, or auto, which fits the gallery size") from None
     index.add(vectors)
     if search_params:
         faiss.ParameterSpace().set_index_parameters(index, search_params)

@@ -18,7 +18,8 @@ import numpy as np
 from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
 from tvrerank.cache.reader import CacheReader
 from tvrerank.config import from_dict, to_dict
-from tvrerank.errors import InputError, MissingInput
+from tvrerank.errors import CorruptFile, InputError, MissingInput
+from tvrerank.files import replaced_folder
 from tvrerank.index.faiss_index import IndexChoice, auto_factory, build_index, import_faiss
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ class IndexConfig:
     fingerprint: dict = field(default_factory=dict)
     video_ids_sha256: str = ""
     created: str = ""
+
+
+INDEX_FILES = ("index.faiss", "video_rows.npy", "config.json")
 
 
 def read_gallery(cache: CacheReader) -> tuple[np.ndarray, np.ndarray]:
@@ -61,15 +65,15 @@ def build_index_dir(cache_path: str | Path, out: str | Path, factory: str = "Fla
     choice = auto_factory(*embeddings.shape, memory_budget) if factory == "auto" else IndexChoice(factory, "", "given")
     log.info("index %s over %d videos (%s)", choice.factory, len(rows), choice.reason)
     index = build_index(embeddings, choice.factory, choice.search_params)
-    out.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, str(out / "index.faiss"))
-    np.save(out / "video_rows.npy", rows)
     config = IndexConfig(
         factory=choice.factory, search_params=choice.search_params, reason=choice.reason,
         dim=int(embeddings.shape[1]), count=int(len(rows)), cache=str(cache_path), fingerprint=fingerprint,
         video_ids_sha256=digest, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    with replaced_folder(out, owned=set(INDEX_FILES)) as folder:  # never a new index beside an old config
+        faiss.write_index(index, str(folder / "index.faiss"))
+        np.save(folder / "video_rows.npy", rows)
+        (folder / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
     return config
 
 
@@ -81,7 +85,12 @@ def load_index_dir(path: str | Path):
         raise MissingInput(f"{path}: not an index folder (expected index.faiss and config.json); "
                                 "make one with `tvrerank index CACHE --out DIR`")
     config = from_dict(IndexConfig, json.loads((path / "config.json").read_text()))
-    index = faiss.read_index(str(path / "index.faiss"))
+    try:
+        index = faiss.read_index(str(path / "index.faiss"))
+    except RuntimeError as exc:  # zero bytes, truncated, not a FAISS file
+        reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "unreadable"
+        raise CorruptFile(f"{path / 'index.faiss'}: not a readable FAISS index ({reason}); rebuild the folder with "
+                          f"`tvrerank index CACHE --out {path}`") from None
     if config.search_params:
         faiss.ParameterSpace().set_index_parameters(index, config.search_params)
     return index, config, np.load(path / "video_rows.npy")

@@ -1,6 +1,7 @@
 """A trained re-ranker on disk: ``RUN_DIR/reranker.pt``, which loads with no flags.
 
-``reranker.pt`` holds the model config, its weights, the fusion weight, the fingerprint of the
+``reranker.pt`` holds the model config, its weights, the fusion (``tuned`` with its weight, or
+``sum``), the fingerprint of the
 cache it was trained on and which data trained and validated it (``splits``), so
 ``load_reranker(RUN_DIR)`` rebuilds everything, a later stage can refuse a cache from another
 encoder, and ``eval`` can say when it is shown the split the run was tuned on.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,16 +19,18 @@ import torch
 
 from tvrerank.cache.identity import require_same_cache
 from tvrerank.config import from_dict
-from tvrerank.errors import MissingInput
+from tvrerank.errors import CorruptFile, MissingInput
 from tvrerank.rerank.model import Reranker, RerankerConfig
 
 MODEL_FILE = "reranker.pt"
+#: model options a checkpoint written before they existed was trained with (the earlier design)
+LEGACY_MODEL = {"combine": "joint", "token_match": True, "token_match_init": 5.0}
 
 
 @dataclass(frozen=True)
 class TrainedReranker:
     model: Reranker
-    fusion_alpha: float
+    fusion_alpha: float | None  # the tuned fusion's weight (None with fusion "sum")
     fingerprint: dict  # the training cache's encoder/sampling/layout fingerprint
     step: int
     train_config: dict
@@ -34,12 +38,23 @@ class TrainedReranker:
     # chose the checkpoint (None: not validated)}; an identity is {"cache", "video_ids_sha256", "videos"}
     splits: dict
     run_dir: str = ""
+    fusion: str = "tuned"  # how stage-1 and re-ranker scores combine (rerank.ranking.fused_scores)
 
     def require_cache(self, cache) -> None:
         """Refuse an open cache from another encoder, sampling or token layout than the training cache's."""
         require_same_cache(cache, f"re-ranker {self.run_dir}", fingerprint=self.fingerprint,
                            remedy="extract that cache with the encoder and settings the re-ranker was trained on, "
                                   "or train a re-ranker on it")
+
+
+def read_torch_file(path: Path, *, map_location="cpu", weights_only: bool = True, remedy: str):
+    """``torch.load`` that names the file (and ``remedy``) when it is truncated, empty or not a checkpoint."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError,
+            pickle.UnpicklingError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CorruptFile(f"{path}: not a readable checkpoint ({reason}); {remedy}") from None
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -49,13 +64,14 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_reranker(run_dir: str | Path, model: Reranker, *, fusion_alpha: float, fingerprint: dict, step: int,
-                  train_config: dict, splits: dict | None = None) -> Path:
+def save_reranker(run_dir: str | Path, model: Reranker, *, fusion_alpha: float | None, fingerprint: dict, step: int,
+                  train_config: dict, splits: dict | None = None, fusion: str = "tuned") -> Path:
     path = Path(run_dir) / MODEL_FILE
     atomic_save({
         "model_config": dataclasses.asdict(model.config),
         "state_dict": model.state_dict(),
-        "fusion_alpha": float(fusion_alpha),
+        "fusion": fusion,
+        "fusion_alpha": None if fusion_alpha is None else float(fusion_alpha),
         "fingerprint": fingerprint,
         "step": step,
         "train_config": train_config,
@@ -69,10 +85,13 @@ def load_reranker(run_dir: str | Path, device: str | torch.device = "cpu") -> Tr
     path = Path(run_dir) / MODEL_FILE
     if not path.is_file():
         raise MissingInput(f"{run_dir}: no {MODEL_FILE}; train one with `tvrerank train ... --out {run_dir}`")
-    saved = torch.load(path, map_location=device, weights_only=True)
-    model = Reranker(config=from_dict(RerankerConfig, saved["model_config"]))
+    saved = read_torch_file(path, map_location=device,
+                            remedy=f"train it again with `tvrerank train ... --out {run_dir}` (or use another run)")
+    if not isinstance(saved, dict) or not {"model_config", "state_dict"} <= set(saved):
+        raise CorruptFile(f"{path}: not a tvrerank re-ranker checkpoint; train one with `tvrerank train`")
+    model = Reranker(config=from_dict(RerankerConfig, {**LEGACY_MODEL, **saved["model_config"]}))
     model.load_state_dict(saved["state_dict"])
     model.to(device).eval()
     return TrainedReranker(model=model, fusion_alpha=saved["fusion_alpha"], fingerprint=saved["fingerprint"],
                            step=saved["step"], train_config=saved["train_config"], splits=saved.get("splits", {}),
-                           run_dir=str(run_dir))
+                           run_dir=str(run_dir), fusion=saved.get("fusion", "tuned"))

@@ -12,23 +12,27 @@ from tvrerank.rerank.ranking import check_finite
 
 @torch.no_grad()
 def select_videos(model: Reranker, rows_source: CacheRows, rows: np.ndarray, *, device: torch.device,
-                  batch: int = 128) -> SelectedVideos:
-    """The selectors' output for video ``rows`` (unique, any order), in that order, on ``device``."""
+                  batch: int = 128, soft: bool = False) -> SelectedVideos:
+    """The selectors' output for video ``rows`` (unique, any order), in that order, on ``device``.
+
+    ``soft``: the training-time perturbed selection instead of the hard top-k (to measure the gap).
+    """
     parts = []
     for start in range(0, len(rows), batch):
         data = {k: v.to(device) for k, v in rows_source.videos(rows[start : start + batch]).items()}
-        parts.append(model.select(data["tokens"], data["frame_emb"], data["frame_mask"]))
+        parts.append(model.select(data["tokens"], data["frame_emb"], data["frame_mask"], soft=soft))
     return SelectedVideos.concatenate(parts)
 
 
 @torch.no_grad()
 def rerank_scores(model: Reranker, cache_path, candidate_video: np.ndarray, *, device: torch.device,
                   captions: np.ndarray | None = None, caption_batch: int = 64,
-                  memory_budget: int = 2 << 30) -> np.ndarray:
+                  memory_budget: int = 2 << 30, soft_selection: bool = False) -> np.ndarray:
     """Re-ranker scores of the captions' candidates: candidate_video (M, K) rows → (M, K) float32.
 
     ``captions`` (sorted caption rows) limits the work to those rows (the others stay NaN; used to
-    split validation across ranks). Each needed video goes through the selectors once; -1 padding
+    split validation across ranks); ``soft_selection`` scores with the training-time selection.
+    Each needed video goes through the selectors once; -1 padding
     scores -inf. Raises NonFiniteScores if the model outputs NaN or inf for a real candidate.
     """
     model.eval()
@@ -41,7 +45,7 @@ def rerank_scores(model: Reranker, cache_path, candidate_video: np.ndarray, *, d
     needed = np.unique(block[block >= 0])
     if len(needed) == 0:
         return scores
-    selected = select_videos(model, source, needed, device=device)
+    selected = select_videos(model, source, needed, device=device, soft=soft_selection)
     for start in range(0, len(captions), caption_batch):
         rows = captions[start : start + caption_batch]
         text = {n: v.to(device) for n, v in source.texts(rows).items()}

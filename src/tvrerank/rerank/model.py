@@ -3,25 +3,31 @@
 Read top to bottom:
 
 1. ``perturbed_top_k``: differentiable top-k (perturbed maximum, as in TS2-Net) for training;
-   hard top-k at inference.
+   hard top-k at inference (or soft, to measure the gap).
 2. ``FrameTokenSelector``: per frame, keep the frame's global token + the M patch tokens an MLP
-   scores highest given the token and the frame's global embedding.
-3. ``VideoTokenSelector``: across the clip, keep the N_v most salient frame-level tokens, with
-   temporal position embeddings.
-4. ``CrossBlock``: queries attend to visual tokens, then to each other, then an MLP.
-5. ``Reranker``: learnable query tokens + caption tokens go through the same blocks twice per
-   layer — first over frame-level tokens (spatial detail), then over video-level tokens (order,
-   motion) — and a head turns the pooled queries into one score per (caption, video) pair. A
-   token-wise similarity (each caption token's best match among the frame-level tokens, as in
-   X-CLIP/TS2-Net) is added with a learned weight: a direct path that makes token matching
-   quick to learn, while the attention blocks carry order and context.
+   scores highest (tanh-bounded) given the token and the frame's global embedding.
+3. ``VideoTokenSelector``: across the clip, keep the N_v most salient frame-level tokens.
+4. ``CrossBlock``: queries attend to visual tokens, then to each other, then an MLP; and
+   ``CrossBlock.per_frame``, the same weights used frame by frame.
+5. ``Reranker``: the queries are N_Q learnable tokens + the caption's tokens.
+   - Frame level: per frame t, the caption-conditioned learnable queries attend to frame t's
+     kept tokens; the frame's result X(t) is the mean of their outputs (spatial detail).
+   - Video level: the queries attend to the video-level tokens *and* X(1..T) (the hierarchy:
+     frame results feed the video level; order and motion). Both levels use the same block
+     (weight sharing) unless the config says otherwise.
+   - A head turns the mean of the learnable queries' outputs into one score per pair.
+   The config's switches (``frame_level``, ``video_level``, ``combine``, ``share_weights``,
+   ``frame_tokens``, ``video_selector``, ``token_match``) turn each part off for the ablation
+   table in docs/ablation.md; ``combine = "joint"`` is the earlier design (one attention over
+   all frames' tokens, then the video tokens, per layer) and ``"sum"`` adds a frame-level and a
+   video-level score instead of feeding one into the other.
 
 The selectors depend on the video only: ``select(...)`` runs once per video (and can be
 precomputed for a gallery); ``score(...)`` pairs captions with selected videos by index.
 
 Shapes: B videos, T frames, P patch tokens, D token width, E embedding width, L caption tokens,
-Dt caption token width, d model width, M kept tokens per frame, Nv video-level tokens,
-Q learnable queries, C (caption, video) pairs.
+Dt caption token width, d model width, F tokens kept per frame (1 + M, 1 + P or 1), Nv
+video-level tokens, Q learnable queries, U captions, C (caption, video) pairs, h heads.
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tvrerank.errors import InputError
+
+COMBINE = ("hierarchical", "sum", "joint")
+FRAME_TOKENS = ("top_m", "all", "global")
+SELECTIONS = ("perturbed", "straight_through")
 
 
 @dataclass(frozen=True)
@@ -46,14 +58,58 @@ class RerankerConfig:
     # model
     width: int = 256
     heads: int = 4
-    layers: int = 2
-    queries: int = 8
+    layers: int = 2  # video-level blocks (the frame level is one block, applied per frame)
+    queries: int = 8  # N_Q
     frame_keep: int = 4  # M
     video_keep: int = 16  # Nv
     dropout: float = 0.1
+    # parts (each can be switched off for the ablation table)
+    frame_level: bool = True  # per-frame cross attention
+    video_level: bool = True  # attention over the video-level tokens
+    combine: str = "hierarchical"  # hierarchical | sum | joint
+    share_weights: bool = True  # the frame level uses the first video-level block's weights
+    frame_tokens: str = "top_m"  # per frame: global + top-M patches | global + all patches | global only
+    video_selector: bool = True  # False: the video level sees every frame-level token
+    token_match: bool = False  # word-to-patch similarity term (not in the method), with a learned scale
+    token_match_init: float = 0.0  # its scale at initialisation (0: it cannot dominate the attention path)
     # differentiable selection (training only)
-    perturb_samples: int = 32
+    perturb_samples: int = 128
     perturb_sigma: float = 0.05
+    # perturbed: training sees the perturbed mean of the top-k (blended tokens, TS2-Net);
+    # straight_through: training sees the hard top-k too, with the perturbed gradient
+    selection: str = "perturbed"
+
+    def __post_init__(self):
+        for name in ("frames", "tokens_per_frame", "token_dim", "embed_dim", "text_token_dim", "text_tokens",
+                     "width", "heads", "layers", "queries", "frame_keep", "video_keep", "perturb_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"model option {name!r} must be an integer >= 1, got {value!r}")
+        if self.width % self.heads:
+            raise InputError(f"model option 'width' ({self.width}) must be a multiple of 'heads' ({self.heads})")
+        for name, low, high in (("dropout", 0.0, 0.9), ("perturb_sigma", 1e-6, 10.0), ("token_match_init", -100, 100)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise InputError(f"model option {name!r} must be a number in [{low}, {high}], got {value!r}")
+        for name in ("frame_level", "video_level", "share_weights", "video_selector", "token_match"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"model option {name!r} must be true or false, got {getattr(self, name)!r}")
+        if self.combine not in COMBINE:
+            raise InputError(f"model option 'combine' must be one of {', '.join(COMBINE)}, got {self.combine!r}")
+        if self.selection not in SELECTIONS:
+            raise InputError(f"model option 'selection' must be one of {', '.join(SELECTIONS)}, "
+                             f"got {self.selection!r}")
+        if self.frame_tokens not in FRAME_TOKENS:
+            raise InputError(f"model option 'frame_tokens' must be one of {', '.join(FRAME_TOKENS)}, "
+                             f"got {self.frame_tokens!r}")
+        if not (self.frame_level or self.video_level):
+            raise InputError("model options 'frame_level' and 'video_level' cannot both be false")
+
+    @property
+    def kept_per_frame(self) -> int:
+        """F: tokens per frame after the frame selector, the frame's global token first."""
+        return {"top_m": 1 + min(self.frame_keep, self.tokens_per_frame), "all": 1 + self.tokens_per_frame,
+                "global": 1}[self.frame_tokens]
 
 
 # --------------------------------------------------------------------------- 1. top-k
@@ -66,10 +122,14 @@ class _PerturbedTopK(torch.autograd.Function):
         noise = torch.randn(n, samples, p, device=scores.device, dtype=scores.dtype)  # (N, S, P)
         perturbed = scores.unsqueeze(1) + sigma * noise
         indices = perturbed.topk(k, dim=-1).indices.sort(dim=-1).values  # (N, S, k), in token order
-        one_hot = F.one_hot(indices, p).to(scores.dtype)  # (N, S, k, P)
+        # the mean one-hot over samples, counted without building (N, S, k, P)
+        slots = indices.transpose(1, 2)  # (N, k, S)
+        weights = torch.zeros(n, k, p, device=scores.device, dtype=scores.dtype)
+        weights.scatter_add_(2, slots, torch.full(slots.shape, 1.0 / samples, device=scores.device,
+                                                  dtype=scores.dtype))
         ctx.save_for_backward(noise, indices)
-        ctx.sigma, ctx.p = sigma, p
-        return one_hot.mean(dim=1)  # (N, k, P)
+        ctx.sigma = sigma
+        return weights  # (N, k, P)
 
     @staticmethod
     def backward(ctx, grad):  # grad (N, k, P)
@@ -81,24 +141,29 @@ class _PerturbedTopK(torch.autograd.Function):
         return grad_scores, None, None, None
 
 
-def top_k_weights(scores: torch.Tensor, k: int, *, training: bool, samples: int, sigma: float) -> torch.Tensor:
-    """(N, P) scores → (N, k, P) selection weights: one-hot rows at inference, soft in training.
+def top_k_weights(scores: torch.Tensor, k: int, *, soft: bool, samples: int, sigma: float,
+                  straight_through: bool = False) -> torch.Tensor:
+    """(N, P) scores → (N, k, P) selection weights: one-hot rows (hard), or the perturbed mean (soft);
+    ``straight_through`` (with soft): the hard one-hot forward, the perturbed mean's gradient.
 
     Padded positions must carry -inf scores; they are never selected while k <= valid count.
     """
-    if training:
-        finite = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -1e4))
-        return _PerturbedTopK.apply(finite, k, samples, sigma)
     indices = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # (N, k)
-    return F.one_hot(indices, scores.shape[-1]).to(scores.dtype)
+    hard = F.one_hot(indices, scores.shape[-1]).to(scores.dtype)
+    if not soft:
+        return hard
+    finite = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -1e4))
+    perturbed = _PerturbedTopK.apply(finite, k, samples, sigma)
+    return hard + perturbed - perturbed.detach() if straight_through else perturbed
 
 
 def _scorer(width: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(2 * width, width // 2), nn.GELU(), nn.Linear(width // 2, 1))
+    """Token saliency in [-1, 1] (tanh, as TS2-Net), so the perturbation sigma keeps its meaning."""
+    return nn.Sequential(nn.Linear(2 * width, width // 2), nn.GELU(), nn.Linear(width // 2, 1), nn.Tanh())
 
 
-def selection_weights(scorer: nn.Module, features: torch.Tensor, k: int, *, training: bool, samples: int,
-                      sigma: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+def selection_weights(scorer: nn.Module, features: torch.Tensor, k: int, *, soft: bool, samples: int,
+                      sigma: float, mask: torch.Tensor | None = None, straight_through: bool = False) -> torch.Tensor:
     """features (N, P, 2d) → (N, k, P) float32 selection weights; scores and top-k always in float32.
 
     Under bf16 autocast the scores would carry ~3 significant digits and the sigma = 0.05
@@ -108,28 +173,32 @@ def selection_weights(scorer: nn.Module, features: torch.Tensor, k: int, *, trai
         scores = scorer(features.float()).squeeze(-1)  # (N, P)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        return top_k_weights(scores, k, training=training, samples=samples, sigma=sigma)
+        return top_k_weights(scores, k, soft=soft, samples=samples, sigma=sigma, straight_through=straight_through)
 
 
 # --------------------------------------------------------------------------- 2. frame selector
 class FrameTokenSelector(nn.Module):
-    """Keeps ``keep`` of a frame's ``tokens`` patch tokens; with nothing to choose (keep >= tokens) it has no
-    scorer and passes every token through."""
+    """Keeps the frame's global token and ``keep`` of its ``tokens`` patch tokens: keep = 0 keeps the
+    global token only; with nothing to choose (keep >= tokens) it has no scorer and keeps every token."""
 
-    def __init__(self, *, width: int, keep: int, tokens: int, samples: int, sigma: float):
+    def __init__(self, *, width: int, keep: int, tokens: int, samples: int, sigma: float,
+                 straight_through: bool = False):
         super().__init__()
-        self.keep, self.samples, self.sigma = keep, samples, sigma
-        self.score = _scorer(width) if keep < tokens else None
+        self.keep, self.samples, self.sigma, self.straight_through = keep, samples, sigma, straight_through
+        self.score = _scorer(width) if 0 < keep < tokens else None
 
-    def forward(self, tokens: torch.Tensor, frame_global: torch.Tensor) -> torch.Tensor:
-        # tokens (B, T, P, d), frame_global (B, T, d) → (B, T, 1 + M, d), the global token first
+    def forward(self, tokens: torch.Tensor, frame_global: torch.Tensor, *, soft: bool) -> torch.Tensor:
+        # tokens (B, T, P, d), frame_global (B, T, d) → (B, T, F, d), the global token first
         b, t, p, d = tokens.shape
-        if self.score is None or self.keep >= p:  # nothing to choose: keep every token
+        if self.keep == 0:
+            return frame_global.unsqueeze(2)
+        if self.score is None:  # nothing to choose: keep every token
             return torch.cat([frame_global.unsqueeze(2), tokens], dim=2)
         context = frame_global.unsqueeze(2).expand(-1, -1, p, -1)
         features = torch.cat([tokens, context], dim=-1).reshape(b * t, p, 2 * d)
-        weights = selection_weights(self.score, features, self.keep, training=self.training,
-                                    samples=self.samples, sigma=self.sigma)  # (B·T, M, P) float32
+        weights = selection_weights(self.score, features, self.keep, soft=soft, samples=self.samples,
+                                    sigma=self.sigma,
+                                    straight_through=self.straight_through)  # (B·T, M, P) float32
         kept = torch.bmm(weights.to(tokens.dtype), tokens.reshape(b * t, p, d)).reshape(b, t, self.keep, d)
         return torch.cat([frame_global.unsqueeze(2), kept], dim=2)
 
@@ -138,13 +207,14 @@ class FrameTokenSelector(nn.Module):
 class VideoTokenSelector(nn.Module):
     """Keeps ``keep`` of a clip's ``tokens`` frame-level tokens (no scorer when keep >= tokens)."""
 
-    def __init__(self, *, width: int, keep: int, tokens: int, samples: int, sigma: float):
+    def __init__(self, *, width: int, keep: int, tokens: int, samples: int, sigma: float,
+                 straight_through: bool = False):
         super().__init__()
-        self.keep, self.samples, self.sigma = keep, samples, sigma
+        self.keep, self.samples, self.sigma, self.straight_through = keep, samples, sigma, straight_through
         self.score = _scorer(width) if keep < tokens else None
 
-    def forward(self, frame_tokens: torch.Tensor, frame_mask: torch.Tensor):
-        # frame_tokens (B, T, K, d) with temporal embeddings, frame_mask (B, T) → (B, Nv, d), (B, Nv)
+    def forward(self, frame_tokens: torch.Tensor, frame_mask: torch.Tensor, *, soft: bool):
+        # frame_tokens (B, T, F, d) with temporal embeddings, frame_mask (B, T) → (B, Nv, d), (B, Nv)
         b, t, k, d = frame_tokens.shape
         tokens = frame_tokens.reshape(b, t * k, d)
         mask = frame_mask.unsqueeze(-1).expand(-1, -1, k).reshape(b, t * k)
@@ -153,9 +223,10 @@ class VideoTokenSelector(nn.Module):
         keep = self.keep
         denominator = mask.sum(1, keepdim=True).clamp(min=1).unsqueeze(-1)
         clip = (tokens * mask.unsqueeze(-1)).sum(1, keepdim=True) / denominator  # (B, 1, d)
-        features = torch.cat([tokens, clip.expand(-1, t * k, -1)], dim=-1)  # (B, T·K, 2d)
-        weights = selection_weights(self.score, features, keep, training=self.training, samples=self.samples,
-                                    sigma=self.sigma, mask=mask)  # (B, Nv, T·K) float32
+        features = torch.cat([tokens, clip.expand(-1, t * k, -1)], dim=-1)  # (B, T·F, 2d)
+        weights = selection_weights(self.score, features, keep, soft=soft, samples=self.samples,
+                                    sigma=self.sigma, mask=mask,
+                                    straight_through=self.straight_through)  # (B, Nv, T·F) float32
         selected = torch.bmm(weights.to(tokens.dtype), tokens)  # (B, Nv, d)
         selected_mask = torch.bmm(weights, mask.unsqueeze(-1).to(weights.dtype)).squeeze(-1) > 0.5
         return selected, selected_mask
@@ -167,6 +238,7 @@ class CrossBlock(nn.Module):
 
     The visual keys/values depend on the video only: ``keys_values`` runs once per video and
     the pairs gather them, so a video scored against many captions is projected once.
+    ``condition`` + ``per_frame`` are the frame level with the same weights.
     """
 
     def __init__(self, *, width: int, heads: int, dropout: float):
@@ -181,12 +253,11 @@ class CrossBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(4 * width, width))
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, d) → (N, h, L, d/h)
-        n, length, d = x.shape
-        return x.view(n, length, self.heads, d // self.heads).transpose(1, 2)
+    def _split(self, x: torch.Tensor) -> torch.Tensor:  # (..., L, d) → (..., h, L, d/h)
+        return x.unflatten(-1, (self.heads, x.shape[-1] // self.heads)).transpose(-3, -2)
 
     def keys_values(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # visual (B, Lv, d) → keys, values (B, h, Lv, d/h)
+        # visual (..., Lv, d) → keys, values (..., h, Lv, d/h)
         keys, values = self.kv_proj(self.norm_kv(visual)).chunk(2, dim=-1)
         return self._split(keys), self._split(values)
 
@@ -206,10 +277,42 @@ class CrossBlock(nn.Module):
                                            need_weights=False)[0]
         return queries + self.mlp(self.norm_mlp(queries))
 
+    def condition(self, queries: torch.Tensor, query_pad: torch.Tensor, *, rows: int) -> torch.Tensor:
+        """The first ``rows`` queries (the learnable ones) read the caption: (U, Q+L, d) → (U, Q, d).
+
+        Depends on the caption only, so it runs once per caption, not once per (pair, frame).
+        """
+        x = self.norm_self(queries)
+        return queries[:, :rows] + self.self_attn(x[:, :rows], x, x, key_padding_mask=query_pad,
+                                                  need_weights=False)[0]
+
+    def per_frame(self, conditioned: torch.Tensor, frame_keys: torch.Tensor, frame_values: torch.Tensor):
+        """Each frame on its own: the conditioned queries attend to that frame's tokens; the frame's
+        result is the mean of their outputs (then the MLP).
+
+        conditioned (C, Q, d); frame_keys/values (C, T, h, F, d/h) → results (C, T, d) and the
+        attention weights (C, T, h, Q, F) (what the explain view draws).
+        """
+        c, _, d = conditioned.shape
+        q = self._split(self.q_proj(self.norm_q(conditioned)))  # (C, h, Q, d/h)
+        logits = torch.einsum("chqe,cthfe->cthqf", q, frame_keys) * q.shape[-1] ** -0.5
+        attention = logits.softmax(dim=-1)  # (C, T, h, Q, F)
+        weights = F.dropout(attention, self.dropout, self.training)
+        attended = torch.einsum("cthqf,cthfe->cthqe", weights, frame_values).mean(dim=3)  # (C, T, h, d/h)
+        # mean over the queries of (query + out_proj(attended)) = mean query + out_proj(mean attended)
+        results = conditioned.mean(dim=1, keepdim=True) + self.out_proj(attended.flatten(2))  # (C, T, d)
+        return results + self.mlp(self.norm_mlp(results)), attention
+
 
 def per_pair(x: torch.Tensor, pair_video: torch.Tensor | None) -> torch.Tensor:
     """(B, ...) per video → (C, ...) per pair; ``pair_video`` None: the pairs are the B videos in order."""
     return x if pair_video is None else x[pair_video]
+
+
+def masked_mean(x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """x (C, L, d), pad (C, L) True = padding → (C, d), the mean over the real rows."""
+    keep = (~pad).unsqueeze(-1).to(x.dtype)
+    return (x * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
 def token_match(text, text_pad, visual, visual_pad, pair_video) -> torch.Tensor:
@@ -229,8 +332,8 @@ def token_match(text, text_pad, visual, visual_pad, pair_video) -> torch.Tensor:
 class SelectedVideos:
     """What the selectors keep of each video; depends on the video only (precomputable)."""
 
-    frame_tokens: torch.Tensor  # (B, T·(1+M), d) frame-level tokens with temporal embeddings
-    frame_pad: torch.Tensor  # (B, T·(1+M)) True where the frame is padding
+    frame_tokens: torch.Tensor  # (B, T, F, d) kept tokens per frame, with temporal embeddings
+    frame_pad: torch.Tensor  # (B, T) True where the frame is padding
     video_tokens: torch.Tensor  # (B, Nv, d)
     video_pad: torch.Tensor  # (B, Nv)
 
@@ -248,68 +351,141 @@ class SelectedVideos:
     def to(self, device) -> "SelectedVideos":
         return SelectedVideos(*(t.to(device) for t in self.fields()))
 
+    def flat_frame_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All frames' tokens in one row: (B, T·F, d) and its padding (B, T·F)."""
+        b, t, f, d = self.frame_tokens.shape
+        return self.frame_tokens.reshape(b, t * f, d), self.frame_pad.unsqueeze(-1).expand(-1, -1, f).reshape(b, t * f)
+
 
 class Reranker(nn.Module):
     def __init__(self, *, config: RerankerConfig):
         super().__init__()
         c = self.config = config
-        self.token_in = nn.Sequential(nn.LayerNorm(c.token_dim), nn.Linear(c.token_dim, c.width))
+        # patch tokens are not read at all when each frame keeps its global token only
+        self.token_in = nn.Sequential(nn.LayerNorm(c.token_dim), nn.Linear(c.token_dim, c.width)) \
+            if c.frame_tokens != "global" else None
         self.global_in = nn.Sequential(nn.LayerNorm(c.embed_dim), nn.Linear(c.embed_dim, c.width))
         self.text_in = nn.Sequential(nn.LayerNorm(c.text_token_dim), nn.Linear(c.text_token_dim, c.width))
-        if c.text_token_dim == c.token_dim:  # one space (the joint CLIP space): start with one projection
+        if c.text_token_dim == c.token_dim and self.token_in is not None:  # one space (the joint CLIP space): start with one projection
             self.text_in.load_state_dict(self.token_in.state_dict())
         self.text_position = nn.Parameter(torch.zeros(c.text_tokens, c.width))
-        self.frame_selector = FrameTokenSelector(width=c.width, keep=c.frame_keep, tokens=c.tokens_per_frame,
-                                                 samples=c.perturb_samples, sigma=c.perturb_sigma)
-        frame_level = c.frames * (1 + min(c.frame_keep, c.tokens_per_frame))  # the video selector's input
+        keep = {"top_m": c.frame_keep, "all": c.tokens_per_frame, "global": 0}[c.frame_tokens]
+        straight = c.selection == "straight_through"
+        self.frame_selector = FrameTokenSelector(width=c.width, keep=keep, tokens=c.tokens_per_frame,
+                                                 samples=c.perturb_samples, sigma=c.perturb_sigma,
+                                                 straight_through=straight)
+        frame_level = c.frames * c.kept_per_frame  # the video selector's input
         self.temporal = nn.Parameter(torch.zeros(c.frames, c.width))  # frame position in the clip
-        self.video_selector = VideoTokenSelector(width=c.width, keep=c.video_keep, tokens=frame_level,
-                                                 samples=c.perturb_samples, sigma=c.perturb_sigma)
+        video_keep = c.video_keep if c.video_selector and c.video_level else frame_level  # frame_level: no scorer
+        self.video_selector = VideoTokenSelector(width=c.width, keep=video_keep,
+                                                 tokens=frame_level, samples=c.perturb_samples, sigma=c.perturb_sigma,
+                                                 straight_through=straight)
         self.queries = nn.Parameter(torch.zeros(c.queries, c.width))
-        self.blocks = nn.ModuleList(CrossBlock(width=c.width, heads=c.heads, dropout=c.dropout)
-                                    for _ in range(c.layers))
+
+        def blocks(n: int) -> nn.ModuleList:
+            return nn.ModuleList(CrossBlock(width=c.width, heads=c.heads, dropout=c.dropout) for _ in range(n))
+
+        self.blocks = blocks(c.layers if c.video_level else 0)  # the video level
+        # the frame level: the video level's blocks when shared, else its own (one per layer in "joint")
+        own = c.frame_level and not (c.share_weights and c.video_level)
+        self.frame_blocks = blocks(c.layers if c.combine == "joint" else 1) if own else None
         self.head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, c.width), nn.GELU(),
                                   nn.Linear(c.width, 1))
-        self.token_match_scale = nn.Parameter(torch.tensor(5.0))
+        # the word-to-patch term starts at 0 by default, so it cannot dominate the attention path at first
+        self.token_match_scale = nn.Parameter(torch.tensor(float(c.token_match_init))) if c.token_match else None
         nn.init.normal_(self.queries, std=0.02)
         nn.init.normal_(self.temporal, std=0.02)
         nn.init.normal_(self.text_position, std=0.02)
 
-    def select(self, tokens: torch.Tensor, frame_emb: torch.Tensor, frame_mask: torch.Tensor) -> SelectedVideos:
-        # tokens (B, T, P, D), frame_emb (B, T, E), frame_mask (B, T) bool
+    def frame_block(self, layer: int = 0) -> CrossBlock:
+        return (self.frame_blocks if self.frame_blocks is not None else self.blocks)[layer]
+
+    def select(self, tokens: torch.Tensor, frame_emb: torch.Tensor, frame_mask: torch.Tensor, *,
+               soft: bool | None = None) -> SelectedVideos:
+        # tokens (B, T, P, D), frame_emb (B, T, E), frame_mask (B, T) bool; soft None: soft while training
+        soft = self.training if soft is None else soft
         frame_global = self.global_in(frame_emb)  # (B, T, d)
-        patch = self.token_in(tokens)  # (B, T, P, d)
-        frame_level = self.frame_selector(patch, frame_global)  # (B, T, 1+M, d)
+        if self.token_in is None:  # the global token only
+            frame_level = frame_global.unsqueeze(2)  # (B, T, 1, d)
+        else:
+            frame_level = self.frame_selector(self.token_in(tokens), frame_global, soft=soft)  # (B, T, F, d)
         frame_level = frame_level + self.temporal[: frame_level.shape[1], None, :]
-        video_tokens, video_mask = self.video_selector(frame_level, frame_mask)
-        b, t, k, d = frame_level.shape
-        frame_pad = ~frame_mask.unsqueeze(-1).expand(-1, -1, k).reshape(b, t * k)
-        return SelectedVideos(frame_level.reshape(b, t * k, d), frame_pad, video_tokens, ~video_mask)
+        video_tokens, video_mask = self.video_selector(frame_level, frame_mask, soft=soft)
+        return SelectedVideos(frame_level, ~frame_mask, video_tokens, ~video_mask)
+
+    def frame_results(self, queries, query_pad, videos: SelectedVideos, pair_video, pair_text):
+        """The frame level: X(t) per pair and frame (C, T, d), and its attention (C, T, h, Q, F)."""
+        block, q = self.frame_block(), self.config.queries
+        conditioned = block.condition(queries, query_pad, rows=q)  # (U, Q, d), once per caption
+        keys, values = block.keys_values(videos.frame_tokens)  # (B, T, h, F, d/h), once per video
+        results, attention = block.per_frame(per_pair(conditioned, pair_text), per_pair(keys, pair_video),
+                                             per_pair(values, pair_video))
+        return results + self.temporal[: results.shape[1]], attention
 
     def score(self, text_tokens: torch.Tensor, text_length: torch.Tensor, videos: SelectedVideos,
               pair_video: torch.Tensor | None, *, pair_text: torch.Tensor | None = None) -> torch.Tensor:
         # text_tokens (U, L, Dt), text_length (U,); videos: B selected videos; pair_video (C,) into the B
         # videos (None: C = B, pair i is video i), pair_text (C,) into the U captions (None: U = C) → scores (C,)
+        c, q = self.config, self.config.queries
         length = int(text_length.max())  # drop padding columns the whole batch shares
         text = self.text_in(text_tokens[:, :length]) + self.text_position[:length]  # (U, L, d), once per caption
         text_pad = torch.arange(length, device=text.device)[None, :] >= text_length[:, None]  # (U, L)
-        if pair_text is not None:
-            text, text_pad = text[pair_text], text_pad[pair_text]  # (C, L, d), (C, L)
-        c = text.shape[0]
-        queries = torch.cat([self.queries.expand(c, -1, -1), text], dim=1)  # (C, Q+L, d)
-        query_pad = torch.cat([torch.zeros(c, self.config.queries, dtype=torch.bool, device=text.device),
-                               text_pad], dim=1)
-        frame_pad, video_pad = per_pair(videos.frame_pad, pair_video), per_pair(videos.video_pad, pair_video)
-        levels = ((videos.frame_tokens, frame_pad), (videos.video_tokens, video_pad))
-        for i, block in enumerate(self.blocks):  # hierarchical: frame level, then video level, same weights
-            for j, (tokens, pad) in enumerate(levels):
+        u = text.shape[0]
+        queries = torch.cat([self.queries.expand(u, -1, -1), text], dim=1)  # (U, Q+L, d)
+        query_pad = torch.cat([torch.zeros(u, q, dtype=torch.bool, device=text.device), text_pad], dim=1)
+        if c.combine == "joint":
+            score = self._joint(per_pair(queries, pair_text), per_pair(query_pad, pair_text), videos, pair_video)
+        else:
+            score = self._levels(queries, query_pad, videos, pair_video, pair_text)
+        if self.token_match_scale is not None:
+            frame_tokens, frame_pad = videos.flat_frame_tokens()
+            score = score + self.token_match_scale * token_match(
+                per_pair(text, pair_text), per_pair(text_pad, pair_text), frame_tokens, frame_pad, pair_video)
+        return score
+
+    def _levels(self, queries, query_pad, videos: SelectedVideos, pair_video, pair_text) -> torch.Tensor:
+        """Frame level → video level ("hierarchical"), or the two levels' scores added ("sum")."""
+        c, q = self.config, self.config.queries
+        frame_pad = per_pair(videos.frame_pad, pair_video)  # (C, T)
+        frames = None
+        if c.frame_level:
+            frames, _ = self.frame_results(queries, query_pad, videos, pair_video, pair_text)  # (C, T, d)
+        score = 0.0
+        if c.video_level:
+            x, x_pad = per_pair(queries, pair_text), per_pair(query_pad, pair_text)  # (C, Q+L, d)
+            video_pad = per_pair(videos.video_pad, pair_video)
+            feed = frames is not None and c.combine == "hierarchical"
+            pad = torch.cat([video_pad, frame_pad], dim=1) if feed else video_pad  # (C, Nv [+ T])
+            for i, block in enumerate(self.blocks):
+                keys, values = (per_pair(t, pair_video) for t in block.keys_values(videos.video_tokens))
+                if feed:  # the frame results are keys too: per pair, so projected per pair
+                    frame_keys, frame_values = block.keys_values(frames)
+                    keys, values = torch.cat([keys, frame_keys], dim=2), torch.cat([values, frame_values], dim=2)
+                x = block(x, x_pad, keys, values, pad, rows=q if i == len(self.blocks) - 1 else None)
+            score = self.head(x[:, :q].mean(dim=1)).squeeze(-1)
+            if feed:
+                return score
+        if frames is not None:  # "sum", or the frame level alone
+            score = score + self.head(masked_mean(frames, frame_pad)).squeeze(-1)
+        return score
+
+    def _joint(self, queries, query_pad, videos: SelectedVideos, pair_video) -> torch.Tensor:
+        """The earlier design: per layer, one attention over all frames' tokens, then the video tokens."""
+        c, q = self.config, self.config.queries
+        frame_tokens, frame_pad = videos.flat_frame_tokens()
+        levels = []
+        if c.frame_level:
+            levels.append(("frame", frame_tokens, per_pair(frame_pad, pair_video)))
+        if c.video_level:
+            levels.append(("video", videos.video_tokens, per_pair(videos.video_pad, pair_video)))
+        for i in range(c.layers):
+            for j, (level, tokens, pad) in enumerate(levels):
+                block = self.frame_block(i) if level == "frame" else self.blocks[i]
                 keys, values = block.keys_values(tokens)  # once per video
-                last = i == len(self.blocks) - 1 and j == len(levels) - 1  # only the learnable queries are read
+                last = i == c.layers - 1 and j == len(levels) - 1  # only the learnable queries are read
                 queries = block(queries, query_pad, per_pair(keys, pair_video), per_pair(values, pair_video), pad,
-                                rows=self.config.queries if last else None)
-        pooled = queries[:, : self.config.queries].mean(dim=1)  # (C, d)
-        matching = token_match(text, text_pad, videos.frame_tokens, videos.frame_pad, pair_video)
-        return self.head(pooled).squeeze(-1) + self.token_match_scale * matching
+                                rows=q if last else None)
+        return self.head(queries[:, :q].mean(dim=1)).squeeze(-1)
 
     def forward(self, text_tokens, text_length, tokens, frame_emb, frame_mask, pair_video, pair_text=None):
         # pair_video (C,) into the B videos, pair_text (C,) into the captions (see score) → scores (C,)

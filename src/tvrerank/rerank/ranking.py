@@ -20,7 +20,8 @@ validation, the demo and ``retrieve`` — goes through this module, so evaluatio
 row over its present candidates (zero mean, unit spread), so ``alpha`` is scale-free. A row
 with no spread (a constant scorer) standardises to zeros, and rule 1 then falls back to stage 1.
 :func:`plain_sum` is the untuned alternative (the raw sum of the two scores, the method's own
-fusion); :func:`tune_alpha` picks ``alpha`` on a validation split.
+fusion); :func:`tune_alpha` picks ``alpha`` on a validation split. A run says which one it
+uses (``fusion``: ``tuned`` or ``sum``) and :func:`fused_scores` applies it.
 
 Shapes: M captions, K candidates; ``present`` (M, K) is False where a list is shorter than K
 (approximate indexes, tiny galleries).
@@ -33,6 +34,7 @@ import numpy as np
 from tvrerank.errors import NonFiniteScores
 from tvrerank.metrics import retrieval_metrics
 
+FUSIONS = ("tuned", "sum")
 ALPHA_GRID = tuple(np.round(np.linspace(0, 1, 21), 2))
 FLAT = 1e-6  # a row whose spread is below FLAT x its largest magnitude counts as constant
 
@@ -76,6 +78,16 @@ def plain_sum(stage1: np.ndarray, rerank: np.ndarray, present: np.ndarray | None
     present = np.ones(np.shape(stage1), dtype=bool) if present is None else present
     check_finite(rerank, present)
     return np.where(present, np.asarray(stage1, np.float64) + np.asarray(rerank, np.float64), -np.inf)
+
+
+def fused_scores(stage1: np.ndarray, rerank: np.ndarray, *, fusion: str, alpha: float | None,
+                 present: np.ndarray | None = None) -> np.ndarray:
+    """A run's fusion: ``tuned`` (:func:`fuse` with ``alpha``) or ``sum`` (:func:`plain_sum`); (M, K) float64."""
+    if fusion == "sum":
+        return plain_sum(stage1, rerank, present)
+    if fusion == "tuned":
+        return fuse(stage1, rerank, alpha, present)
+    raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
 
 
 def order_candidates(fused: np.ndarray, stage1: np.ndarray) -> np.ndarray:

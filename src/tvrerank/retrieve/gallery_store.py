@@ -1,8 +1,10 @@
 """The gallery store: the re-ranker's selected tokens of every gallery video, computed once.
 
 The selectors depend on the video only, so ``tvrerank gallery`` runs them over the gallery once
-and keeps their output (float32, so results are the same as computing them on the fly) in
-``RUN_DIR/gallery/<cache>-<digest>.h5``. A query then reads K small records instead of K full
+and keeps their output in ``RUN_DIR/gallery/<cache>-<digest>.h5``: the tokens as float16 (half the
+bytes of float32; read back as float32, so rankings can differ from computing them on the fly only
+where two candidates' scores are within float16 rounding — measured in docs/design.md), the
+padding masks as booleans. A query then reads K small records instead of K full
 token grids. The file records which cache and which re-ranker it was made from.
 
 The datasets are contiguous and uncompressed, so a reader memory-maps them: fetching K scattered
@@ -32,7 +34,10 @@ from tvrerank.rerank.model import Reranker, SelectedVideos
 log = logging.getLogger(__name__)
 
 FIELDS = SelectedVideos.names()  # one dataset each
-FORMAT = "tvrerank.gallery/2"  # /1 (chunked per record) is no longer read: rebuild with `tvrerank gallery`
+# /1 (chunked per record) and /2 (float32, frame tokens in one row per video) are no longer read:
+# rebuild with `tvrerank gallery`
+FORMAT = "tvrerank.gallery/3"
+STORED_FLOAT = np.float16
 
 
 def store_path(run_dir: str | Path, cache_path: str | Path, ids_digest: str) -> Path:
@@ -63,6 +68,8 @@ def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Rera
             part = select_videos(model, source, rows[start : start + batch], device=device)
             for name in FIELDS:
                 array = getattr(part, name).cpu().numpy()
+                if array.dtype.kind == "f":
+                    array = array.astype(STORED_FLOAT)
                 if name not in f:
                     # contiguous (no chunks, no filter): readers memory-map it
                     f.create_dataset(name, shape=(len(rows),) + array.shape[1:], dtype=array.dtype)
@@ -90,8 +97,12 @@ class GalleryStore:
         if self.file.attrs.get("format") != FORMAT:
             self.file.close()
             raise StoreFormatError(f"{path} was made by an older version: rebuild it with `tvrerank gallery`")
-        self.rows = self.file["rows"][()]
-        self.arrays = {name: _memory_map(path, self.file[name]) for name in FIELDS}
+        try:
+            self.rows = self.file["rows"][()]
+            self.arrays = {name: _memory_map(path, self.file[name]) for name in FIELDS}
+        except Exception:
+            self.file.close()
+            raise
 
     @classmethod
     def find(cls, run_dir: str | Path, cache: CacheReader) -> "GalleryStore | None":
@@ -105,6 +116,11 @@ class GalleryStore:
         except StoreFormatError as exc:
             log.warning("%s (not used now)", exc)
             return None
+        except (OSError, ValueError, KeyError) as exc:  # truncated or damaged: score without it
+            log.warning("%s: unreadable gallery store (%s); scoring without it. Rebuild it with "
+                        "`tvrerank gallery --gallery %s --reranker %s`", path, str(exc).splitlines()[0][:120],
+                        cache.path, run_dir)
+            return None
         attrs = store.file.attrs
         if (attrs["video_ids_sha256"] != ids_digest
                 or attrs["reranker_sha256"] != reranker_digest(run_dir)):
@@ -117,7 +133,8 @@ class GalleryStore:
         positions = np.searchsorted(self.rows, rows)
         if not np.array_equal(self.rows[np.clip(positions, 0, len(self.rows) - 1)], rows):
             raise KeyError("a requested video is not in the gallery store")
-        arrays = {name: torch.from_numpy(array[positions]) for name, array in self.arrays.items()}
+        arrays = {name: torch.from_numpy(array[positions].astype(np.float32) if array.dtype.kind == "f"
+                                         else array[positions]) for name, array in self.arrays.items()}
         return SelectedVideos(**arrays).to(device)
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from tvrerank.index.store import check_index_matches, load_index_dir
 from tvrerank.rerank.checkpoint import load_reranker
 from tvrerank.rerank.inference import select_videos
 from tvrerank.rerank.model import SelectedVideos
-from tvrerank.rerank.ranking import fuse, order_candidates
+from tvrerank.rerank.ranking import fused_scores, order_candidates
 from tvrerank.retrieve.gallery_store import GalleryStore
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,8 @@ class Retriever:
         order, fused = np.arange(len(rows)), None
         if rerank is not None:
             present = rows[None, :k] >= 0
-            fused = fuse(stage1[None, :k], rerank[None, :k], self.reranker.fusion_alpha, present)[0]  # (K,)
+            fused = fused_scores(stage1[None, :k], rerank[None, :k], fusion=self.reranker.fusion,
+                                 alpha=self.reranker.fusion_alpha, present=present)[0]  # (K,)
             order = np.concatenate([order_candidates(fused[None], stage1[None, :k])[0], order[k:]])
         hits = []
         for slot in order:

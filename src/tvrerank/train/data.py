@@ -1,9 +1,11 @@
 """Training batches from the cache and the candidate lists alone (the backbone never runs).
 
 ``TrainingBatches`` is a map-style dataset whose item ``i`` is a whole training step: B captions,
-each with its positive video, hard negatives from its top-K candidates and in-batch negatives
-(other captions' videos), plus the tokens of every video the step needs, each read once
-(through ``cache.rows.CacheRows``). A micro-batch depends only on (seed, step, slot), where
+each with its positive video, hard negatives from its top-K candidates (drawn uniformly, or in
+proportion to softmax(stage-1 score / temperature) as in ALBEF) and in-batch negatives (other
+captions' videos); optionally negative captions per positive video (other captions of the batch,
+uniformly or by similarity to the video); plus the tokens of every video the step needs, each
+read once (through ``cache.rows.CacheRows``). A micro-batch depends only on (seed, step, slot), where
 slot = micro-step x world size + rank: a resumed run sees the same batches, and N ranks with
 one micro-batch each see exactly the batches one process sees with N micro-batches. Videos held
 out for validation never appear in a batch, as positive or negative.
@@ -31,6 +33,9 @@ class BatchSpec:
     captions: int = 32  # B
     negatives: int = 7  # hard negatives from each caption's top-K
     in_batch: int = 4  # other captions' videos
+    negative_captions: int = 0  # Nc: other captions of the batch paired with each caption's positive video
+    sampling: str = "uniform"  # uniform | similarity: how hard negatives (videos and captions) are drawn
+    temperature: float = 0.07  # of the similarity sampler's softmax
 
     @property
     def group(self) -> int:
@@ -47,7 +52,7 @@ class TrainingBatches(torch.utils.data.Dataset):
 
     def __init__(self, cache_path: str | Path, candidate_video: np.ndarray, *, spec: BatchSpec, steps: int,
                  seed: int = 0, rank: int = 0, world: int = 1, grad_accum: int = 1, memory_budget: int = 2 << 30,
-                 held_out: np.ndarray | None = None):
+                 held_out: np.ndarray | None = None, candidate_score: np.ndarray | None = None):
         with CacheReader(cache_path) as cache:
             self.caption_video = cache["texts/video"][()]
             ok = cache["videos/status"][()] == OK
@@ -55,6 +60,9 @@ class TrainingBatches(torch.utils.data.Dataset):
         if held_out is not None:
             self.usable[held_out] = False
         self.candidates = candidate_video  # (M, K) cache rows
+        self.candidate_score = candidate_score  # (M, K) stage-1 scores (the similarity sampler's weights)
+        if spec.sampling == "similarity" and candidate_score is None:
+            raise ValueError("the similarity sampler needs the candidates' stage-1 scores")
         self.trainable = np.flatnonzero(self.usable[self.caption_video])
         self.pool = np.flatnonzero(self.usable)  # random negatives come from here
         if len(self.trainable) < 2:
@@ -82,10 +90,7 @@ class TrainingBatches(torch.utils.data.Dataset):
         positives = self.caption_video[captions]
         groups = np.empty((len(captions), spec.group), dtype=np.int64)
         for i, (caption, positive) in enumerate(zip(captions, positives)):
-            hard = self.candidates[caption]
-            hard = np.unique(hard[hard >= 0])
-            hard = hard[self.usable[hard] & (hard != positive)]
-            chosen = rng.permutation(hard)[: spec.negatives]
+            chosen = self.hard_negatives(caption, positive, rng)
             others = np.setdiff1d(positives, np.append(chosen, positive))  # sorted, unique
             chosen = np.concatenate([chosen, rng.permutation(others)[: spec.in_batch]])
             if len(chosen) < spec.group - 1:  # small galleries: distinct random videos fill the group
@@ -93,6 +98,38 @@ class TrainingBatches(torch.utils.data.Dataset):
                 chosen = np.concatenate([chosen, rng.choice(spare, spec.group - 1 - len(chosen), replace=False)])
             groups[i, 0], groups[i, 1:] = positive, chosen
         return groups
+
+    def hard_negatives(self, caption: int, positive: int, rng: np.random.Generator) -> np.ndarray:
+        """Up to ``negatives`` distinct usable videos of the caption's top-K other than its own."""
+        listed = self.candidates[caption]
+        keep = (listed >= 0) & (listed != positive)
+        keep[keep] &= self.usable[listed[keep]]
+        hard, first = np.unique(listed[keep], return_index=True)
+        count = min(self.spec.negatives, len(hard))
+        if self.spec.sampling == "uniform" or count == 0:
+            return rng.permutation(hard)[:count]
+        return draw_by_score(rng, hard, self.candidate_score[caption][keep][first] / self.spec.temperature, count)
+
+    def negative_texts(self, captions: np.ndarray, positives: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(B, Nc) indices into the batch's captions, each pairing caption b's positive video with a
+        caption of another video: uniformly, or by softmax(cos(caption, video) / temperature)."""
+        spec, b = self.spec, len(captions)
+        other = positives[None, :] != positives[:, None]  # (B, B): row b's video vs caption b'
+        if spec.sampling == "similarity":
+            text = self.rows.embeddings("texts/emb", captions)  # (B, E)
+            videos, inverse = np.unique(positives, return_inverse=True)
+            video = self.rows.embeddings("videos/video_emb", videos)[inverse]  # (B, E)
+            similarity = video @ text.T  # (B, B)
+        else:
+            similarity = np.zeros((b, b))
+        chosen = np.empty((b, spec.negative_captions), dtype=np.int64)
+        for i in range(b):
+            pool = np.flatnonzero(other[i])
+            if len(pool) < spec.negative_captions:
+                raise InputError(f"{self.rows.path}: a batch has {len(pool)} captions of other videos, fewer than "
+                                 f"negative_captions ({spec.negative_captions}); lower it in --config")
+            chosen[i] = draw_by_score(rng, pool, similarity[i, pool] / spec.temperature, spec.negative_captions)
+        return chosen
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         """Micro-batch ``item % grad_accum`` of step ``item // grad_accum`` for this rank."""
@@ -104,7 +141,16 @@ class TrainingBatches(torch.utils.data.Dataset):
         rows, pair_video = np.unique(groups, return_inverse=True)  # each video read once
         batch = {**self.rows.videos(rows), **self.rows.texts(captions)}
         batch["pair_video"] = torch.from_numpy(pair_video.reshape(groups.shape))  # (B, G) into rows
+        if self.spec.negative_captions:
+            batch["negative_text"] = torch.from_numpy(self.negative_texts(captions, groups[:, 0], rng))
         return batch
+
+
+def draw_by_score(rng: np.random.Generator, items: np.ndarray, logits: np.ndarray, count: int) -> np.ndarray:
+    """``count`` distinct items drawn without replacement with probabilities ∝ exp(logit), by the
+    Gumbel-top-k trick (exact for any temperature, where probabilities would underflow)."""
+    keys = np.asarray(logits, dtype=np.float64) + rng.gumbel(size=len(items))
+    return np.asarray(items)[np.argsort(-keys, kind="stable")[:count]]
 
 
 def collate_single(items: list[dict]) -> dict:

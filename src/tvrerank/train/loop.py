@@ -11,6 +11,11 @@ videos, drawn with the seed, never trained on) or a cache of its own (``--val-ca
 the split that is reported. Under DDP every rank scores its share of the validation captions
 and the scores are gathered, so no rank idles into a collective timeout.
 
+On the CPU a run is deterministic for its seed and config at any thread count: training runs under
+``torch.use_deterministic_algorithms`` (the backward of the per-pair gather, an ``index_put`` with
+accumulation, otherwise adds in thread order). On a GPU it is not forced (cuBLAS needs an
+environment variable set before start, and the cost is real); ``metrics.json`` records which.
+
 Only rank 0 writes RUN_DIR: ``reranker.pt``, ``checkpoint.pt``, ``config.json``,
 ``metrics.json`` and ``log.csv``.
 """
@@ -38,11 +43,12 @@ from tvrerank.config import from_dict, to_dict
 from tvrerank.devices import resolve_device
 from tvrerank.errors import InputError, NonFiniteScores
 from tvrerank.evaluation import load_lists, stage_metrics
+from tvrerank.files import write_text_atomic
 from tvrerank.index.candidates import CandidateLists, read_candidates
-from tvrerank.rerank.checkpoint import MODEL_FILE, atomic_save, save_reranker
+from tvrerank.rerank.checkpoint import MODEL_FILE, atomic_save, read_torch_file, save_reranker
 from tvrerank.rerank.inference import rerank_scores
 from tvrerank.rerank.model import Reranker, RerankerConfig
-from tvrerank.rerank.ranking import selection_key
+from tvrerank.rerank.ranking import FUSIONS, selection_key
 from tvrerank.train.data import BatchSpec, TrainingBatches, collate_single
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_accum: int = 1
     loss: str = "listwise"  # listwise | binary | both
+    negative_sampling: str = "uniform"  # uniform | similarity (ALBEF: softmax of the stage-1 similarity)
+    negative_captions: int = 0  # negative captions per positive video (other captions of the batch)
+    negative_temperature: float = 0.07  # the similarity sampler's softmax temperature
+    fusion: str = "tuned"  # tuned (alpha chosen on validation) | sum (stage-1 score + re-ranker score)
     checkpoint_every: int = 500
     eval_every: int = 0  # steps between validations; 0: once per epoch of the training captions
     fusion_alpha: float = 0.3  # used when no validation split tunes it
@@ -74,21 +84,29 @@ class TrainConfig:
 
     def __post_init__(self):
         at_least = {"steps": 1, "captions": 2, "negatives": 0, "in_batch": 0, "warmup": 0, "grad_accum": 1,
-                    "checkpoint_every": 1, "eval_every": 0, "seed": 0, "workers": 0}
+                    "checkpoint_every": 1, "eval_every": 0, "seed": 0, "workers": 0, "negative_captions": 0}
         for name, low in at_least.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InputError(f"training option {name!r} must be an integer >= {low}, got {value!r}")
         for name, low, high in (("lr", 0.0, math.inf), ("min_lr_ratio", 0.0, 1.0), ("weight_decay", 0.0, math.inf),
                                 ("fusion_alpha", 0.0, 1.0), ("val_fraction", 0.0, 0.9),
+                                ("negative_temperature", 1e-4, 100.0),
                                 ("memory_budget_gb", 0.0, math.inf)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise InputError(f"training option {name!r} must be a number in [{low}, {high}], got {value!r}")
-        if self.loss not in ("listwise", "binary", "both"):
-            raise InputError(f"training option 'loss' must be listwise, binary or both, got {self.loss!r}")
+        for name, choices in (("loss", ("listwise", "binary", "both")), ("negative_sampling", ("uniform", "similarity")),
+                              ("fusion", FUSIONS)):
+            if getattr(self, name) not in choices:
+                raise InputError(f"training option {name!r} must be one of {', '.join(choices)}, "
+                                 f"got {getattr(self, name)!r}")
         if not isinstance(self.model, dict):
             raise InputError(f"training option 'model' must be an object of re-ranker options, got {self.model!r}")
+        known = {f.name for f in dataclasses.fields(RerankerConfig)}
+        if unknown := set(self.model) - known:
+            raise InputError(f"unknown model options {sorted(unknown)} (known: {sorted(known)})")
+        RerankerConfig(**self.model)  # types and ranges, before anything is read or written
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -120,26 +138,29 @@ def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
 
 
 def model_config_for(cache: CacheReader, overrides: dict) -> RerankerConfig:
-    layout = cache.header.layout
-    known = {f.name for f in dataclasses.fields(RerankerConfig)}
-    if unknown := set(overrides) - known:
-        raise InputError(f"unknown model options {sorted(unknown)} (known: {sorted(known)})")
+    layout = cache.header.layout  # the overrides were checked with the TrainConfig
     return RerankerConfig(frames=cache.header.sampling.frames, tokens_per_frame=layout.tokens_per_frame,
                           token_dim=layout.token_dim, embed_dim=layout.embed_dim,
                           text_token_dim=layout.text_token_dim, text_tokens=layout.text_tokens, **overrides)
 
 
-def pair_loss(scores: torch.Tensor, kind: str) -> torch.Tensor:
-    """scores (B, G), positive in column 0 → listwise cross-entropy and/or binary matching loss."""
+def pair_loss(scores: torch.Tensor, kind: str, text_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """scores (B, G): each caption against its videos, the positive in column 0; text_scores (B, Nc) or
+    None: each caption's positive video against other captions → listwise cross-entropy (over the
+    videos, and over the captions when given) and/or the binary matching loss over every pair."""
     losses = []
+    first = torch.zeros(len(scores), dtype=torch.long, device=scores.device)
     if kind in ("listwise", "both"):
-        losses.append(F.cross_entropy(scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device)))
+        losses.append(F.cross_entropy(scores, first))
+        if text_scores is not None:  # video → text: the positive caption against the negative captions
+            losses.append(F.cross_entropy(torch.cat([scores[:, :1], text_scores], dim=1), first))
     if kind in ("binary", "both"):
-        labels = torch.zeros_like(scores)
+        every = scores if text_scores is None else torch.cat([scores, text_scores], dim=1)  # (B, G [+ Nc])
+        labels = torch.zeros_like(every)
         labels[:, 0] = 1
-        weights = torch.ones_like(scores)
-        weights[:, 0] = scores.shape[1] - 1  # balance the one positive against the negatives
-        losses.append(F.binary_cross_entropy_with_logits(scores, labels, weight=weights / weights.mean()))
+        weights = torch.ones_like(every)
+        weights[:, 0] = every.shape[1] - 1  # balance the one positive against the negatives
+        losses.append(F.binary_cross_entropy_with_logits(every, labels, weight=weights / weights.mean()))
     if not losses:
         raise InputError(f"loss must be listwise, binary or both, got {kind!r}")
     return sum(losses)
@@ -174,12 +195,18 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro
         last = i == config.grad_accum - 1
         skip_sync = trained.no_sync() if hasattr(trained, "no_sync") and not last else contextlib.nullcontext()
         b, g = batch["pair_video"].shape
-        pair_caption = torch.arange(b, device=device).repeat_interleave(g)
+        pair_video, pair_caption = batch["pair_video"].reshape(-1), torch.arange(b, device=device).repeat_interleave(g)
+        negative_text = batch.get("negative_text")  # (B, Nc): caption b's positive video with other captions
+        if negative_text is not None:
+            nc = negative_text.shape[1]
+            pair_video = torch.cat([pair_video, batch["pair_video"][:, 0].repeat_interleave(nc)])
+            pair_caption = torch.cat([pair_caption, negative_text.reshape(-1)])
         with skip_sync:
             with autocast_for(device):
                 scores = trained(batch["text_tokens"], batch["text_length"], batch["tokens"], batch["frame_emb"],
-                                 batch["frame_mask"], batch["pair_video"].reshape(-1), pair_caption)
-                loss = pair_loss(scores.float().view(b, g), config.loss) / config.grad_accum
+                                 batch["frame_mask"], pair_video, pair_caption).float()
+                text_scores = None if negative_text is None else scores[b * g :].view(b, -1)
+                loss = pair_loss(scores[: b * g].view(b, g), config.loss, text_scores) / config.grad_accum
             loss.backward()
         total += loss.detach()
     if torch.distributed.is_initialized():
@@ -233,16 +260,23 @@ def validation_split(config: TrainConfig, cache_path: Path, lists: CandidateList
     return Validation(Path(cache_path), lists, true_video, captions, held_out, identity)
 
 
-def validate(model: Reranker, validation: Validation, *, device: torch.device, rank: int, world: int) -> dict:
-    """``stage_metrics`` on the validation captions; each rank scores a share, then all ranks gather."""
+def validate(model: Reranker, validation: Validation, *, device: torch.device, rank: int, world: int,
+             fusion: str = "tuned", soft_selection: bool = False) -> dict:
+    """``stage_metrics`` on the validation captions; each rank scores a share, then all ranks gather.
+
+    ``soft_selection``: with the training-time (perturbed) token selection, to measure its gap to
+    the hard top-k used at inference.
+    """
     mine = validation.captions[rank::world]
-    scores = rerank_scores(model, validation.cache, validation.lists.video, device=device, captions=mine)
+    scores = rerank_scores(model, validation.cache, validation.lists.video, device=device, captions=mine,
+                           soft_selection=soft_selection)
     if world > 1:
         shares = [None] * world
         torch.distributed.all_gather_object(shares, (mine, scores[mine]))
         for rows, block in shares:
             scores[rows] = block
-    return stage_metrics(validation.lists, validation.true_video, scores, captions=validation.captions)
+    return stage_metrics(validation.lists, validation.true_video, scores, fusion=fusion,
+                         captions=validation.captions)
 
 
 # --------------------------------------------------------------------------- run files
@@ -297,12 +331,30 @@ def train(
     progress: bool = True,
 ) -> dict:
     """Train a re-ranker into ``out``; returns the final metrics (also in ``out/metrics.json``)."""
-    from tqdm.auto import tqdm
-
     out, cache_path = Path(out), Path(cache_path)
     if (out / MODEL_FILE).exists() and not resume:  # every rank refuses, before any collective
         raise InputError(f"{out} already holds a trained re-ranker; pass --resume to continue or another --out")
     rank, world, device = _distributed(config.device)
+    with deterministic_on(device):
+        return _train(cache_path, candidates_path, out, config, rank=rank, world=world, device=device,
+                      val_cache=val_cache, val_candidates=val_candidates, resume=resume, progress=progress)
+
+
+@contextlib.contextmanager
+def deterministic_on(device: torch.device):
+    """Deterministic algorithms while training on the CPU (restored afterwards)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(device.type == "cpu" or before)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *, rank: int, world: int,
+           device: torch.device, val_cache, val_candidates, resume: bool, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
     with CacheReader(cache_path) as cache:
         lists = read_candidates(candidates_path, cache)
         fingerprint = cache.header.fingerprint()
@@ -320,7 +372,8 @@ def train(
     torch.manual_seed(config.seed)
     model = Reranker(config=model_config).to(device)
     optimizer = build_optimizer(model, config)
-    state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False) \
+    state = read_torch_file(out / STATE_FILE, weights_only=False,
+                            remedy=f"delete it to train {out} from the start (or from its last good copy)") \
         if resume and (out / STATE_FILE).is_file() else None
     start_step, history, best = 0, [], None
     if state is not None:
@@ -333,11 +386,13 @@ def train(
     trained = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    spec = BatchSpec(captions=config.captions, negatives=config.negatives, in_batch=config.in_batch)
+    spec = BatchSpec(captions=config.captions, negatives=config.negatives, in_batch=config.in_batch,
+                     negative_captions=config.negative_captions, sampling=config.negative_sampling,
+                     temperature=config.negative_temperature)
     batches = TrainingBatches(cache_path, lists.video, spec=spec, steps=config.steps, seed=config.seed, rank=rank,
                               world=world, grad_accum=config.grad_accum,
                               memory_budget=int(config.memory_budget_gb * 2**30),
-                              held_out=validation.held_out if validation else None)
+                              held_out=validation.held_out if validation else None, candidate_score=lists.score)
     eval_every = config.eval_every or max(1, len(batches.trainable) // (config.captions * world))
     items = torch.utils.data.Subset(batches, range(start_step * config.grad_accum, len(batches)))
     loader = iter(torch.utils.data.DataLoader(items, batch_size=1, collate_fn=collate_single,
@@ -358,15 +413,15 @@ def train(
             done = step + 1
             row = [done, f"{lr_at(step, config):.3e}", f"{loss:.4f}", f"{time.perf_counter() - started:.1f}", "", ""]
             if validation is not None and (done % eval_every == 0 or done == config.steps):
-                result = validate(model, validation, device=device, rank=rank, world=world)
+                result = validate(model, validation, device=device, rank=rank, world=world, fusion=config.fusion)
                 row[4:] = [f"{result['stage1']['R1']:.2f}", f"{result['reranked']['R1']:.2f}"]
-                log.info("step %d: val R@1 stage 1 %.1f -> re-ranked %.1f (alpha %.2f)", done,
-                         result["stage1"]["R1"], result["reranked"]["R1"], result["alpha"])
+                log.info("step %d: val R@1 stage 1 %.1f -> re-ranked %.1f (fusion %s, alpha %s)", done,
+                         result["stage1"]["R1"], result["reranked"]["R1"], config.fusion, result["alpha"])
                 if best is None or selection_key(result["reranked"]) > selection_key(best["val"]["reranked"]):
                     best = {"step": done, "val": result}  # the best validated model is kept
                     if rank == 0:
                         save_reranker(out, model, fusion_alpha=result["alpha"], fingerprint=fingerprint, step=done,
-                                      train_config=to_dict(config), splits=splits)
+                                      train_config=to_dict(config), splits=splits, fusion=config.fusion)
             run_log.row(row)
             if rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
                 run_log.flush()
@@ -375,26 +430,37 @@ def train(
                             out / STATE_FILE)
     finally:
         run_log.close()
-    return _finish(model, out, config, fingerprint, splits, best, history, rank, world)
+    gap = selection_gap(model, validation, device=device, rank=rank, world=world, fusion=config.fusion) \
+        if validation is not None else None
+    return _finish(model, out, config, fingerprint, splits, best, history, rank, world, gap)
 
 
-def _finish(model, out, config, fingerprint, splits, best, history, rank, world) -> dict:
+def selection_gap(model: Reranker, validation: Validation, **how) -> dict:
+    """Validation R@1 of the last model with hard (inference) vs soft (training) token selection."""
+    hard = validate(model, validation, **how)["reranked"]["R1"]
+    soft = validate(model, validation, soft_selection=True, **how)["reranked"]["R1"]
+    log.info("selection gap on validation: R@1 hard %.2f, soft %.2f", hard, soft)
+    return {"hard_R1": hard, "soft_R1": soft, "hard_minus_soft": hard - soft}
+
+
+def _finish(model, out, config, fingerprint, splits, best, history, rank, world, gap) -> dict:
     """reranker.pt (the best validated model, else the last), config.json, metrics.json (rank 0)."""
     metrics = {"steps": config.steps, "final_loss": float(np.mean(history[-20:])) if history else None,
-               "splits": splits}
-    alpha = config.fusion_alpha
+               "splits": splits, "fusion": config.fusion, "deterministic": torch.are_deterministic_algorithms_enabled()}
+    alpha = config.fusion_alpha if config.fusion == "tuned" else None
     if best is not None:
-        metrics.update(val=best["val"], best_step=best["step"])
+        metrics.update(val=best["val"], best_step=best["step"], selection_gap=gap)
         alpha = best["val"]["alpha"]
     if rank == 0:
         if best is None:
             save_reranker(out, model, fusion_alpha=alpha, fingerprint=fingerprint, step=config.steps,
-                          train_config=to_dict(config), splits=splits)
-        (out / "config.json").write_text(json.dumps({"train": to_dict(config),
+                          train_config=to_dict(config), splits=splits, fusion=config.fusion)
+        write_text_atomic(out / "config.json", json.dumps({"train": to_dict(config),
                                                      "model": dataclasses.asdict(model.config),
-                                                     "fusion_alpha": alpha, "splits": splits},
+                                                     "fusion": config.fusion, "fusion_alpha": alpha,
+                                                     "splits": splits},
                                                     indent=2, sort_keys=True) + "\n")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

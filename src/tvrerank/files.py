@@ -1,0 +1,82 @@
+"""Writing artifacts so a kill or a failure never leaves a mix of old and new files.
+
+A file is written under a temporary name in its own folder and renamed into place (``os.replace``
+is atomic on one file system). A folder artifact (an index) is built in a temporary sibling folder
+and swapped in: the old folder is moved aside, the new one renamed into place, the old one
+removed. A kill between the two renames leaves the old folder under ``.NAME.old-PID`` and no
+``NAME``, which every reader refuses by name: never a new file beside an old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from tvrerank.errors import InputError
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def replaced_folder(out: str | Path, *, owned: set[str]) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it becomes ``out``, on failure it is removed and
+    ``out`` is untouched. An existing ``out`` may only hold the files in ``owned`` (it is replaced whole)."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out} exists and is not a folder; choose another --out")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in owned)
+        if foreign:
+            raise InputError(f"{out} holds other files ({', '.join(foreign[:3])}); it would be replaced whole: "
+                             "choose a new or empty --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created, holding this process's id) for the block; if another
+    process holds it, refuse naming that process. The lock ends with the process, so a killed run
+    never leaves a stale lock behind; the file is removed when the block ends."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise InputError(f"{what} is being written by process {holder} (lock {path}); wait for it to finish "
+                             "or stop it, then run the same command again") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still held: a waiting run cannot have locked it
+    finally:
+        handle.close()

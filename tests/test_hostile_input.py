@@ -1,0 +1,199 @@
+"""Careless and hostile input, table-driven: each row is a command, its exit code and a fragment of
+its message; none may print a traceback or leave anything half-done.
+
+``CASES`` need only placeholder files (the options are refused before anything is read);
+``DAMAGED`` start from finished artifacts (a small extracted gallery, its index, candidates and a
+trained run), damage a copy of one, and run a command on it. Rows are added as cases are handled
+(the reliability review's 100-case probe is the list).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from conftest import TINY_VIT, make_dataset
+
+from tvrerank.cli import main
+
+#: (case, command with {placeholders}, exit code, a fragment of the message)
+CASES = [
+    ("extract: negative batch size", "extract --annotations {file} --videos {dir} --model m --out {dir}/c.h5 "
+     "--batch-size -3", 2, "--batch-size"),
+    ("extract: zero frames", "extract --annotations {file} --videos {dir} --model m --out {dir}/c.h5 --frames 0",
+     2, "--frames"),
+    ("extract: negative part size", "extract --annotations {file} --videos {dir} --model m --out {dir}/c.h5 "
+     "--part-videos -1", 2, "--part-videos"),
+    ("extract: zero text tokens", "extract --annotations {file} --videos {dir} --model m --out {dir}/c.h5 "
+     "--text-tokens 0", 2, "--text-tokens"),
+    ("extract: negative workers", "extract --annotations {file} --videos {dir} --model m --out {dir}/c.h5 "
+     "--workers -1", 2, "--workers"),
+    ("extract: one video_id for two files", "extract --annotations {jsonl} --videos {dir} --model m "
+     "--out {dir}/c.h5", 2, "video_id 'v1' is 'b.mp4' here but 'a.mp4' at"),
+    ("plan: zero videos", "plan --model ViT-B-32 --videos 0", 2, "--videos"),
+    ("candidates: negative k", "candidates {file} --index {dir} --out {dir}/x.h5 --k -5", 2, "--k"),
+    ("retrieve: negative k", "retrieve --gallery {file} --index {dir} --reranker {dir} --k -5 q", 2, "--k"),
+    ("retrieve: negative top", "retrieve --gallery {file} --index {dir} --reranker {dir} --top -2 q", 2, "--top"),
+    ("train: zero steps", "train --cache {file} --candidates {file} --out {dir}/run --steps 0", 2, "--steps"),
+    ("train: negative steps", "train --cache {file} --candidates {file} --out {dir}/run --steps -5", 2, "--steps"),
+    ("train: zero steps in --config", "train --cache {file} --candidates {file} --out {dir}/run --config {json}",
+     2, "'steps' must be an integer >= 1"),
+    ("train: a number as text in --config", "train --cache {file} --candidates {file} --out {dir}/run "
+     "--config {json}", 2, "'lr' must be a number"),
+    ("train: a bad model option in --config", "train --cache {file} --candidates {file} --out {dir}/run "
+     "--config {json}", 2, "'width' must be an integer >= 1"),
+    ("train: an unknown model option in --config", "train --cache {file} --candidates {file} --out {dir}/run "
+     "--config {json}", 2, "unknown model options ['wdith']"),
+    ("demo: negative seed", "demo --out {dir}/demo --seed -1", 2, "--seed"),
+    ("toy make: too few videos", "toy make --out {dir}/toy --videos 2", 2, "--videos"),
+]
+
+
+#: the --config file of a row, by case
+CONFIGS = {
+    "train: zero steps in --config": {"steps": 0},
+    "train: a number as text in --config": {"lr": "fast"},
+    "train: a bad model option in --config": {"model": {"width": -1}},
+    "train: an unknown model option in --config": {"model": {"wdith": 64}},
+}
+
+
+@pytest.mark.parametrize("case, command, code, fragment", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input(case, command, code, fragment, tmp_path):
+    (tmp_path / "f.txt").write_text("x\n")
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS.get(case, {})))
+    (tmp_path / "ann.jsonl").write_text('{"video": "a.mp4", "caption": "one", "video_id": "v1"}\n'
+                                        '{"video": "b.mp4", "caption": "two", "video_id": "v1"}\n')
+    args = command.format(file=tmp_path / "f.txt", dir=tmp_path, json=tmp_path / "config.json",
+                          jsonl=tmp_path / "ann.jsonl").split()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == code, result.output
+    assert fragment in result.output, result.output
+    if case in CONFIGS:
+        assert str(tmp_path / "config.json") in result.output  # the file is named
+    assert "Traceback" not in result.output and not isinstance(result.exception, (TypeError, ValueError)), \
+        result.exception
+    assert not (tmp_path / "run" / "reranker.pt").exists() and not (tmp_path / "c.h5").exists()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A small finished pipeline: gallery cache, index, candidates, a trained run."""
+    root = tmp_path_factory.mktemp("finished")
+    annotations = make_dataset(root / "data", num_videos=5)
+    runner = CliRunner()
+    for args in (["extract", "--annotations", annotations, "--videos", annotations.parent, "--model", TINY_VIT,
+                  "--out", root / "cache.h5", "--frames", "4", "--workers", "0", "--device", "cpu", "--quiet"],
+                 ["index", root / "cache.h5", "--out", root / "index"],
+                 ["candidates", root / "cache.h5", "--index", root / "index", "--out", root / "cand.h5", "--k", "4"]):
+        assert runner.invoke(main, [str(a) for a in args]).exit_code == 0
+    (root / "train.json").write_text(json.dumps({"captions": 4, "negatives": 2, "in_batch": 1, "checkpoint_every": 1,
+                                                 "model": {"width": 16, "heads": 2, "layers": 1, "queries": 2,
+                                                           "video_keep": 4, "perturb_samples": 4}}))
+    result = runner.invoke(main, ["train", "--cache", str(root / "cache.h5"), "--candidates", str(root / "cand.h5"),
+                                  "--out", str(root / "run"), "--config", str(root / "train.json"), "--steps", "2",
+                                  "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def damaged(folder: str, file: str, keep: float):
+    """A damage: copy artifact ``folder`` (index or run) into tmp_path, cut ``file`` to ``keep`` of its bytes."""
+    def damage(finished, tmp_path) -> dict:
+        shutil.copytree(finished / folder, tmp_path / folder)
+        truncate(tmp_path / folder / file, keep)
+        return {folder: tmp_path / folder}
+    return damage
+
+
+def truncate(path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def latin1_queries(finished, tmp_path) -> dict:
+    (tmp_path / "q.txt").write_bytes(b"a dog\nun caf\xe9\n")
+    return {"queries": tmp_path / "q.txt"}
+
+
+def nothing(finished, tmp_path) -> dict:
+    return {}
+
+
+RETRIEVE = "retrieve --gallery {cache} --index {index} --reranker {run} --device cpu"
+EXTRACT = "extract --annotations {ann} --videos {data} --model " + str(TINY_VIT) + " --out {tmp}/c.h5 --workers 0 --quiet"
+#: (case, damage(finished, tmp_path) -> placeholders, command, exit code, message fragment)
+DAMAGED = [
+    ("index.faiss of zero bytes", damaged("index", "index.faiss", 0), "candidates {cache} --index {index} "
+     "--out {tmp}/c.h5", 2, "index.faiss: not a readable FAISS index"),
+    ("truncated index.faiss", damaged("index", "index.faiss", 0.5), RETRIEVE + " --no-rerank q", 2, "tvrerank index"),
+    ("reranker.pt of zero bytes", damaged("run", "reranker.pt", 0), RETRIEVE + " q", 2,
+     "reranker.pt: not a readable checkpoint"),
+    ("truncated reranker.pt", damaged("run", "reranker.pt", 0.5), "eval --cache {cache} --candidates {cand} "
+     "--reranker {run} --device cpu", 2, "reranker.pt: not a readable checkpoint"),
+    ("truncated checkpoint.pt on --resume", damaged("run", "checkpoint.pt", 0.3), "train --cache {cache} "
+     "--candidates {cand} --out {run} --config {config} --steps 3 --device cpu --resume", 2,
+     "checkpoint.pt: not a readable checkpoint"),
+    ("--pretrained that is not a checkpoint", nothing, EXTRACT + " --device cpu --pretrained {ann}", 2,
+     "not a checkpoint of"),
+    ("non-UTF-8 --queries-file", latin1_queries, RETRIEVE + " --queries-file {queries}", 2,
+     "q.txt: line 2 is not UTF-8"),
+    ("index --factory Nonsense", nothing, "index {cache} --out {tmp}/i --factory Nonsense", 2,
+     "--factory 'Nonsense': FAISS cannot build"),
+    ("index --factory needing more vectors than the gallery", nothing,
+     "index {cache} --out {tmp}/i --factory IVF256,Flat", 2, "cannot train it on"),
+    ("extract --device bogus", nothing, EXTRACT + " --device bogus", 2, "--device 'bogus': not a device"),
+]
+
+
+@pytest.mark.parametrize("case, damage, command, code, fragment", DAMAGED, ids=[c[0] for c in DAMAGED])
+def test_damaged_artifacts_are_named(finished, tmp_path, case, damage, command, code, fragment):
+    places = {"cache": finished / "cache.h5", "index": finished / "index", "run": finished / "run",
+              "cand": finished / "cand.h5", "config": finished / "train.json", "ann": finished / "data" / "captions.jsonl",
+              "data": finished / "data", "tmp": tmp_path}
+    places.update(damage(finished, tmp_path))
+    result = CliRunner().invoke(main, command.format(**places).split())
+    assert result.exit_code == code, (result.output, result.exception)
+    assert fragment in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, (TypeError, RuntimeError, KeyError)), result.exception
+
+
+def test_a_truncated_gallery_store_is_skipped_with_a_warning(finished, tmp_path, caplog):
+    shutil.copytree(finished / "run", tmp_path / "run")
+    run = tmp_path / "run"
+    runner = CliRunner()
+    assert runner.invoke(main, ["gallery", "--gallery", str(finished / "cache.h5"), "--reranker", str(run),
+                                "--device", "cpu"]).exit_code == 0
+    (store,) = (run / "gallery").glob("*.h5")
+    truncate(store, 0.5)
+    result = runner.invoke(main, RETRIEVE.format(cache=finished / "cache.h5", index=finished / "index", run=run).split()
+                           + ["--json", "clip 1 caption 0"])
+    assert result.exit_code == 0, result.output
+    assert "unreadable gallery store" in caplog.text and "tvrerank gallery" in caplog.text
+    assert json.loads(result.output.splitlines()[-1])["results"]
+
+
+
+@pytest.mark.parametrize("errno_name, fragment", [("ENOSPC", "no space left on device writing"),
+                                                   ("EACCES", "choose a writable --out"),
+                                                   ("EROFS", "choose a writable --out")])
+def test_a_full_disk_or_an_unwritable_folder_is_one_line(finished, tmp_path, monkeypatch, errno_name, fragment):
+    """Tests run as root, which may write anywhere: the failing write is simulated where the index
+    is written (the same boundary catches extract, candidates, train and gallery)."""
+    import errno
+    import os
+
+    from tvrerank.index import store
+
+    def failing_save(path, *args, **kwargs):
+        code = getattr(errno, errno_name)
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(store.np, "save", failing_save)
+    result = CliRunner().invoke(main, ["index", str(finished / "cache.h5"), "--out", str(tmp_path / "idx")])
+    assert result.exit_code == 2 and fragment in result.output, result.output
+    assert "video_rows.npy" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "idx").exists()  # nothing half-written
