@@ -138,3 +138,24 @@ def test_real_tokens_are_counted_with_the_tokenizers_own_pad_id(encoder):
     _, _, lengths = encoder.encode_texts(["a cat", "a cat sat on the mat"])
     ids = encoder.tokenizer(["a cat", "a cat sat on the mat"])
     assert lengths.tolist() == [int((row[: encoder.text_tokens] != 0).sum()) for row in ids] == [4, 8]
+
+
+def test_pe_core_tokens_go_through_the_trunks_head_into_the_joint_space():
+    """PE-Core's projection sits in the timm trunk (its open_clip head is empty): joint tokens are
+    the trunk head applied to each normalised patch token, in the embedding's width."""
+    joint = FrozenClipEncoder(model="PE-Core-T-16-384", pretrained=None, token_space="joint", device="cpu")
+    assert joint.layout.token_dim == joint.layout.embed_dim == 512 and joint.layout.grid == (24, 24)
+    frames = np.random.default_rng(0).integers(0, 256, (1, 384, 384, 3), dtype=np.uint8)
+    raw = FrozenClipEncoder(model="PE-Core-T-16-384", pretrained=None, token_space="raw", device="cpu")
+    _, raw_tokens = raw.encode_frames(frames)
+    _, joint_tokens = joint.encode_frames(frames)
+    head = joint.clip.visual.trunk.head
+    expected = head(torch.from_numpy(raw_tokens)).detach().numpy()
+    np.testing.assert_allclose(joint_tokens, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("transformers") is not None,
+                    reason="transformers is installed: the Hugging Face parts load")
+def test_a_hugging_face_tokenizer_without_transformers_is_one_line():
+    with pytest.raises(ModelError, match=r"comes from Hugging Face; install it with `pip install 'tvrerank\[hf\]'`"):
+        FrozenClipEncoder(model="ViT-B-32-SigLIP2-256", pretrained=None, device="cpu")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tvrerank.config import EncoderConfig, TokenLayout
 from tvrerank.devices import resolve_device
 from tvrerank.errors import InputError
-from tvrerank.extract.models import create_clip, preprocess_config
+from tvrerank.extract.models import create_clip, hugging_face_parts, preprocess_config
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,19 @@ def pad_token_id(tokenizer) -> int:
     SigLIP tokenizers with their own ``pad_token_id`` (1 for SigLIP's T5-style vocabulary)."""
     pad = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None)
     return 0 if pad is None else int(pad)
+
+
+def image_projection_of(visual):
+    """The image tower's per-token projection into the joint space: open_clip's ``proj`` matrix, a
+    timm tower's ``head``, or (PE-Core and other towers whose head sits inside the trunk) the trunk's
+    ``head``; None when there is none (e.g. ResNets' attention pooling)."""
+    for owner, name in ((visual, "proj"), (visual, "head"), (getattr(visual, "trunk", None), "head")):
+        candidate = getattr(owner, name, None) if owner is not None else None
+        if candidate is None or isinstance(candidate, torch.nn.Identity) or (
+                isinstance(candidate, torch.nn.Sequential) and len(candidate) == 0):
+            continue  # an empty head projects nothing: look further in
+        return candidate
+    return None
 
 
 def _linear_projection(projection) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -77,7 +90,8 @@ class FrozenClipEncoder:
         )
         import open_clip
 
-        self.tokenizer = open_clip.get_tokenizer(name)
+        with hugging_face_parts(name):
+            self.tokenizer = open_clip.get_tokenizer(name)
         self.token_space, self.token_pool, self.text_tokens = token_space, token_pool, text_tokens
         self.config = EncoderConfig(
             model=name,
@@ -98,9 +112,7 @@ class FrozenClipEncoder:
     def _find_image_projection(self):
         if self.token_space == "raw":
             return None
-        visual = self.clip.visual
-        projection = getattr(visual, "proj", None)
-        projection = _linear_projection(projection if projection is not None else getattr(visual, "head", None))
+        projection = _linear_projection(image_projection_of(self.clip.visual))
         if projection is None:
             raise InputError(
                 f"{self.config.model}: its image tower has no per-token projection into the joint "

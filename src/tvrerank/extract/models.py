@@ -9,6 +9,7 @@ nothing (random weights, with a loud warning).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -97,10 +98,32 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+HF_EXTRA = "pip install 'tvrerank[hf]'"
+
+
+@contextlib.contextmanager
+def hugging_face_parts(name: str):
+    """Turn open_clip's "install transformers" failures (text towers and tokenizers from Hugging Face:
+    RoBERTa, mT5, NLLB, SigLIP's tokenizers) into one line saying what to install."""
+    try:
+        yield
+    except (RuntimeError, ImportError) as exc:
+        missing = getattr(exc, "name", None) or ""
+        if "transformers" not in str(exc) and missing not in ("transformers", "sentencepiece", "tokenizers"):
+            raise
+        raise ModelError(f"{name}: its text tower or tokenizer comes from Hugging Face; install it with "
+                         f"`{HF_EXTRA}` (the transformers package), then run the same command again") from None
+
+
 def create_clip(model: str, pretrained: str | None, *, precision: str = "fp32", device: str = "cpu"):
     """Build the open_clip model with weights. Returns (model, name, model_config, pretrained_sha256)."""
     open_clip = _open_clip()
     name, config = resolve_model_config(model, pretrained)
+    with hugging_face_parts(name):
+        return _create_clip(open_clip, name, config, pretrained, precision=precision, device=device)
+
+
+def _create_clip(open_clip, name: str, config: dict, pretrained: str | None, *, precision: str, device: str):
     sha = None
     if pretrained is None:
         log.warning(
@@ -158,5 +181,5 @@ def build_meta_model(model: str):
 
     open_clip = _open_clip()
     name, _ = resolve_model_config(model)
-    with torch.device("meta"):
+    with torch.device("meta"), hugging_face_parts(name):
         return open_clip.create_model(name, pretrained=None, device="meta")
