@@ -27,6 +27,17 @@ def test_a_failed_folder_write_leaves_the_old_folder_whole(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["a"]  # replaced whole
 
 
+def test_the_current_folder_is_never_replaced(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out in (".", ".."):
+        with pytest.raises(InputError, match="current folder"), replaced_folder(out, owned={"a"}):
+            pass
+    with replaced_folder("index", owned={"a"}) as folder:  # a subfolder is fine
+        (folder / "a").write_text("1")
+    assert (tmp_path / "here" / "index" / "a").read_text() == "1"
+
+
 def test_a_folder_with_other_files_is_not_replaced(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(InputError, match="mine.txt"), replaced_folder(tmp_path, owned={"index.faiss"}):

@@ -30,7 +30,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def replaced_folder(out: str | Path, *, owned: set[str]) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it becomes ``out``, on failure it is removed and
     ``out`` is untouched. An existing ``out`` may only hold the files in ``owned`` (it is replaced whole)."""
-    out = Path(out)
+    out = Path(out).resolve()
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise InputError(f"--out {out} is the current folder or holds it, and would be replaced whole; "
+                         "give a subfolder (e.g. --out index)")
     if out.exists():
         if not out.is_dir():
             raise InputError(f"{out} exists and is not a folder; choose another --out")
