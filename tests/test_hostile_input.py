@@ -18,34 +18,29 @@ from conftest import TINY_VIT, make_dataset
 
 from tvrerank.cli import main
 
+EXTRACT_OPTIONS = "extract --annotations {file} --videos {dir} --model m --out {dir}/c.h5"
+TRAIN_OPTIONS = "train --cache {file} --candidates {file} --out {dir}/run"
 #: (case, command with {placeholders}, exit code, a fragment of the message)
 CASES = [
-    ("extract: negative batch size", "extract --annotations {file} --videos {dir} --model m --out {dir}/c.h5 "
-     "--batch-size -3", 2, "--batch-size"),
-    ("extract: zero frames", "extract --annotations {file} --videos {dir} --model m --out {dir}/c.h5 --frames 0",
-     2, "--frames"),
-    ("extract: negative part size", "extract --annotations {file} --videos {dir} --model m --out {dir}/c.h5 "
-     "--part-videos -1", 2, "--part-videos"),
-    ("extract: zero text tokens", "extract --annotations {file} --videos {dir} --model m --out {dir}/c.h5 "
-     "--text-tokens 0", 2, "--text-tokens"),
-    ("extract: negative workers", "extract --annotations {file} --videos {dir} --model m --out {dir}/c.h5 "
-     "--workers -1", 2, "--workers"),
-    ("extract: one video_id for two files", "extract --annotations {jsonl} --videos {dir} --model m "
-     "--out {dir}/c.h5", 2, "video_id 'v1' is 'b.mp4' here but 'a.mp4' at"),
+    ("extract: negative batch size", EXTRACT_OPTIONS + " --batch-size -3", 2, "--batch-size"),
+    ("extract: zero frames", EXTRACT_OPTIONS + " --frames 0", 2, "--frames"),
+    ("extract: negative part size", EXTRACT_OPTIONS + " --part-videos -1", 2, "--part-videos"),
+    ("extract: zero text tokens", EXTRACT_OPTIONS + " --text-tokens 0", 2, "--text-tokens"),
+    ("extract: negative workers", EXTRACT_OPTIONS + " --workers -1", 2, "--workers"),
+    ("extract: one video_id for two files", EXTRACT_OPTIONS.replace("{file}", "{jsonl}"), 2,
+     "video_id 'v1' is 'b.mp4' here but 'a.mp4' at"),
     ("plan: zero videos", "plan --model ViT-B-32 --videos 0", 2, "--videos"),
     ("candidates: negative k", "candidates {file} --index {dir} --out {dir}/x.h5 --k -5", 2, "--k"),
     ("retrieve: negative k", "retrieve --gallery {file} --index {dir} --reranker {dir} --k -5 q", 2, "--k"),
     ("retrieve: negative top", "retrieve --gallery {file} --index {dir} --reranker {dir} --top -2 q", 2, "--top"),
-    ("train: zero steps", "train --cache {file} --candidates {file} --out {dir}/run --steps 0", 2, "--steps"),
-    ("train: negative steps", "train --cache {file} --candidates {file} --out {dir}/run --steps -5", 2, "--steps"),
-    ("train: zero steps in --config", "train --cache {file} --candidates {file} --out {dir}/run --config {json}",
-     2, "'steps' must be an integer >= 1"),
-    ("train: a number as text in --config", "train --cache {file} --candidates {file} --out {dir}/run "
-     "--config {json}", 2, "'lr' must be a number"),
-    ("train: a bad model option in --config", "train --cache {file} --candidates {file} --out {dir}/run "
-     "--config {json}", 2, "'width' must be an integer >= 1"),
-    ("train: an unknown model option in --config", "train --cache {file} --candidates {file} --out {dir}/run "
-     "--config {json}", 2, "unknown model options ['wdith']"),
+    ("train: zero steps", TRAIN_OPTIONS + " --steps 0", 2, "--steps"),
+    ("train: negative steps", TRAIN_OPTIONS + " --steps -5", 2, "--steps"),
+    ("train: zero steps in --config", TRAIN_OPTIONS + " --config {json}", 2, "'steps' must be an integer >= 1"),
+    ("train: a number as text in --config", TRAIN_OPTIONS + " --config {json}", 2, "'lr' must be a number"),
+    ("train: a bad model option in --config", TRAIN_OPTIONS + " --config {json}", 2,
+     "'width' must be an integer >= 1"),
+    ("train: an unknown model option in --config", TRAIN_OPTIONS + " --config {json}", 2,
+     "unknown model options ['wdith']"),
     ("demo: negative seed", "demo --out {dir}/demo --seed -1", 2, "--seed"),
     ("toy make: too few videos", "toy make --out {dir}/toy --videos 2", 2, "--videos"),
 ]

@@ -37,6 +37,31 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
+def check_fields(config: Any, what: str, *, integers: dict[str, int] | None = None,
+                 numbers: dict[str, tuple[float, float]] | None = None, flags: tuple[str, ...] = (),
+                 choices: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Refuse a field of ``config`` of the wrong type or out of range with InputError naming it
+    ("{what} option 'x' must be ..."): ``integers`` {name: least value}, ``numbers`` {name: (low,
+    high)} inclusive, ``flags`` booleans, ``choices`` {name: allowed strings}."""
+    from tvrerank.errors import InputError
+
+    for name, low in (integers or {}).items():
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InputError(f"{what} option {name!r} must be an integer >= {low}, got {value!r}")
+    for name, (low, high) in (numbers or {}).items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise InputError(f"{what} option {name!r} must be a number in [{low}, {high}], got {value!r}")
+    for name in flags:
+        if not isinstance(getattr(config, name), bool):
+            raise InputError(f"{what} option {name!r} must be true or false, got {getattr(config, name)!r}")
+    for name, allowed in (choices or {}).items():
+        if getattr(config, name) not in allowed:
+            raise InputError(f"{what} option {name!r} must be one of {', '.join(allowed)}, "
+                             f"got {getattr(config, name)!r}")
+
+
 def save_json(config: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
 

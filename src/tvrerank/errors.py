@@ -9,6 +9,15 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 
+def reason_of(exc: BaseException, *, last: bool = False, limit: int = 160, default: str | None = None) -> str:
+    """One line of a library's exception for a message of ours: its first (or ``last``) non-blank
+    line, at most ``limit`` characters; ``default`` (else the exception's type name) when it is empty."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return default or type(exc).__name__
+    return (lines[-1] if last else lines[0])[:limit]
+
+
 class TvrerankError(Exception):
     """A problem with the user's input, options or artifacts (not a bug in tvrerank)."""
 

@@ -6,8 +6,9 @@
   always reported apart.
 * :func:`compare_stages` — the re-ranker's scores of every caption's top K, ranked by the one
   rule of ``tvrerank.rerank.ranking`` (the rule ``retrieve`` serves with), reported four ways:
-  stage 1, the re-ranker alone, the plain sum of the two scores, and the fusion with the tuned
-  weight ``alpha``. Training's validation and ``eval --reranker`` both call it.
+  stage 1, the re-ranker alone, the plain sum of the two scores, and the run's fusion (the
+  tuned weight ``alpha``, or the plain sum). Training's validation and ``eval --reranker`` both
+  call it.
 * :func:`evaluate_run` — a saved run on a cache; says when that cache is the split the run was
   trained or tuned on.
 
@@ -37,7 +38,7 @@ from tvrerank.rerank.ranking import fuse, fused_scores, plain_sum, reranked_rank
 log = logging.getLogger(__name__)
 
 DENSE_LIMIT = 400_000_000  # captions x videos above which v2t and DSL (dense matrices) are skipped
-VARIANTS = ("reranker_only", "plain_sum", "reranked")  # besides "stage1"; "reranked" is the tuned fusion
+VARIANTS = ("reranker_only", "plain_sum", "reranked")  # besides "stage1"; "reranked" is the run's fusion
 
 
 def _counts(lists: CandidateLists, captions: np.ndarray) -> tuple[dict, np.ndarray]:

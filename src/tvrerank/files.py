@@ -19,11 +19,23 @@ from typing import Iterator
 from tvrerank.errors import InputError
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def replaced_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it is renamed to ``path`` in one
+    step, on failure removed (``path`` untouched)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with replaced_file(path) as tmp:
+        tmp.write_text(text)
 
 
 @contextlib.contextmanager

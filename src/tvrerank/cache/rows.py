@@ -70,9 +70,9 @@ class CacheRows:
 
     def embeddings(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Unit-length float32 rows of ``texts/emb`` or ``videos/video_emb``: rows (U,) unique → (U, E)."""
-        order = np.argsort(rows)
-        data = np.empty((len(rows),) + self._open()[name].shape[1:], dtype=np.float32)
-        data[order] = read_rows(self._open()[name], np.asarray(rows)[order])
+        dataset, order = self._open()[name], np.argsort(rows)
+        data = np.empty((len(rows),) + dataset.shape[1:], dtype=np.float32)
+        data[order] = read_rows(dataset, np.asarray(rows)[order])
         return data / np.maximum(np.linalg.norm(data, axis=1, keepdims=True), 1e-12)
 
     def texts(self, rows: np.ndarray) -> dict[str, torch.Tensor]:

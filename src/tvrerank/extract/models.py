@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tvrerank.errors import TvrerankError
+from tvrerank.errors import TvrerankError, reason_of
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,9 @@ def _create_clip(open_clip, name: str, config: dict, pretrained: str | None, *, 
             clip = open_clip.create_model(name, pretrained=weights, precision=precision, device=device)
         except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as exc:
             if Path(weights).is_file():
-                reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-                raise ModelError(f"--pretrained {pretrained}: not a checkpoint of {name}'s weights ({reason}); pass "
-                                 "the model's .pt/.bin/.safetensors file or an open_clip tag") from None
+                raise ModelError(f"--pretrained {pretrained}: not a checkpoint of {name}'s weights "
+                                 f"({reason_of(exc)}); pass the model's .pt/.bin/.safetensors file or an open_clip "
+                                 "tag") from None
             raise ModelError(
                 f"--pretrained {pretrained} for {name}: {exc}. Without network access, download the "
                 f"checkpoint elsewhere and pass its file path (or local-dir:FOLDER)."

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tvrerank.errors import InputError, TvrerankError
+from tvrerank.errors import InputError, TvrerankError, reason_of
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def build_index(vectors: np.ndarray, factory: str = "Flat", search_params: str =
         try:
             index.train(sample)
         except RuntimeError as exc:
-            reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "training failed"
+            reason = reason_of(exc, last=True, limit=200, default="training failed")
             raise InputError(f"--factory {factory!r}: cannot train it on {len(sample)} vectors ({reason}); "
                              "use fewer lists (e.g. IVF16,Flat), Flat, or auto, which fits the gallery size") from None
     index.add(vectors)

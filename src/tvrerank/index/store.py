@@ -18,7 +18,7 @@ import numpy as np
 from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
 from tvrerank.cache.reader import CacheReader
 from tvrerank.config import from_dict, to_dict
-from tvrerank.errors import CorruptFile, InputError, MissingInput
+from tvrerank.errors import CorruptFile, InputError, MissingInput, reason_of
 from tvrerank.files import replaced_folder
 from tvrerank.index.faiss_index import IndexChoice, auto_factory, build_index, import_faiss
 
@@ -88,7 +88,7 @@ def load_index_dir(path: str | Path):
     try:
         index = faiss.read_index(str(path / "index.faiss"))
     except RuntimeError as exc:  # zero bytes, truncated, not a FAISS file
-        reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "unreadable"
+        reason = reason_of(exc, last=True, limit=200, default="unreadable")
         raise CorruptFile(f"{path / 'index.faiss'}: not a readable FAISS index ({reason}); rebuild the folder with "
                           f"`tvrerank index CACHE --out {path}`") from None
     if config.search_params:

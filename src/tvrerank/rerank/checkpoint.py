@@ -10,7 +10,6 @@ encoder, and ``eval`` can say when it is shown the split the run was tuned on.
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 
 from tvrerank.cache.identity import require_same_cache
 from tvrerank.config import from_dict
-from tvrerank.errors import CorruptFile, MissingInput
+from tvrerank.errors import CorruptFile, MissingInput, reason_of
+from tvrerank.files import replaced_file
 from tvrerank.rerank.model import Reranker, RerankerConfig
 
 MODEL_FILE = "reranker.pt"
@@ -53,15 +53,13 @@ def read_torch_file(path: Path, *, map_location="cpu", weights_only: bool = True
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError,
             pickle.UnpicklingError) as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CorruptFile(f"{path}: not a readable checkpoint ({reason}); {remedy}") from None
+        raise CorruptFile(f"{path}: not a readable checkpoint ({reason_of(exc)}); {remedy}") from None
 
 
 def atomic_save(obj, path: Path) -> None:
     """torch.save through a temporary file, so a kill never leaves a half-written ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with replaced_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_reranker(run_dir: str | Path, model: Reranker, *, fusion_alpha: float | None, fingerprint: dict, step: int,

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tvrerank.config import check_fields
 from tvrerank.errors import InputError
 
 COMBINE = ("hierarchical", "sum", "joint")
@@ -80,28 +81,15 @@ class RerankerConfig:
     selection: str = "perturbed"
 
     def __post_init__(self):
-        for name in ("frames", "tokens_per_frame", "token_dim", "embed_dim", "text_token_dim", "text_tokens",
-                     "width", "heads", "layers", "queries", "frame_keep", "video_keep", "perturb_samples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"model option {name!r} must be an integer >= 1, got {value!r}")
+        positive = ("frames", "tokens_per_frame", "token_dim", "embed_dim", "text_token_dim", "text_tokens",
+                    "width", "heads", "layers", "queries", "frame_keep", "video_keep", "perturb_samples")
+        check_fields(self, "model", integers=dict.fromkeys(positive, 1))
         if self.width % self.heads:
             raise InputError(f"model option 'width' ({self.width}) must be a multiple of 'heads' ({self.heads})")
-        for name, low, high in (("dropout", 0.0, 0.9), ("perturb_sigma", 1e-6, 10.0), ("token_match_init", -100, 100)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise InputError(f"model option {name!r} must be a number in [{low}, {high}], got {value!r}")
-        for name in ("frame_level", "video_level", "share_weights", "video_selector", "token_match"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"model option {name!r} must be true or false, got {getattr(self, name)!r}")
-        if self.combine not in COMBINE:
-            raise InputError(f"model option 'combine' must be one of {', '.join(COMBINE)}, got {self.combine!r}")
-        if self.selection not in SELECTIONS:
-            raise InputError(f"model option 'selection' must be one of {', '.join(SELECTIONS)}, "
-                             f"got {self.selection!r}")
-        if self.frame_tokens not in FRAME_TOKENS:
-            raise InputError(f"model option 'frame_tokens' must be one of {', '.join(FRAME_TOKENS)}, "
-                             f"got {self.frame_tokens!r}")
+        check_fields(self, "model",
+                     numbers={"dropout": (0.0, 0.9), "perturb_sigma": (1e-6, 10.0), "token_match_init": (-100, 100)},
+                     flags=("frame_level", "video_level", "share_weights", "video_selector", "token_match"),
+                     choices={"combine": COMBINE, "selection": SELECTIONS, "frame_tokens": FRAME_TOKENS})
         if not (self.frame_level or self.video_level):
             raise InputError("model options 'frame_level' and 'video_level' cannot both be false")
 
@@ -148,13 +136,17 @@ def top_k_weights(scores: torch.Tensor, k: int, *, soft: bool, samples: int, sig
 
     Padded positions must carry -inf scores; they are never selected while k <= valid count.
     """
-    indices = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # (N, k)
-    hard = F.one_hot(indices, scores.shape[-1]).to(scores.dtype)
     if not soft:
-        return hard
+        return _hard_top_k(scores, k)
     finite = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -1e4))
     perturbed = _PerturbedTopK.apply(finite, k, samples, sigma)
-    return hard + perturbed - perturbed.detach() if straight_through else perturbed
+    return _hard_top_k(scores, k) + perturbed - perturbed.detach() if straight_through else perturbed
+
+
+def _hard_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, P) → (N, k, P) one-hot rows of the k highest scores, in token order."""
+    indices = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # (N, k)
+    return F.one_hot(indices, scores.shape[-1]).to(scores.dtype)
 
 
 def _scorer(width: int) -> nn.Module:

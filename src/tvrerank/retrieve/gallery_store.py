@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import h5py
@@ -26,7 +25,8 @@ import torch
 from tvrerank.cache.identity import cache_video_ids_digest
 from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.rows import CacheRows
-from tvrerank.errors import InputError, TvrerankError
+from tvrerank.errors import InputError, TvrerankError, reason_of
+from tvrerank.files import replaced_file
 from tvrerank.rerank.checkpoint import load_reranker
 from tvrerank.rerank.inference import select_videos
 from tvrerank.rerank.model import Reranker, SelectedVideos
@@ -61,8 +61,7 @@ def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Rera
         path = store_path(run_dir, cache_path, digest)
     source = CacheRows(cache_path, memory_budget=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with replaced_file(path) as tmp, h5py.File(tmp, "w") as f:
         f["rows"] = rows
         for start in range(0, len(rows), batch):
             part = select_videos(model, source, rows[start : start + batch], device=device)
@@ -76,7 +75,6 @@ def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Rera
                 f[name][start : start + len(array)] = array
         f.attrs.update({"format": FORMAT, "cache": str(cache_path), "video_ids_sha256": digest,
                         "reranker_sha256": reranker_digest(run_dir)})
-    os.replace(tmp, path)
     return path
 
 
@@ -118,7 +116,7 @@ class GalleryStore:
             return None
         except (OSError, ValueError, KeyError) as exc:  # truncated or damaged: score without it
             log.warning("%s: unreadable gallery store (%s); scoring without it. Rebuild it with "
-                        "`tvrerank gallery --gallery %s --reranker %s`", path, str(exc).splitlines()[0][:120],
+                        "`tvrerank gallery --gallery %s --reranker %s`", path, reason_of(exc, limit=120),
                         cache.path, run_dir)
             return None
         attrs = store.file.attrs

@@ -9,8 +9,8 @@ Output layout (scripts rely on it)::
     DIR/index/{train,val,test}/          FAISS indexes of each split's videos
     DIR/candidates/{train,val,test}.h5
     DIR/run/                  the trained re-ranker (reranker.pt, config.json, metrics.json, log.csv)
-    DIR/metrics.json          on the test split: {"stage1", "reranker_only", "plain_sum", "reranked" (the tuned
-                              fusion): {R1, R5, R10, MdR, MnR}, "alpha", "recall_curve", ...}
+    DIR/metrics.json          on the test split: {"stage1", "reranker_only", "plain_sum", "reranked" (the run's
+                              fusion): {R1, R5, R10, MdR, MnR}, "fusion", "alpha", "recall_curve", ...}
     DIR/recall_at_k.png       R@k of both stages
     DIR/report.md
 """

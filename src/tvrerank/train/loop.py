@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from tvrerank.cache.identity import require_same_cache, split_identity
 from tvrerank.cache.reader import CacheReader
-from tvrerank.config import from_dict, to_dict
+from tvrerank.config import check_fields, from_dict, to_dict
 from tvrerank.devices import resolve_device
 from tvrerank.errors import InputError, NonFiniteScores
 from tvrerank.evaluation import load_lists, stage_metrics
@@ -83,24 +83,15 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # RerankerConfig overrides: width, layers, heads, ...
 
     def __post_init__(self):
-        at_least = {"steps": 1, "captions": 2, "negatives": 0, "in_batch": 0, "warmup": 0, "grad_accum": 1,
-                    "checkpoint_every": 1, "eval_every": 0, "seed": 0, "workers": 0, "negative_captions": 0}
-        for name, low in at_least.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise InputError(f"training option {name!r} must be an integer >= {low}, got {value!r}")
-        for name, low, high in (("lr", 0.0, math.inf), ("min_lr_ratio", 0.0, 1.0), ("weight_decay", 0.0, math.inf),
-                                ("fusion_alpha", 0.0, 1.0), ("val_fraction", 0.0, 0.9),
-                                ("negative_temperature", 1e-4, 100.0),
-                                ("memory_budget_gb", 0.0, math.inf)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise InputError(f"training option {name!r} must be a number in [{low}, {high}], got {value!r}")
-        for name, choices in (("loss", ("listwise", "binary", "both")), ("negative_sampling", ("uniform", "similarity")),
-                              ("fusion", FUSIONS)):
-            if getattr(self, name) not in choices:
-                raise InputError(f"training option {name!r} must be one of {', '.join(choices)}, "
-                                 f"got {getattr(self, name)!r}")
+        check_fields(
+            self, "training",
+            integers={"steps": 1, "captions": 2, "negatives": 0, "in_batch": 0, "warmup": 0, "grad_accum": 1,
+                      "checkpoint_every": 1, "eval_every": 0, "seed": 0, "workers": 0, "negative_captions": 0},
+            numbers={"lr": (0.0, math.inf), "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, math.inf),
+                     "fusion_alpha": (0.0, 1.0), "val_fraction": (0.0, 0.9), "negative_temperature": (1e-4, 100.0),
+                     "memory_budget_gb": (0.0, math.inf)},
+            choices={"loss": ("listwise", "binary", "both"), "negative_sampling": ("uniform", "similarity"),
+                     "fusion": FUSIONS})
         if not isinstance(self.model, dict):
             raise InputError(f"training option 'model' must be an object of re-ranker options, got {self.model!r}")
         known = {f.name for f in dataclasses.fields(RerankerConfig)}
@@ -400,7 +391,7 @@ def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *,
     if state is not None:  # restored last: building the DataLoader above draws from the generator
         torch.set_rng_state(state["torch_rng"])
     run_log = RunLog(out / "log.csv", append=state is not None, enabled=rank == 0)
-    started = time.perf_counter()
+    started, final_val = time.perf_counter(), None  # the validation of the last step
     try:
         bar = tqdm(range(start_step, config.steps), desc="train", disable=not progress or rank != 0,
                    initial=start_step, total=config.steps)
@@ -413,7 +404,8 @@ def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *,
             done = step + 1
             row = [done, f"{lr_at(step, config):.3e}", f"{loss:.4f}", f"{time.perf_counter() - started:.1f}", "", ""]
             if validation is not None and (done % eval_every == 0 or done == config.steps):
-                result = validate(model, validation, device=device, rank=rank, world=world, fusion=config.fusion)
+                result = final_val = validate(model, validation, device=device, rank=rank, world=world,
+                                         fusion=config.fusion)
                 row[4:] = [f"{result['stage1']['R1']:.2f}", f"{result['reranked']['R1']:.2f}"]
                 log.info("step %d: val R@1 stage 1 %.1f -> re-ranked %.1f (fusion %s, alpha %s)", done,
                          result["stage1"]["R1"], result["reranked"]["R1"], config.fusion, result["alpha"])
@@ -430,14 +422,15 @@ def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *,
                             out / STATE_FILE)
     finally:
         run_log.close()
-    gap = selection_gap(model, validation, device=device, rank=rank, world=world, fusion=config.fusion) \
-        if validation is not None else None
+    gap = None if validation is None else selection_gap(model, validation, final_val, device=device, rank=rank,
+                                                        world=world, fusion=config.fusion)
     return _finish(model, out, config, fingerprint, splits, best, history, rank, world, gap)
 
 
-def selection_gap(model: Reranker, validation: Validation, **how) -> dict:
-    """Validation R@1 of the last model with hard (inference) vs soft (training) token selection."""
-    hard = validate(model, validation, **how)["reranked"]["R1"]
+def selection_gap(model: Reranker, validation: Validation, final_val: dict | None, **how) -> dict:
+    """Validation R@1 of the last model with hard (inference) vs soft (training) token selection;
+    ``final_val``: that model's (hard) validation when the loop already ran it (None: run it here)."""
+    hard = (final_val or validate(model, validation, **how))["reranked"]["R1"]
     soft = validate(model, validation, soft_selection=True, **how)["reranked"]["R1"]
     log.info("selection gap on validation: R@1 hard %.2f, soft %.2f", hard, soft)
     return {"hard_R1": hard, "soft_R1": soft, "hard_minus_soft": hard - soft}
