@@ -12,11 +12,12 @@ DEMO_OUT ?= demo-out
 install: $(STAMP)
 
 # torch/torchvision are pinned to the releases on this platform's local disk (a CUDA build that
-# also runs on CPU); faiss-cpu comes with the [cpu] extra (use [gpu] for faiss-gpu, never both).
+# also runs on CPU); faiss-cpu comes with the [cpu] extra (use [gpu] for faiss-gpu, never both);
+# [serve] is FastAPI + uvicorn for `tvrerank serve`.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	$(PY) -m pip install --quiet -e '.[cpu,serve,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

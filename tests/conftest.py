@@ -137,3 +137,30 @@ def synthetic_cache(path: Path, *, videos: int = 40, captions_per_video: int = 2
         f["texts/tokens"][:] = text_tokens
         f["texts/length"][:] = 1 + tokens
     return path
+
+
+#: a re-ranker that selects patches (the demo's reads global tokens only), for the search page's tests
+TOP_M_RUN = {"captions": 4, "negatives": 3, "in_batch": 2, "eval_every": 0,
+             "model": {"width": 32, "heads": 2, "layers": 1, "queries": 4, "frame_keep": 3, "video_keep": 8,
+                       "perturb_samples": 4, "frame_tokens": "top_m"}}
+
+
+@pytest.fixture(scope="session")
+def served_demo(tmp_path_factory) -> Path:
+    """A finished small demo (toy world, 48 videos: 12 test videos) plus DIR/run-top-m, a re-ranker that
+    keeps patches, trained on the demo's train split."""
+    from click.testing import CliRunner
+
+    from tvrerank.cli import main
+
+    demo = tmp_path_factory.mktemp("served") / "demo"
+    runner = CliRunner()
+    result = runner.invoke(main, ["demo", "--out", str(demo), "--videos", "48", "--steps", "4", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    config = demo / "top-m.json"
+    config.write_text(json.dumps(TOP_M_RUN))
+    result = runner.invoke(main, ["train", "--cache", str(demo / "cache" / "train.h5"), "--candidates",
+                                  str(demo / "candidates" / "train.h5"), "--out", str(demo / "run-top-m"),
+                                  "--config", str(config), "--steps", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return demo

@@ -432,6 +432,51 @@ def gallery(gallery: str, run_dir: str, device: str) -> None:
     click.echo(f"{path}: selected tokens of {info['videos']} videos ({_human(info['bytes'])})")
 
 
+@main.command()
+@click.argument("demo_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--gallery", type=click.Path(exists=True, dir_okay=False), help="The gallery's cache.")
+@click.option("--index", "index_dir", type=click.Path(exists=True, file_okay=False), help="Index folder of --gallery.")
+@click.option("--reranker", "run_dir", type=click.Path(exists=True, file_okay=False), help="Trained re-ranker run folder.")
+@click.option("--videos", type=click.Path(exists=True, file_okay=False),
+              help="The videos folder (default: the one recorded in the cache).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (no authentication!).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--k", default=15, show_default=True, type=click.IntRange(min=1),
+              help="Stage-1 candidates the re-ranker re-orders.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and FAISS (default: theirs).")
+@click.option("--device", default="auto", show_default=True)
+def serve(demo_dir, gallery, index_dir, run_dir, videos, host, port, k, threads, device) -> None:
+    """A local search page: stage 1 beside re-ranked, and what the re-ranker looked at.
+
+    DEMO_DIR, a `tvrerank demo` output folder, stands for its test gallery, index and run.
+    """
+    from tvrerank.serve import server
+
+    server.require_web_stack()
+    if demo_dir is not None:
+        found = server.demo_artifacts(demo_dir)
+        gallery, index_dir, run_dir = gallery or found["gallery"], index_dir or found["index"], run_dir or found["reranker"]
+    missing = [name for name, value in (("--gallery", gallery), ("--index", index_dir), ("--reranker", run_dir))
+               if value is None]
+    if missing:
+        raise click.UsageError(f"give a demo folder, or {', '.join(missing)}")
+    from tvrerank.retrieve.retriever import Retriever, set_cpu_threads
+    from tvrerank.serve.app import create_app
+    from tvrerank.serve.service import SearchService
+
+    if threads is not None:
+        set_cpu_threads(threads)
+    sock = server.bind(host, port)
+    with Retriever(gallery, index_dir, run_dir, device=device) as retriever:
+        service = SearchService(retriever, videos_root=videos, k=k)
+        if not server.is_loopback(host):
+            click.echo(f"warning: listening on {host} with no authentication: anyone who can reach this machine "
+                       "can search the gallery and see its frames", err=True)
+        click.echo(f"serving {gallery} ({len(service.row_of)} videos) at {server.url_of(sock, host)} "
+                   "(Ctrl-C stops)", err=False)
+        server.run(create_app(service), sock)
+
+
 @main.group()
 def toy() -> None:
     """The embedded toy world (synthetic videos with known answers)."""
@@ -496,6 +541,8 @@ def demo(out: str, seed: int, videos: int, steps: int | None, workers: int) -> N
     click.echo(f"R@1 {metrics['stage1']['R1']:.1f} -> {metrics['reranked']['R1']:.1f} "
                f"({metrics['reranked']['R1'] - metrics['stage1']['R1']:+.1f}); "
                f"{summary['total_seconds']:.0f}s in all; report: {out}/report.md")
+    command = sys.argv[0] if Path(sys.argv[0]).name == "tvrerank" else "tvrerank"  # .venv/bin/tvrerank under make
+    click.echo(f"search page: {command} serve {out}")
 
 
 if __name__ == "__main__":

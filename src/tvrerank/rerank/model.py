@@ -143,10 +143,14 @@ def top_k_weights(scores: torch.Tensor, k: int, *, soft: bool, samples: int, sig
     return _hard_top_k(scores, k) + perturbed - perturbed.detach() if straight_through else perturbed
 
 
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, P) → (N, k) positions of the k highest scores, in token order (what hard selection keeps)."""
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
 def _hard_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(N, P) → (N, k, P) one-hot rows of the k highest scores, in token order."""
-    indices = scores.topk(k, dim=-1).indices.sort(dim=-1).values  # (N, k)
-    return F.one_hot(indices, scores.shape[-1]).to(scores.dtype)
+    return F.one_hot(top_k_indices(scores, k), scores.shape[-1]).to(scores.dtype)
 
 
 def _scorer(width: int) -> nn.Module:
@@ -154,17 +158,22 @@ def _scorer(width: int) -> nn.Module:
     return nn.Sequential(nn.Linear(2 * width, width // 2), nn.GELU(), nn.Linear(width // 2, 1), nn.Tanh())
 
 
-def selection_weights(scorer: nn.Module, features: torch.Tensor, k: int, *, soft: bool, samples: int,
-                      sigma: float, mask: torch.Tensor | None = None, straight_through: bool = False) -> torch.Tensor:
-    """features (N, P, 2d) → (N, k, P) float32 selection weights; scores and top-k always in float32.
+def saliency(scorer: nn.Module, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """features (N, P, 2d) → (N, P) float32 scores, -inf where ``mask`` (N, P) is False.
 
-    Under bf16 autocast the scores would carry ~3 significant digits and the sigma = 0.05
-    perturbation of the perturbed top-k would round away, so autocast is off here.
+    Always float32: under bf16 autocast the scores would carry ~3 significant digits and the
+    sigma = 0.05 perturbation of the perturbed top-k would round away, so autocast is off here.
     """
     with torch.autocast(device_type=features.device.type, enabled=False):
         scores = scorer(features.float()).squeeze(-1)  # (N, P)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+
+
+def selection_weights(scorer: nn.Module, features: torch.Tensor, k: int, *, soft: bool, samples: int,
+                      sigma: float, mask: torch.Tensor | None = None, straight_through: bool = False) -> torch.Tensor:
+    """features (N, P, 2d) → (N, k, P) float32 selection weights (scores and top-k in float32)."""
+    scores = saliency(scorer, features, mask)
+    with torch.autocast(device_type=features.device.type, enabled=False):
         return top_k_weights(scores, k, soft=soft, samples=samples, sigma=sigma, straight_through=straight_through)
 
 
@@ -186,13 +195,27 @@ class FrameTokenSelector(nn.Module):
             return frame_global.unsqueeze(2)
         if self.score is None:  # nothing to choose: keep every token
             return torch.cat([frame_global.unsqueeze(2), tokens], dim=2)
-        context = frame_global.unsqueeze(2).expand(-1, -1, p, -1)
-        features = torch.cat([tokens, context], dim=-1).reshape(b * t, p, 2 * d)
-        weights = selection_weights(self.score, features, self.keep, soft=soft, samples=self.samples,
-                                    sigma=self.sigma,
-                                    straight_through=self.straight_through)  # (B·T, M, P) float32
+        weights = selection_weights(self.score, self.features(tokens, frame_global), self.keep, soft=soft,
+                                    samples=self.samples,
+                                    sigma=self.sigma, straight_through=self.straight_through)  # (B·T, M, P) float32
         kept = torch.bmm(weights.to(tokens.dtype), tokens.reshape(b * t, p, d)).reshape(b, t, self.keep, d)
         return torch.cat([frame_global.unsqueeze(2), kept], dim=2)
+
+    @staticmethod
+    def features(tokens: torch.Tensor, frame_global: torch.Tensor) -> torch.Tensor:
+        """What the scorer reads, each patch beside its frame's global token: → (B·T, P, 2d)."""
+        b, t, p, d = tokens.shape
+        context = frame_global.unsqueeze(2).expand(-1, -1, p, -1)
+        return torch.cat([tokens, context], dim=-1).reshape(b * t, p, 2 * d)
+
+    def kept_patches(self, tokens: torch.Tensor, frame_global: torch.Tensor) -> torch.Tensor:
+        """The patches hard selection keeps: (B, T, P, d), (B, T, d) → (B, T, M) patch indices, in order."""
+        b, t, p, _ = tokens.shape
+        if self.keep == 0:
+            return torch.zeros(b, t, 0, dtype=torch.long, device=tokens.device)
+        if self.score is None:
+            return torch.arange(p, device=tokens.device).expand(b, t, p)
+        return top_k_indices(saliency(self.score, self.features(tokens, frame_global)), self.keep).reshape(b, t, -1)
 
 
 # --------------------------------------------------------------------------- 3. video selector
@@ -207,21 +230,38 @@ class VideoTokenSelector(nn.Module):
 
     def forward(self, frame_tokens: torch.Tensor, frame_mask: torch.Tensor, *, soft: bool):
         # frame_tokens (B, T, F, d) with temporal embeddings, frame_mask (B, T) → (B, Nv, d), (B, Nv)
-        b, t, k, d = frame_tokens.shape
-        tokens = frame_tokens.reshape(b, t * k, d)
-        mask = frame_mask.unsqueeze(-1).expand(-1, -1, k).reshape(b, t * k)
-        if self.score is None or self.keep >= t * k:  # nothing to choose: keep every token, in order
+        tokens, mask = self.flatten(frame_tokens, frame_mask)
+        if not self.chooses(tokens.shape[1]):  # nothing to choose: keep every token, in order
             return tokens, mask
-        keep = self.keep
-        denominator = mask.sum(1, keepdim=True).clamp(min=1).unsqueeze(-1)
-        clip = (tokens * mask.unsqueeze(-1)).sum(1, keepdim=True) / denominator  # (B, 1, d)
-        features = torch.cat([tokens, clip.expand(-1, t * k, -1)], dim=-1)  # (B, T·F, 2d)
-        weights = selection_weights(self.score, features, keep, soft=soft, samples=self.samples,
-                                    sigma=self.sigma, mask=mask,
+        weights = selection_weights(self.score, self.features(tokens, mask), self.keep, soft=soft,
+                                    samples=self.samples, sigma=self.sigma, mask=mask,
                                     straight_through=self.straight_through)  # (B, Nv, T·F) float32
         selected = torch.bmm(weights.to(tokens.dtype), tokens)  # (B, Nv, d)
         selected_mask = torch.bmm(weights, mask.unsqueeze(-1).to(weights.dtype)).squeeze(-1) > 0.5
         return selected, selected_mask
+
+    def chooses(self, tokens: int) -> bool:
+        return self.score is not None and self.keep < tokens
+
+    @staticmethod
+    def flatten(frame_tokens: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, F, d), (B, T) → the clip's tokens in one row (B, T·F, d) and their mask (B, T·F)."""
+        b, t, k, d = frame_tokens.shape
+        return frame_tokens.reshape(b, t * k, d), frame_mask.unsqueeze(-1).expand(-1, -1, k).reshape(b, t * k)
+
+    @staticmethod
+    def features(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each token beside the mean of the clip's real tokens: (B, L, d), (B, L) → (B, L, 2d)."""
+        denominator = mask.sum(1, keepdim=True).clamp(min=1).unsqueeze(-1)
+        clip = (tokens * mask.unsqueeze(-1)).sum(1, keepdim=True) / denominator  # (B, 1, d)
+        return torch.cat([tokens, clip.expand(-1, tokens.shape[1], -1)], dim=-1)
+
+    def picks(self, frame_tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """What hard selection keeps: (B, T, F, d), (B, T) → (B, Nv) indices into the T·F tokens, in order."""
+        tokens, mask = self.flatten(frame_tokens, frame_mask)
+        if not self.chooses(tokens.shape[1]):
+            return torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        return top_k_indices(saliency(self.score, self.features(tokens, mask), mask), self.keep)
 
 
 # --------------------------------------------------------------------------- 4. cross block
@@ -252,6 +292,13 @@ class CrossBlock(nn.Module):
         # visual (..., Lv, d) → keys, values (..., h, Lv, d/h)
         keys, values = self.kv_proj(self.norm_kv(visual)).chunk(2, dim=-1)
         return self._split(keys), self._split(values)
+
+    def attention(self, queries: torch.Tensor, keys: torch.Tensor, visual_pad: torch.Tensor) -> torch.Tensor:
+        """The cross-attention weights ``forward`` applies (for the explain view; forward uses the fused
+        kernel): queries (C, Lq, d), keys (C, h, Lv, d/h), visual_pad (C, Lv) → (C, h, Lq, Lv)."""
+        q = self._split(self.q_proj(self.norm_q(queries)))  # (C, h, Lq, d/h)
+        logits = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return logits.masked_fill(visual_pad[:, None, None, :], float("-inf")).softmax(dim=-1)
 
     def forward(self, queries, query_pad, keys, values, visual_pad, *, rows: int | None = None):
         # queries (C, Lq, d), query_pad (C, Lq) True = padding; keys/values (C, h, Lv, d/h), visual_pad (C, Lv)
@@ -415,9 +462,12 @@ class Reranker(nn.Module):
         return results + self.temporal[: results.shape[1]], attention
 
     def score(self, text_tokens: torch.Tensor, text_length: torch.Tensor, videos: SelectedVideos,
-              pair_video: torch.Tensor | None, *, pair_text: torch.Tensor | None = None) -> torch.Tensor:
+              pair_video: torch.Tensor | None, *, pair_text: torch.Tensor | None = None,
+              trace: dict | None = None) -> torch.Tensor:
         # text_tokens (U, L, Dt), text_length (U,); videos: B selected videos; pair_video (C,) into the B
         # videos (None: C = B, pair i is video i), pair_text (C,) into the U captions (None: U = C) → scores (C,)
+        # trace: a dict that receives the attention weights, "frame" (C, T, h, Q, F) and "video" (one
+        # (C, h, Q+L, Lv) per video-level block), for rerank/explain.py; the joint design records none
         c, q = self.config, self.config.queries
         length = int(text_length.max())  # drop padding columns the whole batch shares
         text = self.text_in(text_tokens[:, :length]) + self.text_position[:length]  # (U, L, d), once per caption
@@ -428,20 +478,22 @@ class Reranker(nn.Module):
         if c.combine == "joint":
             score = self._joint(per_pair(queries, pair_text), per_pair(query_pad, pair_text), videos, pair_video)
         else:
-            score = self._levels(queries, query_pad, videos, pair_video, pair_text)
+            score = self._levels(queries, query_pad, videos, pair_video, pair_text, trace)
         if self.token_match_scale is not None:
             frame_tokens, frame_pad = videos.flat_frame_tokens()
             score = score + self.token_match_scale * token_match(
                 per_pair(text, pair_text), per_pair(text_pad, pair_text), frame_tokens, frame_pad, pair_video)
         return score
 
-    def _levels(self, queries, query_pad, videos: SelectedVideos, pair_video, pair_text) -> torch.Tensor:
+    def _levels(self, queries, query_pad, videos: SelectedVideos, pair_video, pair_text, trace=None) -> torch.Tensor:
         """Frame level → video level ("hierarchical"), or the two levels' scores added ("sum")."""
         c, q = self.config, self.config.queries
         frame_pad = per_pair(videos.frame_pad, pair_video)  # (C, T)
         frames = None
         if c.frame_level:
-            frames, _ = self.frame_results(queries, query_pad, videos, pair_video, pair_text)  # (C, T, d)
+            frames, attention = self.frame_results(queries, query_pad, videos, pair_video, pair_text)  # (C, T, d)
+            if trace is not None:
+                trace["frame"] = attention
         score = 0.0
         if c.video_level:
             x, x_pad = per_pair(queries, pair_text), per_pair(query_pad, pair_text)  # (C, Q+L, d)
@@ -453,6 +505,8 @@ class Reranker(nn.Module):
                 if feed:  # the frame results are keys too: per pair, so projected per pair
                     frame_keys, frame_values = block.keys_values(frames)
                     keys, values = torch.cat([keys, frame_keys], dim=2), torch.cat([values, frame_values], dim=2)
+                if trace is not None:
+                    trace.setdefault("video", []).append(block.attention(x, keys, pad))
                 x = block(x, x_pad, keys, values, pad, rows=q if i == len(self.blocks) - 1 else None)
             score = self.head(x[:, :q].mean(dim=1)).squeeze(-1)
             if feed:

@@ -9,7 +9,7 @@ made it (same model config and checkpoint digest).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -45,15 +45,18 @@ class Hit:
     rerank: float | None  # None: not re-ranked (below K, or --no-rerank)
     score: float  # what the list is ordered by: the fused score inside the re-ranked top K, else stage1
     ranked_by: str  # "fused" (re-ranked top K) or "stage1"
+    stage1_rank: int  # 1-based place in the stage-1 (FAISS) list
 
 
 @dataclass(frozen=True)
 class QueryResult:
     query: str
     results: list[Hit]
+    warning: str | None = None  # e.g. the query was cut to the text encoder's context
 
     def to_json(self) -> dict:
-        return {"query": self.query, "results": [asdict(hit) for hit in self.results]}
+        out = {"query": self.query, "results": [asdict(hit) for hit in self.results]}
+        return out if self.warning is None else {**out, "warning": self.warning}
 
 
 def check_queries(queries: Sequence[str], names: Sequence[str]) -> None:
@@ -137,10 +140,6 @@ class Retriever:
         rerank = rerank and self.reranker is not None
         k = min(k, len(self.index_rows))
         depth = min(max(top, k), len(self.index_rows))
-        context = self.encoder.clip.context_length
-        for i, query in enumerate(queries):
-            if hasattr(self.encoder.tokenizer, "encode") and len(self.encoder.tokenizer.encode(query)) + 2 > context:
-                log.warning("query %d is longer than the text encoder's %d tokens: truncated", i + 1, context)
         results = []
         for start in range(0, len(queries), batch):
             chunk = list(queries[start : start + batch])
@@ -148,9 +147,20 @@ class Retriever:
             scores, candidate_rows = self.first_stage(emb, depth)
             rerank_scores = self._rerank(tokens, lengths, candidate_rows[:, :k]) if rerank else None
             for i, query in enumerate(chunk):
-                results.append(self.rank_hits(query, scores[i], candidate_rows[i], k, top,
-                                           None if rerank_scores is None else rerank_scores[i]))
+                result = self.rank_hits(query, scores[i], candidate_rows[i], k, top,
+                                        None if rerank_scores is None else rerank_scores[i])
+                warning = self.truncation_warning(query)
+                if warning:
+                    log.warning("query %d: %s", start + i + 1, warning)
+                results.append(result if warning is None else replace(result, warning=warning))
         return results
+
+    def truncation_warning(self, query: str) -> str | None:
+        """Why the text encoder will not read all of ``query``, or None."""
+        context = self.encoder.clip.context_length
+        if hasattr(self.encoder.tokenizer, "encode") and len(self.encoder.tokenizer.encode(query)) + 2 > context:
+            return f"the query is longer than the text encoder's {context} tokens: truncated to them"
+        return None
 
     def first_stage(self, text_emb: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS top-``depth``: text_emb (Q, E) → stage-1 scores (Q, depth), cache rows (Q, depth), -1: none."""
@@ -210,7 +220,7 @@ class Retriever:
             hits.append(Hit(video_id=str(self.video_ids[rows[slot]]), path=str(self.video_paths[rows[slot]]),
                             stage1=float(stage1[slot]), rerank=float(rerank[slot]) if in_head else None,
                             score=float(fused[slot] if in_head else stage1[slot]),
-                            ranked_by="fused" if in_head else "stage1"))
+                            ranked_by="fused" if in_head else "stage1", stage1_rank=int(slot) + 1))
             if len(hits) == top:
                 break
         return QueryResult(query=query, results=hits)

@@ -1,0 +1,266 @@
+// tvrerank's search page: plain JavaScript over the JSON API (serve/app.py); no build step, no CDN.
+// Text from the server is only ever set with textContent, never parsed as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { info: null, query: "", top: 10, videos: new Map(), explainId: null };
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function showMessage(text, kind) {
+  const box = $("message");
+  box.textContent = text || "";
+  box.className = kind || "";
+}
+
+// GET a JSON endpoint; a 503 is retried after its Retry-After (a few times), other errors throw
+// the server's one-line message.
+async function getJSON(url, tries = 4) {
+  for (let attempt = 1; ; attempt++) {
+    const response = await fetch(url);
+    if (response.status === 503 && attempt < tries) {
+      const wait = Number(response.headers.get("Retry-After") || "1");
+      showMessage(`the server is busy; retrying in ${wait} s…`, "warning");
+      await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+      continue;
+    }
+    let body = null;
+    try { body = await response.json(); } catch (err) { body = null; }
+    if (!response.ok) throw new Error((body && body.error) || `${response.status} ${response.statusText}`);
+    return body;
+  }
+}
+
+const api = {
+  search: (q, top, rerank) => `/api/search?${new URLSearchParams({ q, top, rerank })}`,
+  video: (id) => `/api/videos/${encodeURIComponent(id)}`,
+  frames: (id) => `/api/videos/${encodeURIComponent(id)}/frames`,
+  explain: (q, id) => `/api/explain?${new URLSearchParams({ q, video_id: id })}`,
+};
+
+function fmt(value) {
+  return value === null || value === undefined ? "–" : value.toFixed(3);
+}
+
+function changeBadge(hit, rank) {
+  if (hit.stage1_rank > state.top) return element("span", "change new", "new");
+  const moved = hit.stage1_rank - rank;
+  if (moved > 0) return element("span", "change up", `↑${moved}`);
+  if (moved < 0) return element("span", "change down", `↓${-moved}`);
+  return element("span", "change same", "=");
+}
+
+async function videoInfo(id) {
+  if (!state.videos.has(id)) state.videos.set(id, getJSON(api.video(id)).catch(() => null));
+  return state.videos.get(id);
+}
+
+function renderHit(hit, rank, reranked) {
+  const item = element("li", "hit");
+  item.dataset.videoId = hit.video_id;
+  const title = element("div", "title");
+  title.append(element("span", "rank", String(rank)), element("span", "video-id", hit.video_id));
+  if (reranked) title.append(changeBadge(hit, rank));
+  item.append(title);
+  const scores = reranked && hit.rerank !== null
+    ? `stage 1 ${fmt(hit.stage1)} · re-ranker ${fmt(hit.rerank)} · fused ${fmt(hit.score)}`
+    : `stage 1 ${fmt(hit.stage1)}` + (reranked ? " · below the re-ranked top K" : "");
+  item.append(element("div", "meta", scores));
+  const captions = element("div", "captions");
+  item.append(captions);
+  videoInfo(hit.video_id).then((info) => {
+    if (!info) return;
+    const shown = info.captions.slice(0, 2).join(" · ");
+    captions.textContent = shown + (info.captions.length > 2 ? ` (+${info.captions.length - 2})` : "");
+    if (!info.exists) captions.textContent += " [video file missing]";
+  });
+  const strip = element("img", "strip");
+  strip.alt = `sampled frames of ${hit.video_id}`;
+  strip.loading = "lazy";
+  strip.src = api.frames(hit.video_id);
+  item.append(strip);
+  if (reranked && hit.rerank !== null) {
+    item.classList.add("clickable");
+    item.tabIndex = 0;
+    item.title = "explain: what the re-ranker looked at";
+    item.addEventListener("click", () => explain(hit.video_id));
+    item.addEventListener("keydown", (event) => { if (event.key === "Enter") explain(hit.video_id); });
+  }
+  return item;
+}
+
+function renderColumn(list, hits, reranked) {
+  list.replaceChildren(...hits.map((hit, i) => renderHit(hit, i + 1, reranked)));
+}
+
+function setURL(push) {
+  const params = new URLSearchParams({ q: state.query, top: state.top });
+  if (state.explainId) params.set("explain", state.explainId);
+  const url = `${location.pathname}?${params}`;
+  if (push) history.pushState(null, "", url); else history.replaceState(null, "", url);
+}
+
+async function search(push) {
+  const query = $("query").value.trim();
+  state.top = Math.max(1, Math.min(100, Number($("top").value) || 10));
+  if (!query) { showMessage("type a query first", "error"); return; }
+  state.query = query;
+  state.explainId = push ? null : state.explainId;
+  setURL(push);
+  showMessage("searching…");
+  try {
+    const [stage1, reranked] = await Promise.all([
+      getJSON(api.search(query, state.top, false)), getJSON(api.search(query, state.top, true))]);
+    renderColumn($("stage1"), stage1.results, false);
+    renderColumn($("reranked"), reranked.results, true);
+    $("reranked-note").textContent = state.info ? `(top ${state.info.k} by the re-ranker; click one)` : "";
+    $("results").hidden = false;
+    document.body.dataset.searched = query;
+    showMessage(reranked.warning || "", reranked.warning ? "warning" : "");
+    if (state.explainId) await explain(state.explainId); else $("explain").hidden = true;
+  } catch (err) {
+    showMessage(err.message, "error");
+  }
+}
+
+function loadImage(url) {
+  return new Promise((resolve, reject) => {
+    const image = new Image();
+    image.onload = () => resolve(image);
+    image.onerror = () => reject(new Error(`could not load ${url}`));
+    image.src = url;
+  });
+}
+
+// One canvas per sampled frame: the frame as the encoder saw it, the attention heat on each patch,
+// the kept patches outlined, the video selector's picks marked. Returns how many overlay marks it drew.
+function drawFrame(canvas, strip, data, t, weightMax) {
+  const size = data.image_size, [rows, cols] = data.grid, side = canvas.width;
+  const ctx = canvas.getContext("2d");
+  ctx.imageSmoothingEnabled = size >= side;
+  ctx.drawImage(strip, t * size, 0, size, size, 0, 0, side, side);
+  const cellW = side / cols, cellH = side / rows;
+  const cell = (patch) => [(patch % cols) * cellW, Math.floor(patch / cols) * cellH];
+  let marks = 0;
+  const heat = data.patch_heat[t], heatMax = Math.max(...heat, 1e-9);
+  if (data.kept_patches[t].length === 0 && data.frame_weight) {
+    // global tokens only: the whole frame is one token; tint it by its share of the attention
+    ctx.fillStyle = `rgba(255, 60, 0, ${(0.55 * data.frame_weight[t] / weightMax).toFixed(3)})`;
+    ctx.fillRect(0, 0, side, side);
+    marks += 1;
+  }
+  heat.forEach((value, patch) => {
+    if (value <= 0) return;
+    const [x, y] = cell(patch);
+    ctx.fillStyle = `rgba(255, 60, 0, ${(0.65 * value / heatMax).toFixed(3)})`;
+    ctx.fillRect(x, y, cellW, cellH);
+    marks += 1;
+  });
+  if (data.frame_tokens !== "all") {
+    ctx.strokeStyle = "#ffd400";
+    ctx.lineWidth = Math.max(1.5, side / 120);
+    data.kept_patches[t].forEach((patch) => {
+      const [x, y] = cell(patch);
+      ctx.strokeRect(x + 1, y + 1, cellW - 2, cellH - 2);
+      marks += 1;
+    });
+  }
+  ctx.fillStyle = "#00d0ff";
+  data.video_picks.forEach((pick) => {
+    if (pick.frame !== t || !pick.valid) return;
+    if (pick.patch === null) { canvas.classList.add("global-pick"); marks += 1; return; }
+    const [x, y] = cell(pick.patch);
+    ctx.beginPath();
+    ctx.arc(x + cellW / 2, y + cellH / 2, Math.max(2.5, Math.min(cellW, cellH) / 5), 0, 2 * Math.PI);
+    ctx.fill();
+    marks += 1;
+  });
+  return marks;
+}
+
+async function explain(id) {
+  const panel = $("explain"), frames = $("explain-frames");
+  document.querySelectorAll(".hit.selected").forEach((node) => node.classList.remove("selected"));
+  document.querySelectorAll(`#reranked .hit`).forEach((node) => {
+    if (node.dataset.videoId === id) node.classList.add("selected");
+  });
+  state.explainId = id;
+  setURL(false);
+  panel.hidden = false;
+  delete panel.dataset.drawn;
+  frames.replaceChildren();
+  $("explain-title").textContent = `“${state.query}” × ${id}`;
+  $("explain-note").textContent = "loading…";
+  try {
+    const [data, strip] = await Promise.all([getJSON(api.explain(state.query, id)), loadImage(api.frames(id))]);
+    const notes = [`re-ranker score ${fmt(data.score)}`,
+      `${data.grid[0]}×${data.grid[1]} patch grid, ${data.frame_tokens === "top_m"
+        ? `${data.kept_patches[0].length} patches kept per frame`
+        : data.frame_tokens === "all" ? "every patch kept" : "global token per frame only (no patch selection)"}`];
+    if (data.warning) notes.push(data.warning);
+    $("explain-note").textContent = notes.join(" · ");
+    const side = Math.max(96, Math.min(224, 4 * data.image_size));
+    const weights = data.frame_weight || [];
+    const weightMax = Math.max(...weights, 1e-9);
+    let marks = 0;
+    for (let t = 0; t < data.frames; t++) {
+      const box = element("figure", "frame" + (data.frame_valid[t] ? "" : " padding"));
+      box.style.margin = "0";
+      const canvas = element("canvas");
+      canvas.width = canvas.height = side;
+      box.append(canvas);
+      const caption = element("figcaption", "", `frame ${t + 1}` + (data.frame_valid[t] ? "" : " (padding)"));
+      if (data.frame_weight) {
+        const bar = element("div", "bar");
+        bar.style.width = `${Math.round(side * data.frame_weight[t] / weightMax)}px`;
+        bar.title = `video-level attention ${data.frame_weight[t].toFixed(3)}`;
+        box.append(bar);
+        caption.textContent += ` · ${(100 * data.frame_weight[t]).toFixed(1)}%`;
+      }
+      box.append(caption);
+      frames.append(box);
+      if (data.frame_valid[t]) marks += drawFrame(canvas, strip, data, t, weightMax);
+    }
+    panel.dataset.drawn = String(data.frames);
+    panel.dataset.marks = String(marks);
+  } catch (err) {
+    $("explain-note").textContent = `could not explain ${id}: ${err.message}`;
+  }
+}
+
+async function start() {
+  $("search-form").addEventListener("submit", (event) => { event.preventDefault(); search(true); });
+  $("explain-close").addEventListener("click", () => {
+    $("explain").hidden = true;
+    state.explainId = null;
+    setURL(false);
+  });
+  window.addEventListener("popstate", () => fromURL());
+  try {
+    state.info = await getJSON("/api/info");
+    const info = state.info;
+    $("gallery-info").textContent = `${info.videos} videos (${info.searchable} searchable) · ${info.model} · `
+      + `${info.frames} frames of ${info.image_size} px · re-ranker over the top ${info.k}`;
+  } catch (err) {
+    $("gallery-info").textContent = `could not read the gallery: ${err.message}`;
+  }
+  await fromURL();
+}
+
+async function fromURL() {
+  const params = new URLSearchParams(location.search);
+  const query = params.get("q");
+  if (params.get("top")) $("top").value = params.get("top");
+  state.explainId = params.get("explain");
+  if (query) {
+    $("query").value = query;
+    await search(false);
+  }
+}
+
+start();

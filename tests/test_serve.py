@@ -1,0 +1,248 @@
+"""The search page's API (serve/app.py over serve/service.py) with FastAPI's test client on a small
+demo world, and `tvrerank serve`'s start-up checks through the CLI. The page in a real browser
+against a real server: tests/test_serve_browser.py."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import socket
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tvrerank.cli import main
+from tvrerank.extract.frames import sample_frames
+from tvrerank.retrieve.retriever import Retriever
+from tvrerank.serve.app import create_app
+from tvrerank.serve.service import Busy, Gate, SearchService, StripCache
+
+QUERY = "a red circle moves left"
+
+
+def open_service(demo, run="run-top-m", gallery=None, **options) -> SearchService:
+    retriever = Retriever(gallery or demo / "cache" / "test.h5", demo / "index" / "test", demo / run, device="cpu")
+    return SearchService(retriever, **options)
+
+
+@pytest.fixture(scope="module")
+def service(served_demo):
+    service = open_service(served_demo)
+    yield service
+    service.retriever.close()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return TestClient(create_app(service))
+
+
+def test_search_is_one_line_of_retrieve_json(client, served_demo):
+    result = CliRunner().invoke(main, ["retrieve", QUERY, "--gallery", str(served_demo / "cache" / "test.h5"),
+                                       "--index", str(served_demo / "index" / "test"), "--reranker",
+                                       str(served_demo / "run-top-m"), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    line = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
+    response = client.get("/api/search", params={"q": QUERY})
+    assert response.status_code == 200
+    assert response.json() == line
+    hits = line["results"]
+    assert len(hits) == 10 and {hit["ranked_by"] for hit in hits} == {"fused"}
+    stage1 = client.get("/api/search", params={"q": QUERY, "rerank": "false", "top": 12}).json()["results"]
+    assert [hit["stage1_rank"] for hit in stage1] == list(range(1, 13))
+    assert all(hit["rerank"] is None and hit["ranked_by"] == "stage1" for hit in stage1)
+    by_id = {hit["video_id"]: hit for hit in stage1}
+    for hit in hits:  # the re-ranked column's ranks of origin are the stage-1 column's places
+        assert by_id[hit["video_id"]]["stage1_rank"] == hit["stage1_rank"]
+
+
+def test_explain_matches_the_scores_and_the_selection(client, service):
+    hit = client.get("/api/search", params={"q": QUERY}).json()["results"][0]
+    data = client.get("/api/explain", params={"q": QUERY, "video_id": hit["video_id"]}).json()
+    assert data["score"] == pytest.approx(hit["rerank"], abs=1e-4)  # the pair the search scored
+    frames, (rows, cols) = data["frames"], data["grid"]
+    assert frames == 12 and rows * cols == data["tokens_per_frame"] == 64 and data["frame_tokens"] == "top_m"
+    assert len(data["kept_patches"]) == frames and all(len(kept) == 3 for kept in data["kept_patches"])
+    assert all(0 <= patch < 64 for kept in data["kept_patches"] for patch in kept)
+    for pick in data["video_picks"]:  # a picked patch is one the frame selector kept
+        assert pick["patch"] is None or pick["patch"] in data["kept_patches"][pick["frame"]]
+    assert sum(data["frame_weight"]) == pytest.approx(1, abs=1e-3)
+    for t in range(frames):
+        heat = np.array(data["patch_heat"][t])
+        assert set(np.flatnonzero(heat)) <= set(data["kept_patches"][t])
+        assert heat.sum() + data["global_attention"][t] == pytest.approx(1, abs=1e-3)
+
+
+def test_video_and_its_frame_strip(client, service, served_demo):
+    video = client.get("/api/videos/test-000003").json()
+    assert video["status"] == "ok" and video["exists"] and video["captions"] and video["duration"] > 0
+    response = client.get("/api/videos/test-000003/frames")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert "x-tvrerank-placeholder" not in response.headers
+    strip = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")).astype(int)
+    assert strip.shape == (64, 12 * 64, 3)  # the encoder's input size, one cell per sampled frame
+    sampled = sample_frames(served_demo / "data" / video["path"], num_frames=12, image_size=64)
+    assert np.abs(strip - np.concatenate(list(sampled.frames), axis=1)).mean() < 6  # JPEG, same frames
+    assert client.get("/api/videos/test-000003/frames").content == response.content  # from memory
+
+
+def test_bad_input_gets_a_json_error(client):
+    for params in ({"q": ""}, {"q": "   \t "}, {}):
+        response = client.get("/api/search", params=params)
+        assert response.status_code == 400 and "empty" in response.json()["error"], params
+    for params in ({"q": QUERY, "top": -2}, {"q": QUERY, "top": "many"}, {"q": QUERY, "rerank": "maybe"}):
+        response = client.get("/api/search", params=params)
+        assert response.status_code == 400 and response.json()["error"], params
+    long = client.get("/api/search", params={"q": "red circle " * 400})
+    assert long.status_code == 200 and "cut" in long.json()["warning"] and len(long.json()["query"]) == 1000
+    assert "longer than the text encoder" in client.get("/api/search", params={"q": "red " * 60}).json()["warning"]
+    assert client.get("/api/explain", params={"q": " ", "video_id": "test-000001"}).status_code == 400
+
+
+@pytest.mark.parametrize("path", [
+    "/api/videos/nope", "/api/videos/nope/frames", "/api/explain?q=red&video_id=nope",
+    "/api/videos/..%2F..%2F..%2Fetc%2Fpasswd", "/api/videos/..%2F..%2F..%2Fetc%2Fpasswd/frames",
+    "/api/videos/%2Fetc%2Fpasswd/frames", "/api/videos/%252e%252e%252fetc%252fpasswd/frames",
+    "/api/videos/../../../etc/passwd", "/static/..%2F..%2Fapp.py", "/static/%2e%2e/service.py",
+    "/static/../../../pyproject.toml", "/etc/passwd", "/api/videos/test-000001/frames/../../../../etc/passwd",
+])
+def test_unknown_videos_and_path_like_parameters_are_404(client, path):
+    response = client.get(path)
+    assert response.status_code == 404, path
+    assert "error" in response.json() and "root:" not in response.text and "import" not in response.text
+
+
+def test_page_and_assets(client):
+    page = client.get("/")
+    assert page.status_code == 200 and '<script src="/static/app.js">' in page.text and "http" not in page.text
+    assert "function explain" in client.get("/static/app.js").text
+    assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
+
+
+def test_a_missing_or_escaping_video_gives_a_placeholder_strip(served_demo, tmp_path):
+    gallery = tmp_path / "gallery.h5"
+    shutil.copy(served_demo / "cache" / "test.h5", gallery)
+    with h5py.File(gallery, "r+") as f:
+        paths = f["videos/path"].asstr()[:]
+        paths[0], paths[1] = "videos/test/gone.mp4", "../../../../../../../../etc/hostname"
+        f["videos/path"][:] = list(paths)
+    outside = tmp_path / "outside.mp4"  # a real video beside the root: never read through an escaping path
+    shutil.copy(served_demo / "data" / "videos" / "test" / "000002.mp4", outside)
+    with h5py.File(gallery, "r+") as f:
+        paths = f["videos/path"].asstr()[:]
+        paths[2] = f"../{outside.name}"
+        f["videos/path"][:] = list(paths)
+    videos_root = tmp_path / "root"
+    shutil.copytree(served_demo / "data", videos_root)
+    index = tmp_path / "index"
+    assert CliRunner().invoke(main, ["index", str(gallery), "--out", str(index)]).exit_code == 0
+    retriever = Retriever(gallery, index, served_demo / "run-top-m", device="cpu")
+    with retriever:
+        client = TestClient(create_app(SearchService(retriever, videos_root=videos_root)))
+        for video_id in ("test-000000", "test-000001", "test-000002"):
+            response = client.get(f"/api/videos/{video_id}/frames")
+            assert response.status_code == 200 and response.headers["x-tvrerank-placeholder"], video_id
+            assert Image.open(io.BytesIO(response.content)).size == (12 * 64, 64)
+            assert client.get(f"/api/videos/{video_id}").json()["exists"] is False
+        assert "x-tvrerank-placeholder" not in client.get("/api/videos/test-000003/frames").headers
+
+
+def test_busy_server_answers_503_with_a_retry_hint(service):
+    client = TestClient(create_app(service))
+    gate = service.model_gate
+    gate.inside = gate.workers + gate.waiting  # as if that many requests were in flight
+    try:
+        response = client.get("/api/search", params={"q": QUERY})
+    finally:
+        gate.inside = 0
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "busy" in response.json()["error"]
+    assert client.get("/api/search", params={"q": QUERY}).status_code == 200  # and it recovers
+
+
+def test_gate_runs_one_at_a_time_and_refuses_beyond_its_queue():
+    import threading
+    import time
+
+    async def scenario():
+        gate = Gate("test", workers=1, waiting=2, timeout_s=5)
+        running, most = [0], [0]
+        lock = threading.Lock()
+
+        def work():
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+            return "done"
+
+        results = await asyncio.gather(*(gate.run(work) for _ in range(5)), return_exceptions=True)
+        return results, most[0]
+
+    results, most = asyncio.run(scenario())
+    assert most == 1  # one at a time
+    assert results[:3] == ["done"] * 3 and all(isinstance(r, Busy) for r in results[3:])  # 1 running + 2 waiting
+
+
+def test_strip_cache_keeps_within_its_budget():
+    cache = StripCache(budget=10)
+    cache.put("a", b"12345", None)
+    cache.put("b", b"1234", "note")
+    assert cache.get("a") == (b"12345", None)  # a is now the most recent
+    cache.put("c", b"123", None)  # over budget: b (least recently used) goes
+    assert cache.get("b") is None and cache.get("a") and cache.get("c") and cache.bytes == 8
+    cache.put("huge", b"x" * 11, None)
+    assert cache.get("huge") is None
+
+
+def serve_cli(*args):
+    return CliRunner().invoke(main, ["serve", *map(str, args)])
+
+
+def test_serve_refuses_artifacts_that_do_not_belong_together(served_demo):
+    mismatched = ["--gallery", served_demo / "cache" / "test.h5", "--index", served_demo / "index" / "train",
+                  "--reranker", served_demo / "run", "--port", "0"]
+    served = serve_cli(*mismatched)
+    retrieved = CliRunner().invoke(main, ["retrieve", "q", *map(str, mismatched[:6])])
+    assert served.exit_code == retrieved.exit_code == 2
+    assert served.output.strip().splitlines()[-1] == retrieved.output.strip().splitlines()[-1]
+    assert "index" in served.output and "Traceback" not in served.output
+
+
+def test_serve_command_line(served_demo, tmp_path, monkeypatch):
+    from tvrerank.serve import server
+
+    assert "give a demo folder" in serve_cli().output
+    assert "not a finished `tvrerank demo` folder" in serve_cli(tmp_path).output
+    started = []
+    monkeypatch.setattr(server, "run", lambda app, sock: started.append(sock.getsockname()))
+    result = serve_cli(served_demo, "--port", "0")
+    assert result.exit_code == 0, result.output
+    assert f"at http://127.0.0.1:{started[0][1]}/" in result.output and "warning" not in result.output
+    result = serve_cli(served_demo, "--port", "0", "--host", "0.0.0.0")
+    assert result.exit_code == 0 and "no authentication" in result.output
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    with busy:
+        result = serve_cli(served_demo, "--port", busy.getsockname()[1])
+    assert result.exit_code == 2 and "pass another --port" in result.output and "Traceback" not in result.output
+
+
+def test_the_demo_run_reads_global_tokens_and_the_explain_view_says_so(served_demo):
+    with open_service(served_demo, run="run") as service:
+        client = TestClient(create_app(service))
+        assert client.get("/api/info").json()["frame_tokens"] == "global"
+        hit = client.get("/api/search", params={"q": QUERY}).json()["results"][0]
+        data = client.get("/api/explain", params={"q": QUERY, "video_id": hit["video_id"]}).json()
+    assert data["kept_patches"] == [[]] * 12 and all(pick["patch"] is None for pick in data["video_picks"])
+    assert sum(data["frame_weight"]) == pytest.approx(1, abs=1e-3)  # what the page tints each frame by
+    assert data["score"] == pytest.approx(hit["rerank"], abs=1e-4)
