@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import shutil
 import socket
 
@@ -136,21 +137,47 @@ def test_a_missing_or_escaping_video_gives_a_placeholder_strip(served_demo, tmp_
     shutil.copy(served_demo / "data" / "videos" / "test" / "000002.mp4", outside)
     with h5py.File(gallery, "r+") as f:
         paths = f["videos/path"].asstr()[:]
-        paths[2] = f"../{outside.name}"
+        paths[2], paths[3] = f"../{outside.name}", "fifo.mp4"
         f["videos/path"][:] = list(paths)
     videos_root = tmp_path / "root"
     shutil.copytree(served_demo / "data", videos_root)
+    os.mkfifo(videos_root / "fifo.mp4")  # opening it would block the server: never opened
     index = tmp_path / "index"
     assert CliRunner().invoke(main, ["index", str(gallery), "--out", str(index)]).exit_code == 0
     retriever = Retriever(gallery, index, served_demo / "run-top-m", device="cpu")
     with retriever:
         client = TestClient(create_app(SearchService(retriever, videos_root=videos_root)))
-        for video_id in ("test-000000", "test-000001", "test-000002"):
+        for video_id in ("test-000000", "test-000001", "test-000002", "test-000003"):
             response = client.get(f"/api/videos/{video_id}/frames")
             assert response.status_code == 200 and response.headers["x-tvrerank-placeholder"], video_id
+            assert response.headers["cache-control"] == "no-store"  # the file may come back
             assert Image.open(io.BytesIO(response.content)).size == (12 * 64, 64)
-            assert client.get(f"/api/videos/{video_id}").json()["exists"] is False
-        assert "x-tvrerank-placeholder" not in client.get("/api/videos/test-000003/frames").headers
+            info = client.get(f"/api/videos/{video_id}").json()
+            assert info["exists"] is False and info["duration"] is None
+        assert "x-tvrerank-placeholder" not in client.get("/api/videos/test-000004/frames").headers
+
+
+def test_any_decoding_failure_gives_a_placeholder(service, monkeypatch):
+    import tvrerank.serve.service as module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a PyAV error of a kind the sampler does not wrap")
+
+    monkeypatch.setattr(module, "sample_frames", broken)
+    response = TestClient(create_app(service)).get("/api/videos/test-000011/frames")
+    assert response.status_code == 200 and "cannot be decoded" in response.headers["x-tvrerank-placeholder"]
+    assert service.strips.get("test-000011") is None
+
+
+def test_strips_revalidate_by_etag_and_other_hosts_are_refused(service):
+    client = TestClient(create_app(service, allowed_hosts=["127.0.0.1", "localhost"]), base_url="http://127.0.0.1")
+    first = client.get("/api/videos/test-000005/frames")
+    assert first.status_code == 200 and first.headers["cache-control"] == "no-cache"
+    again = client.get("/api/videos/test-000005/frames", headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and not again.content
+    assert client.get("/api/videos/test-000005/frames", headers={"If-None-Match": '"other"'}).status_code == 200
+    # a page whose name was rebound to 127.0.0.1 sends its own name as Host
+    assert client.get("/api/search", params={"q": QUERY}, headers={"Host": "evil.example"}).status_code == 400
 
 
 def test_busy_server_answers_503_with_a_retry_hint(service):
@@ -237,12 +264,17 @@ def test_serve_command_line(served_demo, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "pass another --port" in result.output and "Traceback" not in result.output
 
 
-def test_the_demo_run_reads_global_tokens_and_the_explain_view_says_so(served_demo):
-    with open_service(served_demo, run="run") as service:
+def test_the_demo_run_reads_global_tokens_and_the_explain_view_says_so(served_demo, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(served_demo / "run", run)
+    assert CliRunner().invoke(main, ["gallery", "--gallery", str(served_demo / "cache" / "test.h5"), "--reranker",
+                                     str(run), "--device", "cpu"]).exit_code == 0
+    with open_service(served_demo, run=run) as service:
         client = TestClient(create_app(service))
         assert client.get("/api/info").json()["frame_tokens"] == "global"
         hit = client.get("/api/search", params={"q": QUERY}).json()["results"][0]
         data = client.get("/api/explain", params={"q": QUERY, "video_id": hit["video_id"]}).json()
+        assert service.retriever.store is not None  # the demo's run has a gallery store: explain scores from it
     assert data["kept_patches"] == [[]] * 12 and all(pick["patch"] is None for pick in data["video_picks"])
     assert sum(data["frame_weight"]) == pytest.approx(1, abs=1e-3)  # what the page tints each frame by
-    assert data["score"] == pytest.approx(hit["rerank"], abs=1e-4)
+    assert data["score"] == pytest.approx(hit["rerank"], abs=1e-6)  # float16 store vs cache: ~1e-5 apart

@@ -456,6 +456,7 @@ def serve(demo_dir, gallery, index_dir, run_dir, videos, host, port, k, threads,
     if demo_dir is not None:
         found = server.demo_artifacts(demo_dir)
         gallery, index_dir, run_dir = gallery or found["gallery"], index_dir or found["index"], run_dir or found["reranker"]
+        videos = videos or found["videos"]  # the demo records its videos folder as it was given, maybe relative
     missing = [name for name, value in (("--gallery", gallery), ("--index", index_dir), ("--reranker", run_dir))
                if value is None]
     if missing:
@@ -467,14 +468,14 @@ def serve(demo_dir, gallery, index_dir, run_dir, videos, host, port, k, threads,
     if threads is not None:
         set_cpu_threads(threads)
     sock = server.bind(host, port)
-    with Retriever(gallery, index_dir, run_dir, device=device) as retriever:
+    with sock, Retriever(gallery, index_dir, run_dir, device=device) as retriever:
         service = SearchService(retriever, videos_root=videos, k=k)
         if not server.is_loopback(host):
             click.echo(f"warning: listening on {host} with no authentication: anyone who can reach this machine "
                        "can search the gallery and see its frames", err=True)
         click.echo(f"serving {gallery} ({len(service.row_of)} videos) at {server.url_of(sock, host)} "
                    "(Ctrl-C stops)", err=False)
-        server.run(create_app(service), sock)
+        server.run(create_app(service, allowed_hosts=server.allowed_hosts(host)), sock)
 
 
 @main.group()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tvrerank.rerank.model import Reranker
+from tvrerank.rerank.model import Reranker, SelectedVideos
 
 
 @dataclass(frozen=True)
@@ -67,16 +67,21 @@ def _rounded(array: np.ndarray) -> list:
 
 @torch.no_grad()
 def explain_pair(model: Reranker, text_tokens: torch.Tensor, text_length: torch.Tensor, tokens: torch.Tensor,
-                 frame_emb: torch.Tensor, frame_mask: torch.Tensor) -> Explanation:
+                 frame_emb: torch.Tensor, frame_mask: torch.Tensor, *,
+                 selected: SelectedVideos | None = None) -> Explanation:
     """One caption and one video: text_tokens (1, L, Dt), text_length (1,), tokens (1, T, P, D),
-    frame_emb (1, T, E), frame_mask (1, T) bool → what the model kept and attended to."""
+    frame_emb (1, T, E), frame_mask (1, T) bool → what the model kept and attended to.
+
+    ``selected``: the video's selected tokens as a search scored them (the gallery store's float16
+    copy), so that the score and attention are the search's; else selected here from ``tokens``.
+    """
     model.eval()
     c = model.config
-    videos = model.select(tokens, frame_emb, frame_mask, soft=False)
+    videos = model.select(tokens, frame_emb, frame_mask, soft=False) if selected is None else selected
     if model.token_in is None:
         kept = torch.zeros(1, tokens.shape[1], 0, dtype=torch.long)
     else:
-        kept = model.frame_selector.kept_patches(model.token_in(tokens), model.global_in(frame_emb))  # (1, T, M)
+        kept = model.frame_selector.kept_patches(model.token_in(tokens.float()), model.global_in(frame_emb))  # (1, T, M)
     per_frame = videos.frame_tokens.shape[2]  # F
     picks = model.video_selector.picks(videos.frame_tokens, ~videos.frame_pad)[0].cpu()  # (Nv,)
     trace: dict = {}

@@ -447,7 +447,8 @@ class Reranker(nn.Module):
         if self.token_in is None:  # the global token only
             frame_level = frame_global.unsqueeze(2)  # (B, T, 1, d)
         else:
-            frame_level = self.frame_selector(self.token_in(tokens), frame_global, soft=soft)  # (B, T, F, d)
+            # the cache's float16 tokens become float32 here, on the model's device
+            frame_level = self.frame_selector(self.token_in(tokens.float()), frame_global, soft=soft)  # (B, T, F, d)
         frame_level = frame_level + self.temporal[: frame_level.shape[1], None, :]
         video_tokens, video_mask = self.video_selector(frame_level, frame_mask, soft=soft)
         return SelectedVideos(frame_level, ~frame_mask, video_tokens, ~video_mask)

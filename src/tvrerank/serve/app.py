@@ -22,6 +22,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from tvrerank.errors import TvrerankError
 from tvrerank.serve.service import Busy, QueryError, SearchService, UnknownVideo
@@ -39,8 +40,12 @@ def error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
 
-def create_app(service: SearchService) -> FastAPI:
+def create_app(service: SearchService, *, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The app over ``service``. ``allowed_hosts``: the Host header values served (others get 400),
+    which stops a web page from reaching a loopback server through DNS rebinding; None: any."""
     app = FastAPI(title="tvrerank", docs_url=None, redoc_url=None)  # the interactive docs load from a CDN
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     page = static_file("index.html")
     assets = {name: static_file(name) for name in STATIC_TYPES}
     no_store = {"Cache-Control": "no-store"}
@@ -100,12 +105,18 @@ def create_app(service: SearchService) -> FastAPI:
 
     # the frames route comes first: a video id may contain "/" (its path converter takes the rest)
     @app.get("/api/videos/{video_id:path}/frames")
-    async def frames(video_id: str):
-        service.row(video_id)  # 404 before taking a decoding slot
+    async def frames(video_id: str, request: Request):
+        row = service.row(video_id)  # 404 before taking a decoding slot
+        # the browser revalidates; the tag changes with the gallery, so another gallery's strips never show
+        tag = f'"{service.gallery_tag}-{row}"'
+        if request.headers.get("if-none-match") == tag and service.strips.get(video_id) is not None:
+            return Response(status_code=304, headers={"ETag": tag})
         image, note = await service.decode_gate.run(service.frames, video_id)
-        headers = {"Cache-Control": "max-age=3600"}
-        if note:  # header values are latin-1 on one line
-            headers["X-Tvrerank-Placeholder"] = "".join(c if " " <= c <= "~" else "?" for c in note)[:200]
+        if note:  # a placeholder is not kept anywhere: the file may come back; header values are one latin-1 line
+            headers = {"Cache-Control": "no-store",
+                       "X-Tvrerank-Placeholder": "".join(c if " " <= c <= "~" else "?" for c in note)[:200]}
+        else:
+            headers = {"Cache-Control": "no-cache", "ETag": tag}
         return Response(image, media_type="image/jpeg", headers=headers)
 
     @app.get("/api/videos/{video_id:path}")

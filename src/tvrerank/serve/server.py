@@ -25,7 +25,8 @@ def require_web_stack() -> None:
 def demo_artifacts(demo_dir: str | Path) -> dict[str, Path]:
     """A `tvrerank demo` output folder → its test gallery, index and re-ranker run."""
     demo = Path(demo_dir)
-    paths = {"gallery": demo / "cache" / "test.h5", "index": demo / "index" / "test", "reranker": demo / "run"}
+    paths = {"gallery": demo / "cache" / "test.h5", "index": demo / "index" / "test", "reranker": demo / "run",
+             "videos": demo / "data"}
     for what, path in paths.items():
         if not path.exists():
             raise MissingInput(f"{demo} is not a finished `tvrerank demo` folder: its {what} {path} is missing; "
@@ -58,6 +59,13 @@ def bind(host: str, port: int) -> socket.socket:
         hint = "pass another --port (0: any free one)" if port else "check --host"
         raise InputError(f"cannot listen on {host}:{port} ({reason_of(exc)}); {hint}") from None
     return sock
+
+
+def allowed_hosts(host: str) -> list[str] | None:
+    """The Host header values a loopback server answers (None: any, when it listens beyond loopback)."""
+    if not is_loopback(host):
+        return None
+    return sorted({"localhost", "127.0.0.1", "[::1]", host if ":" not in host else f"[{host}]"})
 
 
 def url_of(sock: socket.socket, host: str) -> str:

@@ -28,7 +28,8 @@ import anyio.to_thread
 import numpy as np
 import torch
 
-from tvrerank.errors import InputError, MissingInput, TvrerankError
+from tvrerank.errors import InputError, MissingInput, TvrerankError, reason_of
+from tvrerank.cache.identity import cache_video_ids_digest
 from tvrerank.extract.frames import VideoDecodeError, sample_frames, swscale_interpolation
 from tvrerank.rerank.explain import explain_pair
 from tvrerank.retrieve.retriever import QueryError, Retriever, check_queries
@@ -174,6 +175,7 @@ class SearchService:
         self._caption_order = np.argsort(caption_video, kind="stable")
         self._caption_video = caption_video[self._caption_order]
         self.strips = StripCache(strip_budget)
+        self.gallery_tag = cache_video_ids_digest(cache)[:16]  # strips' ETags: another gallery, other tags
         self.model_gate = Gate("search", workers=1, waiting=waiting)
         self.decode_gate = Gate("frame decoding", workers=2, waiting=waiting)
 
@@ -212,10 +214,11 @@ class SearchService:
     def video(self, video_id: str) -> dict:
         row = self.row(video_id)
         path = self.video_file(row)
+        exists = path is not None and path.is_file()  # a FIFO or device would block the probe
         return {"video_id": video_id, "path": str(self.retriever.video_paths[row]),
                 "status": STATUS_NAMES.get(int(self.status[row]), "unknown"), "error": str(self.errors[row]) or None,
-                "exists": bool(path is not None and path.is_file()), "captions": self.captions_of(row),
-                "duration": None if path is None else video_duration(path)}
+                "exists": exists, "captions": self.captions_of(row),
+                "duration": video_duration(path) if exists else None}
 
     def frames(self, video_id: str) -> tuple[bytes, str | None]:
         """The frame strip as JPEG, and why it is a placeholder (None when the frames are real)."""
@@ -226,7 +229,6 @@ class SearchService:
         path, note = self.video_file(row), None
         if path is None or not path.is_file():
             note = "the video file is missing"
-            strip = placeholder_strip(self.layout, note)
         else:
             try:
                 sampled = sample_frames(path, num_frames=self.layout.frames, image_size=self.layout.image_size,
@@ -234,10 +236,14 @@ class SearchService:
                 strip = np.concatenate(list(sampled.frames), axis=1)  # (S, T·S, 3), padded slots black
             except VideoDecodeError as exc:
                 note = f"the video cannot be decoded ({exc})"
-                strip = placeholder_strip(self.layout, note)
+            except Exception as exc:  # noqa: BLE001 - PyAV raises many types; one bad file never gives a 500
+                log.warning("%s: decoding failed: %s", path, exc)
+                note = f"the video cannot be decoded ({reason_of(exc)})"
+        if note is not None:  # not kept: the file may be restored
+            return encode_jpeg(placeholder_strip(self.layout, note)), note
         image = encode_jpeg(strip)
-        self.strips.put(video_id, image, note)
-        return image, note
+        self.strips.put(video_id, image, None)
+        return image, None
 
     # ----------------------------------------------------------------------- model
     def search(self, query: str | None, *, top: int = 10, rerank: bool = True) -> dict:
@@ -256,9 +262,10 @@ class SearchService:
         retriever, device = self.retriever, self.retriever.device
         _, text_tokens, lengths = retriever.encoder.encode_texts([query])
         video = {name: value.to(device) for name, value in retriever.rows.videos(np.array([row])).items()}
+        stored = None if retriever.store is None else retriever.store.read(np.array([row]), device)
         explanation = explain_pair(retriever.reranker.model, torch.from_numpy(text_tokens).to(device),
                                    torch.from_numpy(lengths.astype(np.int64)).to(device), video["tokens"],
-                                   video["frame_emb"], video["frame_mask"])
+                                   video["frame_emb"], video["frame_mask"], selected=stored)
         patches = retriever.cache.header.layout.tokens_per_frame
         out = {"query": query, "video_id": video_id, "frames": self.layout.frames,
                "image_size": self.layout.image_size, "grid": list(self.layout.grid), "tokens_per_frame": patches,

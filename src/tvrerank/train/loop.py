@@ -387,7 +387,8 @@ def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *,
     eval_every = config.eval_every or max(1, len(batches.trainable) // (config.captions * world))
     items = torch.utils.data.Subset(batches, range(start_step * config.grad_accum, len(batches)))
     loader = iter(torch.utils.data.DataLoader(items, batch_size=1, collate_fn=collate_single,
-                                              num_workers=config.workers, persistent_workers=config.workers > 0))
+                                              num_workers=config.workers, persistent_workers=config.workers > 0,
+                                              pin_memory=device.type == "cuda"))
     if state is not None:  # restored last: building the DataLoader above draws from the generator
         torch.set_rng_state(state["torch_rng"])
     run_log = RunLog(out / "log.csv", append=state is not None, enabled=rank == 0)

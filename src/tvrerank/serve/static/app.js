@@ -3,7 +3,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, query: "", top: 10, videos: new Map(), explainId: null };
+// searches and explains carry a sequence number: an answer that arrives after a newer request is dropped
+const state = { info: null, query: "", top: 10, videos: new Map(), explainId: null, searchSeq: 0, explainSeq: 0 };
 
 function element(tag, className, text) {
   const node = document.createElement(tag);
@@ -25,7 +26,6 @@ async function getJSON(url, tries = 4) {
     const response = await fetch(url);
     if (response.status === 503 && attempt < tries) {
       const wait = Number(response.headers.get("Retry-After") || "1");
-      showMessage(`the server is busy; retrying in ${wait} s…`, "warning");
       await new Promise((resolve) => setTimeout(resolve, wait * 1000));
       continue;
     }
@@ -56,7 +56,10 @@ function changeBadge(hit, rank) {
 }
 
 async function videoInfo(id) {
-  if (!state.videos.has(id)) state.videos.set(id, getJSON(api.video(id)).catch(() => null));
+  if (!state.videos.has(id)) {
+    // a failed answer is not kept: the next render asks again
+    state.videos.set(id, getJSON(api.video(id)).catch((err) => { state.videos.delete(id); throw err; }));
+  }
   return state.videos.get(id);
 }
 
@@ -74,15 +77,15 @@ function renderHit(hit, rank, reranked) {
   const captions = element("div", "captions");
   item.append(captions);
   videoInfo(hit.video_id).then((info) => {
-    if (!info) return;
     const shown = info.captions.slice(0, 2).join(" · ");
     captions.textContent = shown + (info.captions.length > 2 ? ` (+${info.captions.length - 2})` : "");
     if (!info.exists) captions.textContent += " [video file missing]";
-  });
+  }).catch((err) => { captions.textContent = `(captions unavailable: ${err.message})`; });
   const strip = element("img", "strip");
   strip.alt = `sampled frames of ${hit.video_id}`;
   strip.loading = "lazy";
   strip.src = api.frames(hit.video_id);
+  strip.addEventListener("error", () => strip.replaceWith(element("div", "meta", "(frames unavailable)")));
   item.append(strip);
   if (reranked && hit.rerank !== null) {
     item.classList.add("clickable");
@@ -107,8 +110,10 @@ function setURL(push) {
 
 async function search(push) {
   const query = $("query").value.trim();
-  state.top = Math.max(1, Math.min(100, Number($("top").value) || 10));
+  state.top = Math.max(1, Math.min(100, Math.trunc(Number($("top").value)) || 10));
+  $("top").value = state.top;
   if (!query) { showMessage("type a query first", "error"); return; }
+  const seq = ++state.searchSeq;
   state.query = query;
   state.explainId = push ? null : state.explainId;
   setURL(push);
@@ -116,16 +121,23 @@ async function search(push) {
   try {
     const [stage1, reranked] = await Promise.all([
       getJSON(api.search(query, state.top, false)), getJSON(api.search(query, state.top, true))]);
+    if (seq !== state.searchSeq) return;  // a newer search was started meanwhile
     renderColumn($("stage1"), stage1.results, false);
     renderColumn($("reranked"), reranked.results, true);
     $("reranked-note").textContent = state.info ? `(top ${state.info.k} by the re-ranker; click one)` : "";
     $("results").hidden = false;
     document.body.dataset.searched = query;
     showMessage(reranked.warning || "", reranked.warning ? "warning" : "");
-    if (state.explainId) await explain(state.explainId); else $("explain").hidden = true;
+    if (state.explainId) await explain(state.explainId); else closeExplain();
   } catch (err) {
-    showMessage(err.message, "error");
+    if (seq === state.searchSeq) showMessage(err.message, "error");
   }
+}
+
+function closeExplain() {
+  state.explainSeq++;  // an explain still on its way is dropped
+  $("explain").hidden = true;
+  $("explain-frames").replaceChildren();
 }
 
 function loadImage(url) {
@@ -139,7 +151,7 @@ function loadImage(url) {
 
 // One canvas per sampled frame: the frame as the encoder saw it, the attention heat on each patch,
 // the kept patches outlined, the video selector's picks marked. Returns how many overlay marks it drew.
-function drawFrame(canvas, strip, data, t, weightMax) {
+function drawFrame(canvas, strip, data, t, weightMax, heatMax) {
   const size = data.image_size, [rows, cols] = data.grid, side = canvas.width;
   const ctx = canvas.getContext("2d");
   ctx.imageSmoothingEnabled = size >= side;
@@ -147,10 +159,10 @@ function drawFrame(canvas, strip, data, t, weightMax) {
   const cellW = side / cols, cellH = side / rows;
   const cell = (patch) => [(patch % cols) * cellW, Math.floor(patch / cols) * cellH];
   let marks = 0;
-  const heat = data.patch_heat[t], heatMax = Math.max(...heat, 1e-9);
+  const heat = data.patch_heat[t];  // one scale for every frame (heatMax), so frames compare
   if (data.kept_patches[t].length === 0 && data.frame_weight) {
     // global tokens only: the whole frame is one token; tint it by its share of the attention
-    ctx.fillStyle = `rgba(255, 60, 0, ${(0.55 * data.frame_weight[t] / weightMax).toFixed(3)})`;
+    ctx.fillStyle = `rgba(255, 60, 0, ${(0.3 * data.frame_weight[t] / weightMax).toFixed(3)})`;
     ctx.fillRect(0, 0, side, side);
     marks += 1;
   }
@@ -185,6 +197,7 @@ function drawFrame(canvas, strip, data, t, weightMax) {
 
 async function explain(id) {
   const panel = $("explain"), frames = $("explain-frames");
+  const seq = ++state.explainSeq;
   document.querySelectorAll(".hit.selected").forEach((node) => node.classList.remove("selected"));
   document.querySelectorAll(`#reranked .hit`).forEach((node) => {
     if (node.dataset.videoId === id) node.classList.add("selected");
@@ -198,6 +211,7 @@ async function explain(id) {
   $("explain-note").textContent = "loading…";
   try {
     const [data, strip] = await Promise.all([getJSON(api.explain(state.query, id)), loadImage(api.frames(id))]);
+    if (seq !== state.explainSeq) return;  // another hit was clicked, or the view was closed, meanwhile
     const notes = [`re-ranker score ${fmt(data.score)}`,
       `${data.grid[0]}×${data.grid[1]} patch grid, ${data.frame_tokens === "top_m"
         ? `${data.kept_patches[0].length} patches kept per frame`
@@ -207,6 +221,7 @@ async function explain(id) {
     const side = Math.max(96, Math.min(224, 4 * data.image_size));
     const weights = data.frame_weight || [];
     const weightMax = Math.max(...weights, 1e-9);
+    const heatMax = Math.max(...data.patch_heat.flat(), 1e-9);
     let marks = 0;
     for (let t = 0; t < data.frames; t++) {
       const box = element("figure", "frame" + (data.frame_valid[t] ? "" : " padding"));
@@ -215,6 +230,9 @@ async function explain(id) {
       canvas.width = canvas.height = side;
       box.append(canvas);
       const caption = element("figcaption", "", `frame ${t + 1}` + (data.frame_valid[t] ? "" : " (padding)"));
+      if (data.global_attention && data.kept_patches[t].length) {
+        caption.title = `frame-level attention on the frame's global token: ${(100 * data.global_attention[t]).toFixed(0)}%`;
+      }
       if (data.frame_weight) {
         const bar = element("div", "bar");
         bar.style.width = `${Math.round(side * data.frame_weight[t] / weightMax)}px`;
@@ -224,21 +242,21 @@ async function explain(id) {
       }
       box.append(caption);
       frames.append(box);
-      if (data.frame_valid[t]) marks += drawFrame(canvas, strip, data, t, weightMax);
+      if (data.frame_valid[t]) marks += drawFrame(canvas, strip, data, t, weightMax, heatMax);
     }
     panel.dataset.drawn = String(data.frames);
     panel.dataset.marks = String(marks);
   } catch (err) {
-    $("explain-note").textContent = `could not explain ${id}: ${err.message}`;
+    if (seq === state.explainSeq) $("explain-note").textContent = `could not explain ${id}: ${err.message}`;
   }
 }
 
 async function start() {
   $("search-form").addEventListener("submit", (event) => { event.preventDefault(); search(true); });
   $("explain-close").addEventListener("click", () => {
-    $("explain").hidden = true;
+    closeExplain();
     state.explainId = null;
-    setURL(false);
+    if (state.query) setURL(false);
   });
   window.addEventListener("popstate", () => fromURL());
   try {
@@ -260,7 +278,14 @@ async function fromURL() {
   if (query) {
     $("query").value = query;
     await search(false);
+    return;
   }
+  state.searchSeq++;  // back to the empty page: drop answers on their way, clear what is shown
+  state.query = "";
+  $("query").value = "";
+  $("results").hidden = true;
+  closeExplain();
+  showMessage("");
 }
 
 start();
