@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from tvrerank.cache.checksums import seal
 from tvrerank.cache.inspect import cache_info, check_cache
 from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.schema import FAILED, OK, SCHEMA, CacheHeader
@@ -110,6 +111,7 @@ def test_check_finds_each_problem(tmp_path, damage, message):
     out, _ = _build(tmp_path, failed=(1,))
     with h5py.File(out, "r+") as f:
         damage(f)
+        seal(f)  # as if written that way (the writer records the strings' digests when it closes)
     problems = check_cache(out)
     assert any(message in p for p in problems), problems
 

@@ -173,12 +173,14 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
 @cache.command("check")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 def cache_check_cmd(path: str) -> None:
-    """Schema, NaN/inf and completeness; exits non-zero on any problem."""
-    from tvrerank.cache.inspect import check_cache
+    """Schema, checksums (damaged bytes), NaN/inf and completeness; exits non-zero on any problem."""
+    from tvrerank.cache.inspect import check_cache, checksum_notes
 
     problems = check_cache(path)
     for problem in problems:
         click.echo(f"problem: {problem}", err=True)
+    for note in checksum_notes(path):
+        click.echo(f"note: {path}: {note}", err=True)
     if problems:
         sys.exit(1)
     click.echo(f"{path}: ok")

@@ -8,9 +8,10 @@ from typing import Any
 import h5py
 import numpy as np
 
+from tvrerank.cache.checksums import is_damage, verify_strings
 from tvrerank.cache.merge import source_files
 from tvrerank.cache.reader import CacheReader
-from tvrerank.cache.schema import FAILED, OK, PENDING, dataset_specs
+from tvrerank.cache.schema import FAILED, OK, PENDING, STR, dataset_specs
 from tvrerank.config import to_dict
 
 #: Rows read at a time when scanning big arrays, so a check never holds a split in memory.
@@ -55,14 +56,63 @@ def cache_info(path: str | Path) -> dict[str, Any]:
         }
 
 
-def _scan_finite(dataset: h5py.Dataset) -> int:
-    """Rows of ``dataset`` holding NaN or inf, read SCAN_ROWS rows at a time."""
-    bad = 0
+def _scan(dataset: h5py.Dataset) -> tuple[int, list[int]]:
+    """Read all of ``dataset``, SCAN_ROWS rows at a time: (rows holding NaN or inf, rows whose
+    bytes fail their checksum). Reading every chunk is what checks every checksum."""
+    nonfinite, damaged = 0, []
     for start in range(0, dataset.shape[0], SCAN_ROWS):
-        block = dataset[start : start + SCAN_ROWS]
-        finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
-        bad += int((~finite).sum())
-    return bad
+        stop = min(dataset.shape[0], start + SCAN_ROWS)
+        try:
+            block = dataset[start:stop]
+        except OSError as exc:
+            if not is_damage(exc):
+                raise
+            damaged += _damaged_rows(dataset, start, stop)
+            continue
+        if block.dtype.kind == "f":
+            nonfinite += int((~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)).sum())
+    return nonfinite, damaged
+
+
+def _damaged_rows(dataset: h5py.Dataset, start: int, stop: int) -> list[int]:
+    rows = []
+    for row in range(start, stop):
+        try:
+            dataset[row : row + 1]
+        except OSError:
+            rows.append(row)
+    return rows or list(range(start, stop))
+
+
+def _spans(rows: list[int]) -> str:
+    """[3, 4, 5, 9] → '3-5, 9' (at most five spans)."""
+    spans: list[list[int]] = []
+    for row in rows:
+        if spans and row == spans[-1][1] + 1:
+            spans[-1][1] = row
+        else:
+            spans.append([row, row])
+    text = [f"{a}-{b}" if b > a else str(a) for a, b in spans]
+    return ", ".join(text[:5]) + (f" and {len(text) - 5} more" if len(text) > 5 else "")
+
+
+def checksum_notes(path: str | Path) -> list[str]:
+    """What ``cache check`` cannot vouch for: a cache written before checksums existed."""
+    with h5py.File(path, "r") as f:
+        numeric = [d for d in _datasets(f) if d.dtype.kind != "O" and d.size and not d.is_virtual]
+        notes = []
+        if numeric and not any(d.fletcher32 for d in numeric):
+            notes.append("its arrays carry no checksums (written by an earlier tvrerank): damaged bytes in tokens "
+                         "and embeddings cannot be found; extract it again to add them")
+        if verify_strings(f) is None:
+            notes.append("its strings carry no checksums: damaged bytes in ids, paths and captions cannot be found")
+    return notes
+
+
+def _datasets(f: h5py.File) -> list[h5py.Dataset]:
+    found = []
+    f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset) else None)
+    return found
 
 
 def check_cache(path: str | Path) -> list[str]:
@@ -71,7 +121,11 @@ def check_cache(path: str | Path) -> list[str]:
         cache = CacheReader(path)
     except (FileNotFoundError, ValueError) as exc:
         return [str(exc)]
-    problems = [f"shard file {p} is missing (the merged cache maps onto it)" for p in source_files(path) if not p.exists()]
+    shards = source_files(path)[1:]
+    problems = [f"shard file {p} is missing (the merged cache maps onto it)" for p in shards if not p.exists()]
+    for shard in shards:  # a merged cache reads the shards' arrays, which carry the checksums
+        if shard.exists():
+            problems += [f"shard {shard}: {problem}" for problem in check_cache(shard)]
     with cache:
         header, f = cache.header, cache.file
         n = f["videos/id"].shape[0] if "videos/id" in f else 0
@@ -85,6 +139,19 @@ def check_cache(path: str | Path) -> list[str]:
                 problems.append(f"{name}: dtype {f[name].dtype}, expected {np.dtype(dtype)}")
         if problems:
             return problems
+        for name, (_, dtype) in dataset_specs(n, m, header.layout, header.sampling.frames).items():
+            if dtype is STR:
+                continue
+            nonfinite, damaged = _scan(f[name])
+            if damaged:
+                problems.append(f"{name}: rows {_spans(damaged)} hold damaged bytes (they fail their checksum)")
+            if nonfinite:
+                problems.append(f"{name}: {nonfinite} rows hold NaN or inf")
+        changed = verify_strings(f) or []
+        problems += [f"{name}: its text does not match the checksum recorded when it was written (damaged bytes)"
+                     for name in changed]
+        if any("damaged" in p for p in problems):
+            return problems + [f"extract {path} again (or restore it from a copy)"]
         status = f["videos/status"][()]
         mask = f["videos/frame_mask"][()]
         errors = f["videos/error"].asstr()[()]
@@ -102,9 +169,6 @@ def check_cache(path: str | Path) -> list[str]:
         lengths = f["texts/length"][()]
         if len(lengths) and (lengths.min() < 1 or lengths.max() > header.layout.text_tokens):
             problems.append(f"texts/length outside 1..{header.layout.text_tokens}")
-        for name in ("videos/frame_emb", "videos/video_emb", "videos/tokens", "texts/emb", "texts/tokens"):
-            if (bad := _scan_finite(f[name])):
-                problems.append(f"{name}: {bad} rows hold NaN or inf")
         norms = np.linalg.norm(f["videos/video_emb"][()].astype(np.float32), axis=1)
         if (off := int((np.abs(norms[status == OK] - 1) > 1e-2).sum())):
             problems.append(f"videos/video_emb: {off} ok videos are not L2-normalised")

@@ -17,8 +17,9 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from tvrerank.cache.checksums import seal
 from tvrerank.cache.reader import CacheReader
-from tvrerank.cache.schema import STR, VIRTUAL_ARRAYS, CacheHeader, dataset_specs
+from tvrerank.cache.schema import STR, VIRTUAL_ARRAYS, CacheHeader, chunks_for, dataset_specs
 from tvrerank.errors import CacheMismatch, InputError
 
 
@@ -66,6 +67,7 @@ def merge_shards(paths: Sequence[str | Path], out: str | Path) -> Path:
                 _virtual(f, name, shape, dtype, relative, sizes)
             else:
                 _concatenate(f, name, dtype, shards, sizes)
+        seal(f)  # the mapped arrays keep the shards' own checksums
     os.replace(tmp, out)
     return out
 
@@ -93,7 +95,9 @@ def _concatenate(f, name, dtype, shards, sizes) -> None:
                 data = data + offset
             arrays.append(np.asarray(data, dtype=object if dtype is STR else dtype))
         offset += videos
-    f.create_dataset(name, data=np.concatenate(arrays), dtype=dtype)
+    data = np.concatenate(arrays)
+    chunks = None if dtype is STR else chunks_for(name, data.shape)
+    f.create_dataset(name, data=data, dtype=dtype, chunks=chunks, fletcher32=chunks is not None)
 
 
 def source_files(path: str | Path) -> list[Path]:

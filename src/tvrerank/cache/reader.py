@@ -7,8 +7,26 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from tvrerank.cache.checksums import damaged_reads
 from tvrerank.cache.schema import OK, CacheHeader
 from tvrerank.errors import InputError, MissingInput
+
+
+class CheckedDataset:
+    """An h5py dataset whose reads turn a failed checksum into a CorruptFile naming the file."""
+
+    def __init__(self, dataset: h5py.Dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key):
+        with damaged_reads(self.dataset.file.filename, self.dataset.name):
+            return self.dataset[key]
+
+    def __getattr__(self, name: str):  # shape, dtype, nbytes, asstr, read_direct, ...
+        return getattr(self.dataset, name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
 
 
 class CacheReader:
@@ -37,8 +55,8 @@ class CacheReader:
     def close(self) -> None:
         self.file.close()
 
-    def __getitem__(self, name: str) -> h5py.Dataset:
-        return self.file[name]
+    def __getitem__(self, name: str) -> CheckedDataset:
+        return CheckedDataset(self.file[name])
 
     @property
     def num_videos(self) -> int:
@@ -68,6 +86,7 @@ def read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     out = np.empty((len(rows),) + dataset.shape[1:], dtype=dataset.dtype)
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     starts = np.concatenate([[0], breaks]) if len(rows) else []
-    for a, b in zip(starts, np.concatenate([breaks, [len(rows)]])):
-        dataset.read_direct(out, np.s_[rows[a] : rows[b - 1] + 1], np.s_[a:b])
+    with damaged_reads(dataset.file.filename, dataset.name):
+        for a, b in zip(starts, np.concatenate([breaks, [len(rows)]])):
+            dataset.read_direct(out, np.s_[rows[a] : rows[b - 1] + 1], np.s_[a:b])
     return out

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import torch
 
+from tvrerank.cache.checksums import damaged_reads
 from tvrerank.cache.reader import CacheReader, read_rows
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,11 @@ class CacheRows:
             return {k: read_rows(f[f"{group}/{k}"], rows) for k in fields}  # rows unique
         if group not in self._arrays:
             f = self._open()
-            self._arrays[group] = {k: f[f"{group}/{k}"][()] for k in fields}
+            arrays = {}
+            for k in fields:
+                with damaged_reads(self.path, f"{group}/{k}"):
+                    arrays[k] = f[f"{group}/{k}"][()]
+            self._arrays[group] = arrays
             log.info("holding %s's %s in memory", self.path, group)
         return {k: v[rows] for k, v in self._arrays[group].items()}
 

@@ -95,7 +95,8 @@ VIRTUAL_ARRAYS = ("videos/frame_emb", "videos/video_emb", "videos/tokens", "text
 
 
 def chunks_for(name: str, shape: tuple) -> tuple | None:
-    """One video (or a block of captions) per chunk, so a reader touches only what it needs."""
+    """One video (or a block of captions) per chunk, so a reader touches only what it needs; every
+    non-empty numeric dataset is chunked, so that each chunk carries a checksum (cache/checksums.py)."""
     if not shape or shape[0] == 0:
         return None
     if name == "videos/tokens":
@@ -103,4 +104,4 @@ def chunks_for(name: str, shape: tuple) -> tuple | None:
     if len(shape) > 1:
         rows = max(1, min(shape[0], (1 << 20) // max(1, int(np.prod(shape[1:])) * 2)))
         return (rows,) + tuple(shape[1:])
-    return None
+    return (min(shape[0], 1 << 16),)

@@ -22,6 +22,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from tvrerank.cache.checksums import damaged_reads, seal
 from tvrerank.cache.schema import STR, TEXT_ARRAYS, VIDEO_ARRAYS, CacheHeader, chunks_for, dataset_specs
 from tvrerank.errors import TvrerankError
 
@@ -79,13 +80,15 @@ class PartStore:
         with h5py.File(tmp, "w") as f:
             f["video_rows"], f["text_rows"] = part.video_rows, part.text_rows
             for name, array in part.videos.items():
-                f.create_dataset(f"videos/{name}", data=array, dtype=STR if name == "error" else array.dtype)
+                _checked_dataset(f, f"videos/{name}", array, STR if name == "error" else array.dtype)
             for name, array in part.texts.items():
-                f.create_dataset(f"texts/{name}", data=array)
+                _checked_dataset(f, f"texts/{name}", array, array.dtype)
         os.replace(tmp, final)
 
     def read(self, index: int) -> PartData:
-        with h5py.File(self.part_path(index), "r") as f:
+        path = self.part_path(index)
+        with h5py.File(path, "r") as f, damaged_reads(path, "a dataset", advice="delete that part file and run the "
+                                                      "same command again: the part is extracted again"):
             return PartData(
                 video_rows=f["video_rows"][()],
                 videos={k: _read(f[f"videos/{k}"]) for k in VIDEO_ARRAYS},
@@ -95,6 +98,21 @@ class PartStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _checked_dataset(f: h5py.File, name: str, array: np.ndarray, dtype) -> None:
+    """A part's dataset; numeric ones chunked with a checksum per chunk (strings cannot carry one)."""
+    numeric = dtype is not STR and array.size > 0
+    f.create_dataset(name, data=array, dtype=dtype, chunks=True if numeric else None, fletcher32=numeric)
+
+
+class _CacheFile(h5py.File):
+    """An open cache being written: closing it records its strings' digests (cache/checksums.py)."""
+
+    def close(self) -> None:
+        if self.id.valid and self.mode == "r+":
+            seal(self)
+        super().close()
 
 
 def _read(dataset: h5py.Dataset) -> np.ndarray:
@@ -112,12 +130,17 @@ def create_cache(
     captions: Sequence[str],
     caption_video: np.ndarray,
 ) -> h5py.File:
-    """Create an empty cache with every dataset allocated (status pending); returns it open."""
-    f = h5py.File(path, "w")
+    """Create an empty cache with every dataset allocated (status pending); returns it open.
+
+    Numeric datasets carry a fletcher32 checksum per chunk; closing the file records the digests of
+    its string datasets (cache/checksums.py), so write everything before closing it.
+    """
+    f = _CacheFile(path, "w")
     f.attrs.update(header.to_attrs())
     specs = dataset_specs(len(video_ids), len(captions), header.layout, header.sampling.frames)
     for name, (shape, dtype) in specs.items():
-        f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks_for(name, shape))
+        chunks = None if dtype is STR else chunks_for(name, shape)
+        f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fletcher32=chunks is not None)
     f["videos/id"][:] = list(video_ids)
     f["videos/path"][:] = list(video_paths)
     f["texts/caption"][:] = list(captions)
