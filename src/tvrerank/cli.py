@@ -268,6 +268,51 @@ def candidates(cache_path, index_dir, text_emb, video_emb, similarity, out, k) -
                f"the true video is within K for {within:.1f}%")
 
 
+@main.group()
+def firststage() -> None:
+    """A first stage trained from the cache (temporal pooling of the frame embeddings)."""
+
+
+@firststage.command("train")
+@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training cache (its frame and caption embeddings are all that is read).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.9, min_open=True), default=None,
+              help="Hold out this fraction of the training videos to pick the kept weights.")
+@click.option("--val-cache", type=click.Path(exists=True, dir_okay=False), help="A validation cache instead.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="JSON of first-stage options (steps, batch, lr, model: {pooling, layers, ...}).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the number of steps.")
+@click.option("--device", default=None, help="auto, cpu, cuda (overrides the config).")
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
+def firststage_train(cache_path, out, val_fraction, val_cache, config_path, steps, device, resume) -> None:
+    """Train a CLIP4Clip-style first stage on a cache (symmetric InfoNCE over in-batch pairs)."""
+    from tvrerank.firststage.train import load_config, train_first_stage
+
+    config = load_config(config_path, steps=steps, device=device, val_fraction=val_fraction)
+    metrics = train_first_stage(cache_path, out, config, val_cache=val_cache, resume=resume)
+    line = f"{out}: {metrics['steps']} steps"
+    if metrics["validation"]:
+        line += (f"; validation R@1 {metrics['zero_shot_validation']['R1']:.1f} (zero-shot) -> "
+                 f"{metrics['validation']['R1']:.1f} (kept step {metrics['kept_step']})")
+    click.echo(line)
+
+
+@firststage.command("embed")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for text_emb.npy, video_emb.npy.")
+@click.option("--device", default="cpu", show_default=True)
+def firststage_embed(run_dir, cache_path, out, device) -> None:
+    """Embeddings of every caption and video of a cache (for `candidates --text-emb --video-emb`)."""
+    from tvrerank.devices import resolve_device
+    from tvrerank.firststage.store import embed_cache
+
+    record = embed_cache(run_dir, cache_path, out, device=str(resolve_device(device)))
+    click.echo(f"{out}: text_emb.npy ({record['captions']} captions), video_emb.npy ({record['videos']} videos); "
+               f"use: tvrerank candidates {cache_path} --text-emb {out}/text_emb.npy --video-emb {out}/video_emb.npy")
+
+
 @main.command()
 @click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Training cache.")
@@ -531,7 +576,7 @@ def demo(out: str, seed: int, videos: int, steps: int | None, workers: int) -> N
     import dataclasses
 
     from tvrerank.metrics import format_table
-    from tvrerank.toy.demo import DemoConfig, format_examples, metric_columns, run_demo
+    from tvrerank.toy.demo import DemoConfig, first_stage_table, format_examples, metric_columns, run_demo
 
     config = DemoConfig(out=out, seed=seed, videos=videos, workers=workers)
     summary = run_demo(config if steps is None else dataclasses.replace(config, steps=steps))
@@ -541,6 +586,7 @@ def demo(out: str, seed: int, videos: int, steps: int | None, workers: int) -> N
     click.echo(format_table(metric_columns(metrics)))
 
     click.echo(format_examples(summary["examples"]))
+    click.echo(first_stage_table(metrics))
     click.echo(f"R@1 {metrics['stage1']['R1']:.1f} -> {metrics['reranked']['R1']:.1f} "
                f"({metrics['reranked']['R1'] - metrics['stage1']['R1']:+.1f}); "
                f"{summary['total_seconds']:.0f}s in all; report: {out}/report.md")

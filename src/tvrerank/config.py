@@ -151,3 +151,24 @@ class ExtractConfig:
     shard_count: int = 1
     part_videos: int = 0  # 0: chosen from the batch size and token size
     overwrite: bool = False
+
+
+def load_options(cls: type[T], path: str | Path | None, what: str, **overrides) -> T:
+    """A frozen config ``cls`` from a JSON file of options (optional), with command-line overrides
+    (None: not given) on top; every error names the file and says what is wrong."""
+    from tvrerank.errors import InputError
+
+    where = path or "the command line"
+    try:
+        data = json.loads(Path(path).read_text()) if path else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON file of {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object of {what}, got {type(data).__name__}")
+    if unknown := set(data) - {f.name for f in dataclasses.fields(cls)}:
+        raise InputError(f"{path}: unknown {what} {sorted(unknown)}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return from_dict(cls, data)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from tvrerank.errors import InputError
+from tvrerank.errors import CorruptFile, InputError, reason_of
 
 
 @contextlib.contextmanager
@@ -95,3 +95,24 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
             path.unlink(missing_ok=True)  # still held: a waiting run cannot have locked it
     finally:
         handle.close()
+
+
+def read_torch_file(path: Path, *, map_location="cpu", weights_only: bool = True, remedy: str):
+    """``torch.load`` that names the file (and ``remedy``) when it is truncated, empty or not a checkpoint."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError,
+            pickle.UnpicklingError) as exc:
+        raise CorruptFile(f"{path}: not a readable checkpoint ({reason_of(exc)}); {remedy}") from None
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save through a temporary file, so a kill never leaves a half-written ``path``."""
+    import torch
+
+    with replaced_file(path) as tmp:
+        torch.save(obj, tmp)

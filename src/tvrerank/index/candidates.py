@@ -33,6 +33,7 @@ import numpy as np
 from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
 from tvrerank.cache.reader import CacheReader
 from tvrerank.errors import CacheMismatch, InputError, MissingInput
+from tvrerank.firststage.store import check_embeddings_record
 from tvrerank.index.faiss_index import build_index, search, to_gpu_if_available
 from tvrerank.index.store import check_index_matches, load_index_dir, read_gallery
 from tvrerank.metrics import ranks_from_true_scores, without_true_items
@@ -165,6 +166,8 @@ def build_candidates(
             source = f"faiss:{config.factory}"
             ranks, truth = true_ranks(lambda w: queries[w] @ gallery.T, m, true_columns)
         elif text_emb is not None:
+            for given in (text_emb, video_emb):  # a trained first stage's record says which cache they belong to
+                check_embeddings_record(given, cache)
             queries = _normalise(_load_matrix(text_emb, "--text-emb", m, "caption of the cache"))
             gallery = _normalise(_load_matrix(video_emb, "--video-emb", n, "video of the cache"))[rows]
             if queries.shape[1] != gallery.shape[1]:

@@ -10,7 +10,6 @@ encoder, and ``eval`` can say when it is shown the split the run was tuned on.
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import torch
 
 from tvrerank.cache.identity import require_same_cache
 from tvrerank.config import from_dict
-from tvrerank.errors import CorruptFile, MissingInput, reason_of
-from tvrerank.files import replaced_file
+from tvrerank.errors import CorruptFile, MissingInput
+from tvrerank.files import atomic_save, read_torch_file
 from tvrerank.rerank.model import Reranker, RerankerConfig
 
 MODEL_FILE = "reranker.pt"
@@ -45,21 +44,6 @@ class TrainedReranker:
         require_same_cache(cache, f"re-ranker {self.run_dir}", fingerprint=self.fingerprint,
                            remedy="extract that cache with the encoder and settings the re-ranker was trained on, "
                                   "or train a re-ranker on it")
-
-
-def read_torch_file(path: Path, *, map_location="cpu", weights_only: bool = True, remedy: str):
-    """``torch.load`` that names the file (and ``remedy``) when it is truncated, empty or not a checkpoint."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, ImportError,
-            pickle.UnpicklingError) as exc:
-        raise CorruptFile(f"{path}: not a readable checkpoint ({reason_of(exc)}); {remedy}") from None
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save through a temporary file, so a kill never leaves a half-written ``path``."""
-    with replaced_file(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def save_reranker(run_dir: str | Path, model: Reranker, *, fusion_alpha: float | None, fingerprint: dict, step: int,

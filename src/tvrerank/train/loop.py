@@ -39,13 +39,14 @@ import torch.nn.functional as F
 
 from tvrerank.cache.identity import require_same_cache, split_identity
 from tvrerank.cache.reader import CacheReader
-from tvrerank.config import check_fields, from_dict, to_dict
+from tvrerank.config import check_fields, load_options, to_dict
 from tvrerank.devices import resolve_device
 from tvrerank.errors import InputError, NonFiniteScores
 from tvrerank.evaluation import load_lists, stage_metrics
 from tvrerank.files import write_text_atomic
 from tvrerank.index.candidates import CandidateLists, read_candidates
-from tvrerank.rerank.checkpoint import MODEL_FILE, atomic_save, read_torch_file, save_reranker
+from tvrerank.files import atomic_save, read_torch_file
+from tvrerank.rerank.checkpoint import MODEL_FILE, save_reranker
 from tvrerank.rerank.inference import rerank_scores
 from tvrerank.rerank.model import Reranker, RerankerConfig
 from tvrerank.rerank.ranking import FUSIONS, selection_key
@@ -111,21 +112,7 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
     """A TrainConfig from a JSON file (optional) with command-line overrides on top."""
-    where = path or "the command line"
-    try:
-        data = json.loads(Path(path).read_text()) if path else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not a readable JSON file of training options ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object of training options, got {type(data).__name__}")
-    unknown = set(data) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise InputError(f"{path}: unknown training options {sorted(unknown)}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return from_dict(TrainConfig, data)
-    except InputError as exc:
-        raise InputError(f"{where}: {exc}") from None
+    return load_options(TrainConfig, path, "training options", **overrides)
 
 
 def model_config_for(cache: CacheReader, overrides: dict) -> RerankerConfig:

@@ -1,0 +1,102 @@
+"""A trained first stage on disk (``RUN/firststage.pt``), and the embeddings it gives a cache.
+
+``firststage.pt`` holds the weights, the model config and the fingerprint of the cache it was
+trained on; ``load_first_stage`` needs no flags and refuses a cache from another encoder,
+sampling or layout. ``embed_cache`` writes ``text_emb.npy`` (M, E) and ``video_emb.npy`` (N, E),
+float32, unit length, one row per caption and per video of the cache (zeros for videos that failed
+extraction), and ``first_stage.json`` recording which cache (its video-ids digest and caption
+count) and which run made them: ``candidates --text-emb/--video-emb`` checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
+from tvrerank.cache.reader import CacheReader, read_rows
+from tvrerank.config import from_dict, to_dict
+from tvrerank.errors import CacheMismatch, CorruptFile, MissingInput
+from tvrerank.files import atomic_save, read_torch_file, replaced_folder
+from tvrerank.firststage.model import FirstStage, FirstStageConfig
+
+MODEL_FILE = "firststage.pt"
+EMBEDDING_FILES = ("text_emb.npy", "video_emb.npy", "first_stage.json")
+RECORD = "first_stage.json"
+
+
+def save_first_stage(run_dir: str | Path, model: FirstStage, *, fingerprint: dict, cache: str, metrics: dict) -> None:
+    atomic_save({"format": "tvrerank.firststage/1", "config": to_dict(model.config), "model": model.state_dict(),
+                 "fingerprint": fingerprint, "cache": cache,
+                 "validation": metrics.get("validation")}, Path(run_dir) / MODEL_FILE)
+
+
+@dataclass
+class TrainedFirstStage:
+    model: FirstStage
+    fingerprint: dict
+    path: Path
+
+    def require_cache(self, cache: CacheReader) -> None:
+        require_same_cache(cache, f"first stage {self.path} (trained on another cache)", fingerprint=self.fingerprint,
+                           remedy="train a first stage on a cache made with the same encoder")
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+def load_first_stage(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedFirstStage:
+    path = Path(run_dir) / MODEL_FILE
+    if not path.is_file():
+        raise MissingInput(f"{path}: no trained first stage; train one with `tvrerank firststage train`")
+    saved = read_torch_file(path, map_location=device, weights_only=False,
+                            remedy="train it again with `tvrerank firststage train`")
+    if not isinstance(saved, dict) or saved.get("format") != "tvrerank.firststage/1":
+        raise CorruptFile(f"{path}: not a tvrerank first-stage checkpoint; train one with `tvrerank firststage train`")
+    model = FirstStage(config=from_dict(FirstStageConfig, saved["config"])).to(device)
+    model.load_state_dict(saved["model"])
+    return TrainedFirstStage(model=model.eval(), fingerprint=saved["fingerprint"], path=path)
+
+
+@torch.no_grad()
+def embed_cache(run_dir: str | Path, cache_path: str | Path, out: str | Path, *, device: str = "cpu",
+                batch: int = 1024) -> dict:
+    """Write the first stage's embeddings of every caption and video of ``cache_path`` into ``out``."""
+    first_stage = load_first_stage(run_dir, device)
+    with CacheReader(cache_path) as cache:
+        first_stage.require_cache(cache)
+        n, ok = cache.num_videos, cache.ok_rows()
+        video_emb = np.zeros((n, first_stage.model.config.embed_dim), dtype=np.float32)
+        for start in range(0, len(ok), batch):
+            rows = ok[start : start + batch]
+            frames = read_rows(cache["videos/frame_emb"], rows).astype(np.float32)
+            video_emb[rows] = first_stage.model.videos(torch.from_numpy(frames).to(device), torch.from_numpy(
+                read_rows(cache["videos/frame_mask"], rows)).to(device)).cpu().numpy()
+        text_emb = np.concatenate([
+            first_stage.model.texts(torch.from_numpy(cache["texts/emb"][s : s + batch].astype(np.float32)).to(device))
+            .cpu().numpy() for s in range(0, cache.num_captions, batch)]) if cache.num_captions else \
+            np.zeros((0, first_stage.model.config.embed_dim), np.float32)
+        record = {"cache": str(cache_path), "video_ids_sha256": cache_video_ids_digest(cache), "videos": int(n),
+                  "captions": int(cache.num_captions), "run": str(run_dir), "first_stage_sha256": first_stage.digest()}
+    with replaced_folder(out, owned=set(EMBEDDING_FILES)) as tmp:
+        np.save(tmp / "text_emb.npy", text_emb)
+        np.save(tmp / "video_emb.npy", video_emb)
+        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def check_embeddings_record(embedding: str | Path, cache: CacheReader) -> None:
+    """Refuse embeddings that ``first_stage.json`` beside them says were made for another cache."""
+    record_path = Path(embedding).parent / RECORD
+    if not record_path.is_file():
+        return
+    record = json.loads(record_path.read_text())
+    if record.get("video_ids_sha256") != cache_video_ids_digest(cache) or record.get("captions") != cache.num_captions:
+        raise CacheMismatch(f"{embedding} was made for {record.get('cache')} ({record.get('videos')} videos, "
+                            f"{record.get('captions')} captions), not {cache.path} ({cache.num_videos} videos, "
+                            f"{cache.num_captions} captions); run `tvrerank firststage embed --cache {cache.path}`")

@@ -1,0 +1,220 @@
+"""``tvrerank firststage train``: fit ``FirstStage`` on a cache's frame and caption embeddings.
+
+Never touches the frozen encoder: the cache's ``videos/frame_emb`` and ``texts/emb`` are all it
+reads (held in memory: 10k videos x 12 frames x 512 float32 is 250 MB). Each step draws
+``batch`` distinct ok videos and one caption of each (from the seed and the step alone, so a
+resumed run draws what an uninterrupted one would), and minimises the symmetric InfoNCE loss of
+the in-batch pairs. Under torchrun every rank takes its share of the step's videos and
+DistributedDataParallel averages the gradients.
+
+The validation split (``--val-fraction``: held-out videos of the training cache; or
+``--val-cache``) picks the kept weights by text→video R@1 (then R@5); with none, the last step is
+kept. Run folder: ``firststage.pt`` (the kept weights, the model config, the cache's fingerprint),
+``checkpoint.pt`` (to resume), ``config.json``, ``metrics.json``, ``log.csv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tvrerank.cache.reader import CacheReader
+from tvrerank.config import check_fields, load_options, to_dict
+from tvrerank.errors import InputError
+from tvrerank.files import atomic_save, read_torch_file, write_text_atomic
+from tvrerank.firststage.model import FirstStage, FirstStageConfig
+from tvrerank.firststage.store import MODEL_FILE, save_first_stage
+from tvrerank.metrics import retrieval_metrics, text_to_video_ranks
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class FirstStageTrainConfig:
+    steps: int = 600
+    batch: int = 128  # videos (and captions) per step: the InfoNCE negatives
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.05
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    val_fraction: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    model: dict = field(default_factory=dict)  # FirstStageConfig overrides: pooling, layers, heads, text, ...
+
+    def __post_init__(self):
+        check_fields(self, "first-stage training",
+                     integers={"steps": 1, "batch": 2, "warmup": 0, "eval_every": 1, "checkpoint_every": 1, "seed": 0},
+                     numbers={"lr": (0.0, math.inf), "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, math.inf),
+                              "val_fraction": (0.0, 0.9)})
+        if not isinstance(self.model, dict):
+            raise InputError(f"first-stage option 'model' must be an object, got {self.model!r}")
+        known = {f.name for f in dataclasses.fields(FirstStageConfig)} - {"embed_dim", "frames"}
+        if unknown := set(self.model) - known:
+            raise InputError(f"unknown first-stage model options {sorted(unknown)} (known: {sorted(known)})")
+        FirstStageConfig(**self.model)
+
+
+def load_config(path: str | Path | None, **overrides) -> FirstStageTrainConfig:
+    return load_options(FirstStageTrainConfig, path, "first-stage options", **overrides)
+
+
+@dataclass
+class Embeddings:
+    """One split's ok videos and their captions, in memory."""
+
+    frame_emb: np.ndarray  # (N, T, E) float32
+    frame_mask: np.ndarray  # (N, T) bool
+    text_emb: np.ndarray  # (M, E) float32, the captions of these videos
+    caption_video: np.ndarray  # (M,) index into the N videos
+
+    @classmethod
+    def read(cls, cache_path, rows: np.ndarray | None = None) -> "Embeddings":
+        """The ok videos of a cache (or those of ``rows``) and their captions."""
+        with CacheReader(cache_path) as cache:
+            ok = cache.ok_rows() if rows is None else np.sort(rows)
+            if len(ok) < 2:
+                raise InputError(f"{cache_path}: {len(ok)} videos extracted ok; a first stage needs at least 2")
+            column = np.full(cache.num_videos, -1)
+            column[ok] = np.arange(len(ok))
+            caption_video = column[cache["texts/video"][()]]
+            keep = caption_video >= 0
+            return cls(frame_emb=cache["videos/frame_emb"][()][ok].astype(np.float32),
+                       frame_mask=cache["videos/frame_mask"][()][ok],
+                       text_emb=cache["texts/emb"][()][keep].astype(np.float32),
+                       caption_video=caption_video[keep])
+
+    def subset(self, videos: np.ndarray) -> "Embeddings":
+        column = np.full(len(self.frame_emb), -1)
+        column[videos] = np.arange(len(videos))
+        keep = column[self.caption_video] >= 0
+        return Embeddings(self.frame_emb[videos], self.frame_mask[videos], self.text_emb[keep],
+                          column[self.caption_video[keep]])
+
+
+def draw_step(data: Embeddings, captions_of: list[np.ndarray], batch: int, seed: int, step: int):
+    """(video indices (B,), caption indices (B,)) of one step, from the seed and step alone."""
+    rng = np.random.default_rng([seed, step])
+    videos = rng.choice(len(data.frame_emb), size=min(batch, len(data.frame_emb)), replace=False)
+    captions = np.array([rng.choice(captions_of[v]) for v in videos])
+    return videos, captions
+
+
+@torch.no_grad()
+def evaluate(model: FirstStage, data: Embeddings, device: torch.device) -> dict:
+    """Text→video R@1/5/10, MdR, MnR over the split's own videos."""
+    model.eval()
+    video = model.videos(torch.from_numpy(data.frame_emb).to(device), torch.from_numpy(data.frame_mask).to(device))
+    text = model.texts(torch.from_numpy(data.text_emb).to(device))
+    ranks = text_to_video_ranks((text @ video.T).cpu().numpy(), data.caption_video)
+    model.train()
+    return retrieval_metrics(ranks)
+
+
+def train_first_stage(cache_path: str | Path, out: str | Path, config: FirstStageTrainConfig, *,
+                      val_cache: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict:
+    """Train into ``out``; returns the metrics (also ``out/metrics.json``)."""
+    from tvrerank.train.loop import _distributed, deterministic_on
+
+    out, cache_path = Path(out), Path(cache_path)
+    if (out / MODEL_FILE).exists() and not resume:
+        raise InputError(f"{out} already holds a trained first stage; pass --resume to continue or another --out")
+    if val_cache is not None and config.val_fraction:
+        raise InputError("give --val-cache or --val-fraction, not both")
+    rank, world, device = _distributed(config.device)
+    with deterministic_on(device):
+        return _train(cache_path, out, config, val_cache=val_cache, resume=resume, progress=progress and rank == 0,
+                      rank=rank, world=world, device=device)
+
+
+def _train(cache_path: Path, out: Path, config: FirstStageTrainConfig, *, val_cache, resume: bool, progress: bool,
+           rank: int, world: int, device: torch.device) -> dict:
+    from tvrerank.train.loop import lr_at
+
+    with CacheReader(cache_path) as cache:
+        fingerprint, header = cache.header.fingerprint(), cache.header
+    data = Embeddings.read(cache_path)
+    validation, held_out = None, np.zeros(0, dtype=np.int64)
+    if config.val_fraction:
+        count = max(1, round(config.val_fraction * len(data.frame_emb)))
+        held_out = np.sort(np.random.default_rng(config.seed).permutation(len(data.frame_emb))[:count])
+        validation = data.subset(held_out)
+        data = data.subset(np.setdiff1d(np.arange(len(data.frame_emb)), held_out))
+    elif val_cache is not None:
+        from tvrerank.cache.identity import require_same_cache
+
+        with CacheReader(val_cache) as other:
+            require_same_cache(other, f"training cache {cache_path}", fingerprint=fingerprint,
+                               remedy="validate on a cache made with the same encoder, sampling and layout")
+        validation = Embeddings.read(val_cache)
+    captions_of = [np.flatnonzero(data.caption_video == v) for v in range(len(data.frame_emb))]
+    trainable = np.array([len(c) > 0 for c in captions_of])
+    if not trainable.all():
+        data = data.subset(np.flatnonzero(trainable))
+        captions_of = [np.flatnonzero(data.caption_video == v) for v in range(len(data.frame_emb))]
+    model_config = FirstStageConfig(embed_dim=header.layout.embed_dim, frames=header.sampling.frames, **config.model)
+    torch.manual_seed(config.seed)
+    model = FirstStage(config=model_config).to(device)
+    trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start, best, history = 0, None, []
+    if resume and (out / STATE_FILE).exists():
+        state = read_torch_file(out / STATE_FILE, weights_only=False,
+                                remedy="delete it to start over, or train into another --out")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, best, history = state["step"], state["best"], state["history"]
+        log.info("resuming %s at step %d", out, start)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.json", json.dumps({"train": to_dict(config), "model": to_dict(model_config),
+                                                           "cache": str(cache_path), "val_cache": str(val_cache or ""),
+                                                           "held_out_videos": int(len(held_out))}, indent=2))
+    frame_emb, frame_mask = torch.from_numpy(data.frame_emb), torch.from_numpy(data.frame_mask)
+    text_emb = torch.from_numpy(data.text_emb)
+    steps = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="first stage",
+                 disable=not progress)
+    model.train()
+    for step in steps:
+        videos, captions = draw_step(data, captions_of, config.batch, config.seed, step)
+        videos, captions = videos[rank::world], captions[rank::world]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)  # the re-ranker's schedule: warmup, then cosine
+        loss = trained(frame_emb[videos].to(device), frame_mask[videos].to(device), text_emb[captions].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        done = step + 1
+        if validation is not None and (done % config.eval_every == 0 or done == config.steps):
+            metrics = evaluate(model, validation, device)
+            history.append({"step": done, **metrics})
+            if best is None or (metrics["R1"], metrics["R5"]) > (best["R1"], best["R5"]):
+                best = {"step": done, **metrics, "state": {k: v.detach().cpu().clone()
+                                                          for k, v in model.state_dict().items()}}
+        if rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                         "best": best, "history": history}, out / STATE_FILE)
+    kept = best["state"] if best is not None else model.state_dict()
+    model.load_state_dict(kept)
+    metrics = {"steps": config.steps, "kept_step": best["step"] if best else config.steps,
+               "validation": None if best is None else {k: v for k, v in best.items() if k != "state"},
+               "zero_shot_validation": None, "history": history}
+    if validation is not None:  # the same split, untrained: what training bought
+        metrics["zero_shot_validation"] = evaluate(FirstStage(config=model_config).to(device), validation, device)
+    if rank == 0:
+        save_first_stage(out, model, fingerprint=fingerprint, cache=str(cache_path), metrics=metrics)
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics

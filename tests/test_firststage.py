@@ -1,0 +1,130 @@
+"""firststage/: the model starts as the zero-shot first stage, trains deterministically and resumes
+exactly, its embeddings belong to one cache, and the CLI path firststage train → embed →
+candidates → train → eval runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from conftest import synthetic_cache
+
+from tvrerank.cli import main
+from tvrerank.errors import CacheMismatch
+from tvrerank.firststage import train as train_module
+from tvrerank.firststage.model import FirstStage, FirstStageConfig
+from tvrerank.firststage.store import embed_cache, load_first_stage
+from tvrerank.firststage.train import FirstStageTrainConfig, train_first_stage
+from tvrerank.index.candidates import build_candidates
+
+SMALL = {"steps": 12, "batch": 8, "eval_every": 4, "checkpoint_every": 4, "warmup": 2, "device": "cpu",
+         "model": {"layers": 1, "heads": 2}}
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("pooling", ["transformer", "mean"])
+def test_an_untrained_first_stage_is_the_zero_shot_one(pooling):
+    torch.manual_seed(0)
+    model = FirstStage(config=FirstStageConfig(embed_dim=16, frames=4, pooling=pooling, heads=2)).eval()
+    frames = F.normalize(torch.randn(3, 4, 16), dim=-1)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    zero_shot = F.normalize((frames * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+    assert torch.allclose(model.videos(frames, mask), zero_shot, atol=1e-6)
+    text = torch.randn(5, 16)
+    assert torch.allclose(model.texts(text), F.normalize(text, dim=-1), atol=1e-6)
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = FirstStage(config=FirstStageConfig(embed_dim=16, frames=4, heads=2, dropout=0.0))
+    with torch.no_grad():  # move off the zero start, where the blocks' inner weights get no gradient yet
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loss = model(torch.randn(6, 4, 16), torch.ones(6, 4, dtype=torch.bool), torch.randn(6, 16))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("firststage")
+    return {"train": synthetic_cache(root / "train.h5", videos=40, seed=0),
+            "val": synthetic_cache(root / "val.h5", videos=16, seed=1),
+            "test": synthetic_cache(root / "test.h5", videos=20, seed=2),
+            "other": synthetic_cache(root / "other.h5", videos=20, seed=3, model="another-encoder"), "root": root}
+
+
+def test_training_is_deterministic_and_resumes_exactly(caches, tmp_path, monkeypatch):
+    config = FirstStageTrainConfig(**SMALL)
+    a = train_first_stage(caches["train"], tmp_path / "a", config, val_cache=caches["val"], progress=False)
+    b = train_first_stage(caches["train"], tmp_path / "b", config, val_cache=caches["val"], progress=False)
+    assert a == b
+    weights = [load_first_stage(tmp_path / name).model.state_dict() for name in ("a", "b")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    real_save, saves = train_module.atomic_save, []
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_first_checkpoint(obj, path):
+        real_save(obj, path)
+        saves.append(path)
+        raise Killed
+
+    monkeypatch.setattr(train_module, "atomic_save", killed_after_first_checkpoint)
+    with pytest.raises(Killed):
+        train_first_stage(caches["train"], tmp_path / "c", config, val_cache=caches["val"], progress=False)
+    monkeypatch.setattr(train_module, "atomic_save", real_save)
+    c = train_first_stage(caches["train"], tmp_path / "c", config, val_cache=caches["val"], resume=True,
+                          progress=False)
+    assert c == a
+    resumed = load_first_stage(tmp_path / "c").model.state_dict()
+    assert all(torch.equal(weights[0][k], resumed[k]) for k in resumed)
+
+
+def test_embeddings_belong_to_one_cache_and_one_encoder(caches, tmp_path):
+    config = FirstStageTrainConfig(**dict(SMALL, steps=2))
+    train_first_stage(caches["train"], tmp_path / "run", config, progress=False)
+    record = embed_cache(tmp_path / "run", caches["test"], tmp_path / "emb")
+    assert np.load(tmp_path / "emb" / "text_emb.npy").shape == (record["captions"], 16)
+    with pytest.raises(CacheMismatch, match="made with the same encoder"):
+        embed_cache(tmp_path / "run", caches["other"], tmp_path / "emb-other")
+    # the test cache's embeddings given for the validation cache: same width, other rows
+    with pytest.raises(CacheMismatch) as error:
+        build_candidates(caches["val"], k=4, text_emb=tmp_path / "emb" / "text_emb.npy",
+                         video_emb=tmp_path / "emb" / "video_emb.npy")
+    assert str(caches["test"]) in str(error.value) and str(caches["val"]) in str(error.value)
+
+
+def test_cli_firststage_train_embed_candidates_train_eval(caches, tmp_path):
+    root = tmp_path
+    (root / "fs.json").write_text(json.dumps({k: v for k, v in SMALL.items() if k != "device"}))
+    result = run("firststage", "train", "--cache", caches["train"], "--val-cache", caches["val"], "--out",
+                 root / "fs", "--config", root / "fs.json", "--device", "cpu")
+    assert result.exit_code == 0 and "zero-shot" in result.output, result.output
+    assert run("firststage", "train", "--cache", caches["train"], "--out", root / "fs").exit_code == 2  # no overwrite
+    for split in ("train", "test"):
+        assert run("firststage", "embed", "--run", root / "fs", "--cache", caches[split], "--out",
+                   root / "emb" / split).exit_code == 0
+        result = run("candidates", caches[split], "--text-emb", root / "emb" / split / "text_emb.npy", "--video-emb",
+                     root / "emb" / split / "video_emb.npy", "--out", root / f"{split}.h5", "--k", "4")
+        assert result.exit_code == 0, result.output
+    (root / "rr.json").write_text(json.dumps({"captions": 4, "negatives": 2, "in_batch": 1, "model": {
+        "width": 16, "heads": 2, "layers": 1, "queries": 2, "video_keep": 4, "perturb_samples": 4}}))
+    assert run("train", "--cache", caches["train"], "--candidates", root / "train.h5", "--out", root / "rr",
+               "--config", root / "rr.json", "--steps", "2", "--device", "cpu").exit_code == 0
+    result = run("eval", "--cache", caches["test"], "--candidates", root / "test.h5", "--reranker", root / "rr",
+                 "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["stage1"]["R1"] >= 0
+    bad = run("firststage", "embed", "--run", root / "fs", "--cache", caches["other"], "--out", root / "x")
+    assert bad.exit_code == 2 and "same encoder" in bad.output and "Traceback" not in bad.output
