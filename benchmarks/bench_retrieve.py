@@ -22,7 +22,7 @@ demo's (width 96, 1 layer), saved with ``save_reranker``, and the gallery store
 size 1, as an interactive user would), top 10 of K = ``--k`` candidates, with two retrievers side
 by side (queries interleaved, so background load hits both alike): with the gallery store and
 without it. Each query is split into the phases ``Retriever.search`` runs, by calling its own
-pieces in its order: text encode (``encoder.encode_texts``), FAISS search (``Retriever.first_stage``),
+pieces in its order: text encode (``encoder.encode_texts``), FAISS search (``Retriever.stage1``),
 candidate tokens (``Retriever.candidate_tokens``: the store's K records, or without the store the
 K full token grids read from the cache and put through the selectors), re-rank
 (``Retriever.score_candidates`` + fusion and ordering by ``Retriever.rank_hits``). p50/p95 are
@@ -211,7 +211,7 @@ def query_phases(r: Retriever, query: str, k: int, clock: Clock) -> tuple[dict[s
     t0 = clock()
     emb, tokens, lengths = r.encoder.encode_texts([query])
     t1 = clock()
-    scores, rows = r.first_stage(emb, depth)
+    scores, rows = r.stage1(r.query_embeddings(emb), depth)
     t2 = clock()
     selected, pair_video = r.candidate_tokens(rows[:, :k])
     t3 = clock()

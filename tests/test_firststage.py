@@ -128,3 +128,70 @@ def test_cli_firststage_train_embed_candidates_train_eval(caches, tmp_path):
     assert json.loads(result.output.strip().splitlines()[-1])["stage1"]["R1"] >= 0
     bad = run("firststage", "embed", "--run", root / "fs", "--cache", caches["other"], "--out", root / "x")
     assert bad.exit_code == 2 and "same encoder" in bad.output and "Traceback" not in bad.output
+
+
+def test_retrieve_runs_new_queries_through_the_trained_first_stage(tmp_path):
+    from conftest import TINY_VIT, make_dataset
+
+    from tvrerank.cache.reader import CacheReader
+    from tvrerank.retrieve.retriever import text_encoder_for
+
+    annotations = make_dataset(tmp_path / "data", num_videos=6, broken=False)
+    cache = tmp_path / "gallery.h5"
+    assert run("extract", "--annotations", annotations, "--videos", annotations.parent, "--model", TINY_VIT, "--out",
+               cache, "--frames", "4", "--workers", "0", "--device", "cpu", "--quiet").exit_code == 0
+    (tmp_path / "fs.json").write_text(json.dumps(dict(SMALL, steps=3, batch=4, device="cpu")))
+    assert run("firststage", "train", "--cache", cache, "--out", tmp_path / "fs", "--config", tmp_path / "fs.json"
+               ).exit_code == 0
+    assert run("firststage", "embed", "--run", tmp_path / "fs", "--cache", cache, "--out", tmp_path / "emb").exit_code == 0
+    result = run("index", cache, "--video-emb", tmp_path / "emb" / "video_emb.npy", "--out", tmp_path / "index-fs")
+    assert result.exit_code == 0, result.output
+    assert run("index", cache, "--out", tmp_path / "index").exit_code == 0
+    query = "clip 2 caption 1"
+    result = run("retrieve", query, "--gallery", cache, "--index", tmp_path / "index-fs", "--first-stage",
+                 tmp_path / "fs", "--no-rerank", "--top", "6", "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.output.strip().splitlines()[-1])["results"]
+    # the expected stage-1 scores: the text encoder, the trained text side, the trained video embeddings
+    first_stage = load_first_stage(tmp_path / "fs")
+    with CacheReader(cache) as reader:
+        text_emb = text_encoder_for(reader, "cpu").encode_texts([query])[0]
+        ids = list(reader.strings("videos/id"))
+    with torch.no_grad():
+        expected = first_stage.model.texts(torch.from_numpy(text_emb)).numpy() @ np.load(
+            tmp_path / "emb" / "video_emb.npy").T
+    assert [hit["stage1"] for hit in hits] == pytest.approx([float(expected[0, ids.index(h["video_id"])])
+                                                             for h in hits], abs=1e-5)
+    # an index and a first stage that do not belong together are refused, naming what to do
+    retrieve = ("retrieve", query, "--gallery", cache, "--no-rerank", "--device", "cpu")
+    without = run(*retrieve, "--index", tmp_path / "index-fs")
+    assert without.exit_code == 2 and "--first-stage" in without.output
+    wrong = run(*retrieve, "--index", tmp_path / "index", "--first-stage", tmp_path / "fs")
+    assert wrong.exit_code == 2 and "--video-emb" in wrong.output
+    listed = run("candidates", cache, "--index", tmp_path / "index-fs", "--out", tmp_path / "c.h5")
+    assert listed.exit_code == 2 and "--text-emb" in listed.output
+
+
+@pytest.mark.slow
+def test_torchrun_trains_a_first_stage_on_two_processes(caches, tmp_path):
+    """Each rank takes half of every step's videos (its own in-batch negatives); DDP averages the gradients."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "fs.json").write_text(json.dumps({k: v for k, v in SMALL.items() if k != "device"}))
+    command = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "tvrerank.cli", "firststage", "train", "--cache", str(caches["train"]), "--val-cache",
+               str(caches["val"]), "--out", str(tmp_path / "ddp"), "--config", str(tmp_path / "fs.json"),
+               "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ,
+                                                                                          OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["steps"] == SMALL["steps"] and len(metrics["history"]) == 3
+    assert load_first_stage(tmp_path / "ddp").model.config.layers == 1

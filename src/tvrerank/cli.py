@@ -236,11 +236,13 @@ def plan(model, num_videos, frames, num_captions, token_space, token_pool, text_
               help="FAISS factory string (Flat, HNSW32, IVF1024,PQ64x8, ...) or auto (by size and memory).")
 @click.option("--memory-budget-gb", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="For --factory auto.")
-def index(cache_path: str, out: str, factory: str, memory_budget_gb: float) -> None:
+@click.option("--video-emb", type=click.Path(exists=True, dir_okay=False),
+              help="Index a trained first stage's video_emb.npy (tvrerank firststage embed) instead of the cache's.")
+def index(cache_path: str, out: str, factory: str, memory_budget_gb: float, video_emb: str | None) -> None:
     """FAISS inner-product index over the cache's video embeddings (ok videos only)."""
     from tvrerank.index.store import build_index_dir
 
-    config = build_index_dir(cache_path, out, factory, int(memory_budget_gb * 2**30))
+    config = build_index_dir(cache_path, out, factory, int(memory_budget_gb * 2**30), video_emb=video_emb)
     click.echo(f"{out}: {config.factory} over {config.count} videos ({config.reason})")
 
 
@@ -429,9 +431,11 @@ def read_text_lines(path: str, where: str) -> list[str]:
 @click.option("--no-store", is_flag=True, help="Ignore the gallery store (compute selected tokens on the fly).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and FAISS (default: theirs).")
+@click.option("--first-stage", "first_stage", type=click.Path(exists=True, file_okay=False),
+              help="A trained first stage (firststage train); --index must hold its video embeddings.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query.")
 def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rerank, no_store, device, threads,
-             as_json) -> None:
+             first_stage, as_json) -> None:
     """Search the gallery for text queries: FAISS top-K, re-ranked."""
     from tvrerank.retrieve.retriever import Retriever, check_queries, set_cpu_threads
 
@@ -452,7 +456,7 @@ def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rera
     if threads is not None:
         set_cpu_threads(threads)
     with Retriever(gallery, index_dir, None if no_rerank else run_dir, device=device,
-                   use_store=not no_store) as retriever:
+                   use_store=not no_store, first_stage=first_stage) as retriever:
         results = retriever.search(texts, top=top, k=k, rerank=not no_rerank)
     for result in results:
         if as_json:
@@ -491,8 +495,10 @@ def gallery(gallery: str, run_dir: str, device: str) -> None:
 @click.option("--k", default=15, show_default=True, type=click.IntRange(min=1),
               help="Stage-1 candidates the re-ranker re-orders.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and FAISS (default: theirs).")
+@click.option("--first-stage", "first_stage", type=click.Path(exists=True, file_okay=False),
+              help="A trained first stage; --index must hold its video embeddings.")
 @click.option("--device", default="auto", show_default=True)
-def serve(demo_dir, gallery, index_dir, run_dir, videos, host, port, k, threads, device) -> None:
+def serve(demo_dir, gallery, index_dir, run_dir, videos, host, port, k, threads, first_stage, device) -> None:
     """A local search page: stage 1 beside re-ranked, and what the re-ranker looked at.
 
     DEMO_DIR, a `tvrerank demo` output folder, stands for its test gallery, index and run.
@@ -515,7 +521,7 @@ def serve(demo_dir, gallery, index_dir, run_dir, videos, host, port, k, threads,
     if threads is not None:
         set_cpu_threads(threads)
     sock = server.bind(host, port)
-    with sock, Retriever(gallery, index_dir, run_dir, device=device) as retriever:
+    with sock, Retriever(gallery, index_dir, run_dir, device=device, first_stage=first_stage) as retriever:
         service = SearchService(retriever, videos_root=videos, k=k)
         if not server.is_loopback(host):
             click.echo(f"warning: listening on {host} with no authentication: anyone who can reach this machine "

@@ -90,13 +90,27 @@ def embed_cache(run_dir: str | Path, cache_path: str | Path, out: str | Path, *,
     return record
 
 
-def check_embeddings_record(embedding: str | Path, cache: CacheReader) -> None:
-    """Refuse embeddings that ``first_stage.json`` beside them says were made for another cache."""
+def check_embeddings_record(embedding: str | Path, cache: CacheReader) -> dict | None:
+    """Refuse embeddings that ``first_stage.json`` beside them says were made for another cache;
+    returns the record (None when there is none: embeddings from outside)."""
     record_path = Path(embedding).parent / RECORD
     if not record_path.is_file():
-        return
+        return None
     record = json.loads(record_path.read_text())
     if record.get("video_ids_sha256") != cache_video_ids_digest(cache) or record.get("captions") != cache.num_captions:
         raise CacheMismatch(f"{embedding} was made for {record.get('cache')} ({record.get('videos')} videos, "
                             f"{record.get('captions')} captions), not {cache.path} ({cache.num_videos} videos, "
                             f"{cache.num_captions} captions); run `tvrerank firststage embed --cache {cache.path}`")
+    return record
+
+
+def first_stage_record(video_emb: str | Path, cache: CacheReader) -> dict:
+    """The record of a trained first stage's video embeddings of ``cache`` (for an index over them)."""
+    record = check_embeddings_record(video_emb, cache)
+    if record is None:
+        raise MissingInput(f"{video_emb}: no {RECORD} beside it; index a trained first stage's embeddings "
+                           "(`tvrerank firststage embed`), or give other first stages to `candidates --video-emb`")
+    array = np.load(video_emb, mmap_mode="r")
+    if array.ndim != 2 or array.shape[0] != cache.num_videos:
+        raise CacheMismatch(f"{video_emb}: shape {array.shape}, expected ({cache.num_videos}, E) for {cache.path}")
+    return record

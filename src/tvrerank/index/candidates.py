@@ -157,6 +157,10 @@ def build_candidates(
         if index_dir is not None:
             index, config, index_rows = load_index_dir(index_dir)
             check_index_matches(config, cache, f"index {index_dir}")
+            if config.first_stage_sha256:
+                raise InputError(f"index {index_dir} holds a trained first stage's video embeddings, and the "
+                                 "captions' would be the cache's own: make these candidates with --text-emb and "
+                                 "--video-emb from `tvrerank firststage embed`")
             index = to_gpu_if_available(index)
             if not np.array_equal(index_rows, rows):
                 raise CacheMismatch(f"index {index_dir} holds other videos than the ok videos of {cache_path}")

@@ -20,6 +20,7 @@ from tvrerank.cache.reader import CacheReader
 from tvrerank.config import from_dict, to_dict
 from tvrerank.errors import CorruptFile, InputError, MissingInput, reason_of
 from tvrerank.files import replaced_folder
+from tvrerank.firststage.store import first_stage_record
 from tvrerank.index.faiss_index import IndexChoice, auto_factory, build_index, import_faiss
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class IndexConfig:
     fingerprint: dict = field(default_factory=dict)
     video_ids_sha256: str = ""
     created: str = ""
+    # what the vectors are: "" the cache's own video_emb, else the sha256 of the trained first stage
+    # (firststage.pt) whose embeddings they are; a query must then go through that first stage
+    first_stage_sha256: str = ""
 
 
 INDEX_FILES = ("index.faiss", "video_rows.npy", "config.json")
@@ -51,12 +55,17 @@ def read_gallery(cache: CacheReader) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_index_dir(cache_path: str | Path, out: str | Path, factory: str = "Flat",
-                    memory_budget: int = 4 << 30) -> IndexConfig:
-    """Build and save the index of ``cache_path``'s ok videos under ``out``."""
+                    memory_budget: int = 4 << 30, video_emb: str | Path | None = None) -> IndexConfig:
+    """Build and save the index of ``cache_path``'s ok videos under ``out``: of their cached
+    ``video_emb``, or of a trained first stage's ``video_emb.npy`` (``tvrerank firststage embed``)."""
     faiss = import_faiss()
     out = Path(out)
+    first_stage = ""
     with CacheReader(cache_path) as cache:
         rows, embeddings = read_gallery(cache)
+        if video_emb is not None:
+            first_stage = first_stage_record(video_emb, cache)["first_stage_sha256"]
+            embeddings = np.load(video_emb)[rows].astype(np.float32)
         fingerprint = cache.header.fingerprint()
         digest = cache_video_ids_digest(cache)
         skipped = cache.num_videos - len(rows)
@@ -69,6 +78,7 @@ def build_index_dir(cache_path: str | Path, out: str | Path, factory: str = "Fla
         factory=choice.factory, search_params=choice.search_params, reason=choice.reason,
         dim=int(embeddings.shape[1]), count=int(len(rows)), cache=str(cache_path), fingerprint=fingerprint,
         video_ids_sha256=digest, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        first_stage_sha256=first_stage,
     )
     with replaced_folder(out, owned=set(INDEX_FILES)) as folder:  # never a new index beside an old config
         faiss.write_index(index, str(folder / "index.faiss"))

@@ -22,6 +22,7 @@ from tvrerank.devices import resolve_device
 from tvrerank.errors import CacheMismatch, InputError
 from tvrerank.extract.encoder import FrozenClipEncoder
 from tvrerank.extract.models import register_model_config
+from tvrerank.firststage.store import load_first_stage
 from tvrerank.index.faiss_index import import_faiss, search, to_gpu_if_available
 from tvrerank.index.store import check_index_matches, load_index_dir
 from tvrerank.rerank.checkpoint import load_reranker
@@ -93,13 +94,14 @@ class Retriever:
     """Search one gallery. Checks every artifact on construction; use as a context manager (or ``close``)."""
 
     def __init__(self, gallery: str | Path, index_dir: str | Path, run_dir: str | Path | None = None, *,
-                 device: str = "auto", use_store: bool = True):
+                 device: str = "auto", use_store: bool = True, first_stage: str | Path | None = None):
         self.device = resolve_device(device)
         self.gallery = Path(gallery)
         self.cache = CacheReader(gallery)
         self.store = None
         try:
             self._open(index_dir, run_dir, use_store)
+            self.first_stage = self._first_stage(first_stage, index_dir)
         except BaseException:
             self.close()
             raise
@@ -108,6 +110,7 @@ class Retriever:
         gallery = self.gallery
         self.index, config, self.index_rows = load_index_dir(index_dir)
         check_index_matches(config, self.cache, f"index {index_dir}")
+        self.index_config = config
         self.index = to_gpu_if_available(self.index)
         self.video_ids = self.cache.strings("videos/id")
         self.video_paths = self.cache.strings("videos/path")
@@ -123,6 +126,22 @@ class Retriever:
                          "--reranker %s` precomputes them once)", gallery, gallery, run_dir)
         self.rows = CacheRows(gallery, memory_budget=0)
         self.encoder = text_encoder_for(self.cache, str(self.device))
+
+    def _first_stage(self, run_dir, index_dir):
+        """The trained first stage the queries go through, checked against the index's vectors."""
+        wanted = self.index_config.first_stage_sha256
+        if run_dir is None:
+            if wanted:
+                raise CacheMismatch(f"index {index_dir} holds a trained first stage's video embeddings; pass that "
+                                    "first stage's run folder with --first-stage")
+            return None
+        first_stage = load_first_stage(run_dir, self.device)
+        first_stage.require_cache(self.cache)
+        if first_stage.digest() != wanted:
+            made = "the cache's own video embeddings" if not wanted else "another first stage's embeddings"
+            raise CacheMismatch(f"index {index_dir} holds {made}, not those of first stage {run_dir}; index its "
+                                f"embeddings: `tvrerank index {self.gallery} --video-emb EMB/video_emb.npy --out DIR`")
+        return first_stage
 
     def __enter__(self) -> "Retriever":
         return self
@@ -144,7 +163,7 @@ class Retriever:
         for start in range(0, len(queries), batch):
             chunk = list(queries[start : start + batch])
             emb, tokens, lengths = self.encoder.encode_texts(chunk)
-            scores, candidate_rows = self.first_stage(emb, depth)
+            scores, candidate_rows = self.stage1(self.query_embeddings(emb), depth)
             rerank_scores = self._rerank(tokens, lengths, candidate_rows[:, :k]) if rerank else None
             for i, query in enumerate(chunk):
                 result = self.rank_hits(query, scores[i], candidate_rows[i], k, top,
@@ -162,7 +181,15 @@ class Retriever:
             return f"the query is longer than the text encoder's {context} tokens: truncated to them"
         return None
 
-    def first_stage(self, text_emb: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    @torch.inference_mode()
+    def query_embeddings(self, text_emb: np.ndarray) -> np.ndarray:
+        """The text encoder's embeddings (Q, E) → the first stage's query vectors (through a trained
+        first stage's text side when there is one)."""
+        if self.first_stage is None:
+            return text_emb
+        return self.first_stage.model.texts(torch.from_numpy(text_emb).to(self.device)).cpu().numpy()
+
+    def stage1(self, text_emb: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS top-``depth``: text_emb (Q, E) → stage-1 scores (Q, depth), cache rows (Q, depth), -1: none."""
         scores, positions = search(self.index, text_emb, depth)
         return scores, np.where(positions >= 0, self.index_rows[np.clip(positions, 0, None)], -1)
