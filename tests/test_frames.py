@@ -31,8 +31,12 @@ def test_resize_keeps_aspect_and_crop_is_central():
     np.testing.assert_array_equal(center_crop(image, 4)[:, :, 0], image[1:5, 2:6, 0])
 
 
+@pytest.mark.parametrize("seek_min_packets", [0, 4, 1000])  # always seek, the default, never seek
 @pytest.mark.parametrize("gop", [5, 50])
-def test_sampler_matches_decoding_everything(tmp_path, gop):
+def test_sampler_matches_decoding_everything(tmp_path, gop, seek_min_packets, monkeypatch):
+    from tvrerank.extract import frames
+
+    monkeypatch.setattr(frames, "SEEK_MIN_PACKETS", seek_min_packets)
     path = make_video(tmp_path / "gop.mp4", num_frames=120, fps=24, keyframe_interval=gop)
     ours = sample_frames(path, num_frames=8, image_size=24)
     reference = decode_all_reference(path, num_frames=8, image_size=24)
@@ -41,6 +45,17 @@ def test_sampler_matches_decoding_everything(tmp_path, gop):
     np.testing.assert_array_equal(ours.frames, reference.frames)
     # frames are distinct and in time order
     assert np.all(np.diff(ours.timestamps) > 0)
+
+
+def test_packets_between_and_decoding_threads():
+    from tvrerank.extract.frames import PacketIndex, decoding_threads
+
+    index = PacketIndex(start=0.0, end=1.0, keyframes=[0.0, 0.5], pts=np.arange(10) * 10, time_base=0.01)
+    assert index.packets_between(-np.inf, 0.5) == 5  # packets at 0.0 .. 0.4
+    assert index.packets_between(0.1, 0.5) == 3 and index.packets_between(0.4, 0.5) == 0
+    unknown = PacketIndex(start=0.0, end=1.0, keyframes=[0.0], pts=np.zeros(0, np.int64), time_base=0.01)
+    assert unknown.packets_between(0.0, 0.9) > 1000  # no pts: always seek, as before
+    assert decoding_threads(320, 240) == 1 and decoding_threads(1280, 720) == 0 and decoding_threads(0, 0) == 0
 
 
 def test_variable_frame_rate_uses_timestamps(tmp_path):

@@ -76,11 +76,13 @@ def swscale_interpolation(name: str) -> str:
                          f"supported: {', '.join(SWSCALE_INTERPOLATION)}") from None
 
 
-def frame_to_array(frame, image_size: int, interpolation: str = "BICUBIC") -> np.ndarray:
+def frame_to_array(frame, image_size: int, interpolation: str = "BICUBIC", reformatter=None) -> np.ndarray:
     """Decoded ``av.VideoFrame`` → (S, S, 3) uint8 RGB as displayed: rotated, resized, cropped.
 
     The resize and colour conversion run in libswscale; the display rotation (a multiple of
     90 degrees, counter-clockwise as FFmpeg reports it) is applied with ``np.rot90``.
+    ``reformatter``: one ``av.video.reformatter.VideoReformatter`` shared by a video's frames, so
+    libswscale's context is built once per video instead of once per frame (~0.3 ms each).
     """
     quarter_turns = round((frame.rotation or 0) / 90) % 4
     width, height = frame.width, frame.height
@@ -89,7 +91,10 @@ def frame_to_array(frame, image_size: int, interpolation: str = "BICUBIC") -> np
         out_w, out_h = disp_h, disp_w
     else:
         out_w, out_h = resized_size(width, height, image_size)
-    rgb = frame.reformat(width=out_w, height=out_h, format="rgb24", interpolation=interpolation)
+    if reformatter is None:
+        rgb = frame.reformat(width=out_w, height=out_h, format="rgb24", interpolation=interpolation)
+    else:
+        rgb = reformatter.reformat(frame, width=out_w, height=out_h, format="rgb24", interpolation=interpolation)
     image = rgb.to_ndarray()
     if quarter_turns:
         image = np.rot90(image, k=quarter_turns)
@@ -110,6 +115,13 @@ class PacketIndex:
     pts: np.ndarray  # (num_packets,) int64, sorted
     time_base: float
 
+    def packets_between(self, start: float, end: float) -> int:
+        """Packets with start < time < end (all of them when the pts are unknown)."""
+        if not len(self.pts):
+            return 1 << 30
+        lo = np.searchsorted(self.pts, start / self.time_base + 1e-9, side="right") if np.isfinite(start) else 0
+        return int(max(0, np.searchsorted(self.pts, end / self.time_base - 1e-9, side="left") - lo))
+
     def packet_pts_at(self, t: float) -> int | None:
         """pts of the frame on screen at time t (largest pts <= t), or None if unknown."""
         if not len(self.pts):
@@ -117,6 +129,12 @@ class PacketIndex:
         i = int(np.searchsorted(self.pts, t / self.time_base + 1e-9, side="right")) - 1
         return int(self.pts[max(i, 0)])
 
+
+#: Jump to a keyframe only past at least this many packets; fewer are decoded through. A seek
+#: flushes the decoder (and its frame threads) and re-reads: measured median ms with 0 / 4 / 32
+#: here: 1280x720 GOP 60 5 s 223 / 163 / 160, 320x240 GOP 60 15 s 45 / 42 / 45, 176x144 GOP 12
+#: 10.6 / 9.1 / 8.8, 320x240 GOP 250 60 s 88 / 87 / 91 (frames identical in every case).
+SEEK_MIN_PACKETS = 4
 
 #: PyAV up to 18 decodes metadata strictly unless told to ignore errors; 19 removed the option (it reads
 #: metadata byte-exact, never failing on it), and passing it raises TypeError for every video.
@@ -233,6 +251,9 @@ class _Decoder:
 
 def _pack(chosen: list, num_frames: int, image_size: int, interpolation: str) -> SampledFrames:
     """Deduplicate chosen frames (short videos repeat) and pad to ``num_frames`` slots."""
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()
     frames = np.zeros((num_frames, image_size, image_size, 3), dtype=np.uint8)
     mask = np.zeros(num_frames, dtype=bool)
     stamps = np.full(num_frames, np.nan)
@@ -240,7 +261,7 @@ def _pack(chosen: list, num_frames: int, image_size: int, interpolation: str) ->
     for frame in chosen:
         if frame is None or frame.time == last_time:
             continue
-        frames[slot] = frame_to_array(frame, image_size, interpolation)
+        frames[slot] = frame_to_array(frame, image_size, interpolation, reformatter)
         mask[slot], stamps[slot], last_time = True, frame.time, frame.time
         slot += 1
     return SampledFrames(frames=frames, mask=mask, timestamps=stamps)
@@ -270,8 +291,20 @@ def _open_video(path: str | Path, threads: int):
         raise VideoDecodeError(f"no video stream (streams: {', '.join(kinds)})")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
-    stream.codec_context.thread_count = threads
+    stream.codec_context.thread_count = threads or decoding_threads(stream.codec_context.width,
+                                                                    stream.codec_context.height)
     return container, stream
+
+
+#: Up to this many pixels per frame (640x480), one decoding thread: sampling a short clip seeks and
+#: flushes often, and FFmpeg's frame threads then cost more than they give (measured in
+#: benchmarks/bench_decode.py: 320x240 clips 61 -> 54 ms, 176x144 18 -> 16 ms; 1280x720 equal).
+SINGLE_THREAD_PIXELS = 640 * 480
+
+
+def decoding_threads(width: int, height: int) -> int:
+    """FFmpeg decoding threads for ``threads=0``: 1 for small frames, else 0 (FFmpeg's choice)."""
+    return 1 if 0 < width * height <= SINGLE_THREAD_PIXELS else 0
 
 
 def sample_frames(
@@ -287,7 +320,7 @@ def sample_frames(
     Returns frames resized (short side) and centre-cropped to ``image_size``; a video with
     fewer distinct frames than targets fills the first slots and masks the rest. Raises
     VideoDecodeError with a readable reason for anything that yields no frame.
-    ``threads=0`` lets FFmpeg pick its decoding thread count.
+    ``threads=0``: one decoding thread for frames up to 640x480, else FFmpeg's choice.
     """
     container, stream = _open_video(path, threads)
     try:
@@ -300,7 +333,8 @@ def sample_frames(
         try:
             for t in targets:
                 keyframe = index.keyframes[max(bisect.bisect_right(index.keyframes, t) - 1, 0)]
-                if keyframe > decoder.position and not decoder.exhausted:
+                if keyframe > decoder.position and not decoder.exhausted and \
+                        index.packets_between(decoder.position, keyframe) >= SEEK_MIN_PACKETS:
                     decoder.seek(keyframe)
                 chosen.append(decoder.frame_at(t))
         except Exception as exc:  # noqa: BLE001
