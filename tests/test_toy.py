@@ -77,3 +77,19 @@ def test_shipped_toy_encoder_retrieves_fresh_frames_far_above_chance():
     accuracy = zero_shot_accuracy(encoder, count=256, seed=999)
     # chance is 1/256 = 0.4%
     assert accuracy >= 0.25, f"zero-shot frame->caption top-1 over 256 fresh frames: {accuracy:.1%}"
+
+
+def test_toy_make_writes_the_same_bytes_in_any_process(tmp_path):
+    """With torch imported first (as in the demo) or not (as `toy make`), under any load."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nif sys.argv[2] == 'torch':\n    import torch\n"
+              "from tvrerank.toy.make import ToyWorldConfig, make_toy_world\n"
+              "make_toy_world(sys.argv[1], ToyWorldConfig(videos=8, seed=3), progress=False)\n")
+    for name, first in (("a", "none"), ("b", "torch")):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name), first], check=True, timeout=120)
+    videos = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.mp4"))
+    assert len(videos) >= 8
+    for video in videos:
+        assert (tmp_path / "a" / video).read_bytes() == (tmp_path / "b" / video).read_bytes(), video

@@ -24,7 +24,8 @@ def write_video(
 
     keyframe_interval: GOP size in frames (None: the encoder's default). frame_times: presentation
     times in seconds for a variable frame rate (default: ``i / fps``). yuv420p needs even sizes;
-    odd sizes are written with ``pix_fmt="yuv444p"``.
+    odd sizes are written with ``pix_fmt="yuv444p"``. H.264 output is the same bytes for the same
+    frames in any process, whatever the load or what was imported before (tests/test_toy.py).
     """
     import av
 
@@ -45,6 +46,11 @@ def write_video(
                 if keyframe_interval:
                     options.update(g=str(keyframe_interval), keyint_min=str(keyframe_interval),
                                    sc_threshold="0")
+                if codec == "libx264":
+                    # the same bytes in every process: one thread (threaded x264 output moved with the machine's
+                    # load), and none of the float-heavy psychovisual tools (their output moved when torch was
+                    # imported first, which changes the floating-point environment)
+                    options.update(threads="1", **{"x264-params": "mbtree=0:psy=0:aq-mode=0"})
                 stream.options = options
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             t = next(times) if times is not None else i / fps
