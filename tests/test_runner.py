@@ -201,3 +201,53 @@ def test_torchrun_two_processes_on_cpu(reference, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert shard_path(out, 0, 2).exists() and shard_path(out, 1, 2).exists()
     assert_same_arrays(out, ref_out)
+
+
+def test_a_full_disk_at_assembly_is_one_line_and_the_same_command_resumes(tmp_path, monkeypatch):
+    """The free-space check before the final file: no HDF5 write ever runs out of space."""
+    from click.testing import CliRunner
+
+    from tvrerank import files
+    from tvrerank.cache import writer
+    from tvrerank.cli import main
+
+    annotations = make_dataset(tmp_path / "data", num_videos=3, broken=False)
+    out = tmp_path / "c.h5"
+    real = files.shutil.disk_usage
+
+    def full_when_assembling(path, needed, what):  # the parts fit; the final file does not
+        files.shutil.disk_usage = (lambda p: real(p)._replace(free=1000)) if what == "the cache" else real
+        try:
+            return files.require_space(path, needed, what)
+        finally:
+            files.shutil.disk_usage = real
+
+    monkeypatch.setattr(writer, "require_space", full_when_assembling)
+    result = CliRunner().invoke(main, _extract_args(annotations, out))
+    assert result.exit_code == 2 and "no space left on device writing" in result.output, result.output
+    assert "run the same command again" in result.output and "Traceback" not in result.output
+    assert not out.exists() and not out.with_name("c.h5.tmp").exists()
+    assert PartStore(out).finished(1) == {0}  # the extracted part is kept
+    monkeypatch.setattr(writer, "require_space", files.require_space)
+    result = CliRunner().invoke(main, _extract_args(annotations, out))
+    assert result.exit_code == 0 and "resumed" in result.output, result.output
+    assert check_cache(out) == []
+
+
+def test_a_real_full_disk_exits_cleanly(tmp_path):
+    """On a 1 MiB tmpfs (needs root and mount): one line, exit 2, no crash at exit, no .tmp left."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()[:100]}")
+    try:
+        annotations = make_dataset(tmp_path / "data", num_videos=6, broken=False)
+        command = [sys.executable, "-m", "tvrerank.cli", *_extract_args(annotations, mount / "c.h5")]
+        subprocess.run(["dd", "if=/dev/zero", f"of={mount / 'filler'}", "bs=1k", "count=1000"], capture_output=True)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, (result.returncode, result.stderr[-2000:])  # not SIGBUS/SIGSEGV
+        assert "no space left on device" in result.stderr and "Traceback" not in result.stderr
+        assert not (mount / "c.h5.tmp").exists() and not (mount / "c.h5").exists()
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

@@ -116,3 +116,15 @@ def atomic_save(obj, path: Path) -> None:
 
     with replaced_file(path) as tmp:
         torch.save(obj, tmp)
+
+
+def require_space(path: str | Path, needed: int, what: str) -> None:
+    """Raise ENOSPC (the CLI's one-line "no space left on device writing PATH") unless the file
+    system of ``path`` has ``needed`` bytes free. For writers that cannot fail cleanly mid-write:
+    HDF5 that runs out of space cannot close its file, and the process then dies at exit."""
+    import errno
+
+    free = shutil.disk_usage(Path(path).parent).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device: {what} needs about {needed / 2**20:.1f} MiB, "
+                      f"{free / 2**20:.1f} MiB are free", str(path))

@@ -25,6 +25,7 @@ import numpy as np
 from tvrerank.cache.checksums import damaged_reads, seal
 from tvrerank.cache.schema import STR, TEXT_ARRAYS, VIDEO_ARRAYS, CacheHeader, chunks_for, dataset_specs
 from tvrerank.errors import TvrerankError
+from tvrerank.files import require_space
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,19 @@ class PartStore:
     def write(self, index: int, part: PartData) -> None:
         final = self.part_path(index)
         tmp = final.with_suffix(".h5.tmp")
-        with h5py.File(tmp, "w") as f:
-            f["video_rows"], f["text_rows"] = part.video_rows, part.text_rows
-            for name, array in part.videos.items():
-                _checked_dataset(f, f"videos/{name}", array, STR if name == "error" else array.dtype)
-            for name, array in part.texts.items():
-                _checked_dataset(f, f"texts/{name}", array, array.dtype)
+        arrays = [*part.videos.values(), *part.texts.values()]
+        needed = sum(a.nbytes if a.dtype != object else sum(len(str(s).encode()) + 32 for s in a) for a in arrays)
+        require_space(final, int(needed * 1.02) + (256 << 10), f"part {index}")
+        try:
+            with h5py.File(tmp, "w") as f:
+                f["video_rows"], f["text_rows"] = part.video_rows, part.text_rows
+                for name, array in part.videos.items():
+                    _checked_dataset(f, f"videos/{name}", array, STR if name == "error" else array.dtype)
+                for name, array in part.texts.items():
+                    _checked_dataset(f, f"texts/{name}", array, array.dtype)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, final)
 
     def read(self, index: int) -> PartData:
@@ -171,13 +179,37 @@ def assemble(
     captions: Sequence[str],
     caption_video: np.ndarray,
 ) -> None:
-    """Stream parts 0..count-1 into ``out`` atomically (``out.tmp`` then rename)."""
+    """Stream parts 0..count-1 into ``out`` atomically (``out.tmp`` then rename).
+
+    The free space is checked first against the file's size (``cache_bytes``): HDF5 that runs out
+    of space mid-write cannot close its file cleanly (each dataset fails to flush, and the process
+    has died of SIGBUS or SIGSEGV at exit), so a full disk is refused before anything is written.
+    If the disk still fills (another writer), the partial ``.tmp`` is removed and the ENOSPC error
+    goes on; the parts stay, so the same command resumes.
+    """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    with create_cache(
-        tmp, header, video_ids=video_ids, video_paths=video_paths, captions=captions,
-        caption_video=caption_video,
-    ) as f:
-        for index in range(count):
-            write_part(f, parts.read(index))
+    tmp.unlink(missing_ok=True)  # a leftover of an earlier failed assembly
+    require_space(out, cache_bytes(header, video_ids, video_paths, captions), "the cache")
+    try:
+        with create_cache(
+            tmp, header, video_ids=video_ids, video_paths=video_paths, captions=captions,
+            caption_video=caption_video,
+        ) as f:
+            for index in range(count):
+                write_part(f, parts.read(index))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out)
+
+
+def cache_bytes(header: CacheHeader, video_ids: Sequence[str], video_paths: Sequence[str],
+                captions: Sequence[str]) -> int:
+    """The final file's size, from above: every array, the strings, a checksum per chunk, 1 MiB for HDF5's own
+    structures, plus 2%."""
+    specs = dataset_specs(len(video_ids), len(captions), header.layout, header.sampling.frames)
+    arrays = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in specs.values() if dtype is not STR)
+    strings = sum(len(str(s).encode()) + 32 for group in (video_ids, video_paths, captions) for s in group)
+    errors = 256 * len(video_ids)  # failure messages, written by the parts
+    return int((arrays + strings + errors) * 1.02) + (1 << 20)

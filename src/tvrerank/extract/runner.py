@@ -239,6 +239,8 @@ class PartWriter:
         self._check()
 
     def _check(self) -> None:
+        if isinstance(self._error, OSError):  # a full disk or an unwritable folder: the CLI words it
+            raise self._error
         if self._error is not None:
             raise ExtractionError(f"writing a cache part failed: {self._error}") from self._error
 

@@ -33,6 +33,7 @@ import numpy as np
 from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
 from tvrerank.cache.reader import CacheReader
 from tvrerank.errors import CacheMismatch, InputError, MissingInput
+from tvrerank.files import require_space
 from tvrerank.firststage.store import check_embeddings_record
 from tvrerank.index.faiss_index import build_index, search, to_gpu_if_available
 from tvrerank.index.store import check_index_matches, load_index_dir, read_gallery
@@ -202,6 +203,8 @@ def write_candidates(path: str | Path, lists: CandidateLists, cache_path: str | 
         fingerprint, digest = cache.header.fingerprint(), cache_video_ids_digest(cache)
     tmp = Path(str(path) + ".tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
+    require_space(path, lists.video.nbytes + lists.score.nbytes + 8 * len(lists.true_rank) + (1 << 20),
+                  "the candidates file")
     with h5py.File(tmp, "w") as f:
         f["candidates/video"], f["candidates/score"] = lists.video, lists.score
         f["true_rank"], f["true_score"] = lists.true_rank, lists.true_score

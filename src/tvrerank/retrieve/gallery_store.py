@@ -26,7 +26,7 @@ from tvrerank.cache.identity import cache_video_ids_digest
 from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.rows import CacheRows
 from tvrerank.errors import InputError, TvrerankError, reason_of
-from tvrerank.files import replaced_file
+from tvrerank.files import replaced_file, require_space
 from tvrerank.rerank.checkpoint import load_reranker
 from tvrerank.rerank.inference import select_videos
 from tvrerank.rerank.model import Reranker, SelectedVideos
@@ -61,6 +61,9 @@ def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Rera
         path = store_path(run_dir, cache_path, digest)
     source = CacheRows(cache_path, memory_budget=0)
     path.parent.mkdir(parents=True, exist_ok=True)
+    c = model.config  # float16 tokens and boolean pads per video, plus the row numbers
+    per_video = 2 * c.width * (c.frames * c.kept_per_frame + c.video_keep) + c.frames + c.video_keep + 8
+    require_space(path, len(rows) * per_video + (1 << 20), "the gallery store")
     with replaced_file(path) as tmp, h5py.File(tmp, "w") as f:
         f["rows"] = rows
         for start in range(0, len(rows), batch):
