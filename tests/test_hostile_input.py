@@ -133,6 +133,8 @@ DAMAGED = [
      "checkpoint.pt: not a readable checkpoint"),
     ("--pretrained that is not a checkpoint", nothing, EXTRACT + " --device cpu --pretrained {ann}", 2,
      "not a checkpoint of"),
+    ("--pretrained path that does not exist", nothing, EXTRACT + " --device cpu --pretrained {tmp}/gone/w.pt", 2,
+     "gone/w.pt: no such file"),
     ("non-UTF-8 --queries-file", latin1_queries, RETRIEVE + " --queries-file {queries}", 2,
      "q.txt: line 2 is not UTF-8"),
     ("index --factory Nonsense", nothing, "index {cache} --out {tmp}/i --factory Nonsense", 2,

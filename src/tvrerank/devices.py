@@ -26,8 +26,9 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
     except (RuntimeError, TypeError):
         raise InputError(f"--device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
+        remedy = "check the driver (nvidia-smi)" if torch.version.cuda else "install a CUDA build of torch"
         raise InputError(f"--device {name}: torch sees no GPU here (torch {torch.__version__}); use --device cpu, "
-                         "or install a CUDA build of torch")
+                         f"or {remedy}")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise InputError(f"--device {name}: there are {torch.cuda.device_count()} GPU(s), numbered from 0")
     return device

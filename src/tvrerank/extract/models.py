@@ -145,6 +145,11 @@ def _create_clip(open_clip, name: str, config: dict, pretrained: str | None, *, 
             raise ModelError(f"--pretrained {pretrained}: the shipped weights {shipped} are missing")
         if Path(weights).is_file():
             sha = sha256_file(weights)
+        elif "/" in weights and not weights.startswith("hf-hub:") \
+                and weights not in open_clip.list_pretrained_tags_by_model(name):
+            # a path that is not there: say so before open_clip logs its own error line
+            raise ModelError(f"--pretrained {pretrained}: no such file; pass the path of {name}'s checkpoint "
+                             f"(.pt/.bin/.safetensors), an open_clip tag, or local-dir:FOLDER")
         try:
             clip = open_clip.create_model(name, pretrained=weights, precision=precision, device=device)
         except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as exc:
