@@ -191,12 +191,12 @@ def timed(fn, encoder) -> float:
 
 
 def tower_frames_per_s(encoder, batch_size: int, repeats: int = 5) -> float:
-    """The bare image tower's throughput: ``encode_frames`` (preprocess, forward, tokens to host) on
-    random frames at the extractor's batch size, best of ``repeats`` after a warm-up."""
+    """The bare image tower's throughput: ``encode_frames`` (preprocess, forward, float16 tokens to host,
+    as extraction calls it) on random frames at the extractor's batch size, best of ``repeats`` after a warm-up."""
     size = encoder.config.image_size
     frames = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
-    encoder.encode_frames(frames)
-    best = min(timed(lambda: encoder.encode_frames(frames), encoder) for _ in range(repeats))
+    encoder.encode_frames(frames, dtype=np.float16)
+    best = min(timed(lambda: encoder.encode_frames(frames, dtype=np.float16), encoder) for _ in range(repeats))
     return batch_size / best
 
 

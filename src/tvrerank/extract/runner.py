@@ -181,7 +181,7 @@ def encode_part(
     where = np.argwhere(mask)  # (F, 2) (video, slot) of every valid frame, in order
     for window in _batched(len(where), batch_size):
         pixels = np.stack([decoded[v][0].frames[s] for v, s in where[window]])
-        emb, tok = encoder.encode_frames(pixels)
+        emb, tok = encoder.encode_frames(pixels, dtype=np.float16)
         frame_emb[where[window, 0], where[window, 1]] = emb
         tokens[where[window, 0], where[window, 1]] = tok
     counts = np.maximum(mask.sum(1, keepdims=True), 1)
