@@ -108,6 +108,12 @@ def truncate(path, keep: float) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+def truncated_cache(finished, tmp_path) -> dict:
+    shutil.copy(finished / "cache.h5", tmp_path / "cache.h5")
+    truncate(tmp_path / "cache.h5", 0.5)
+    return {"cache": tmp_path / "cache.h5"}
+
+
 def latin1_queries(finished, tmp_path) -> dict:
     (tmp_path / "q.txt").write_bytes(b"a dog\nun caf\xe9\n")
     return {"queries": tmp_path / "q.txt"}
@@ -137,6 +143,7 @@ DAMAGED = [
      "gone/w.pt: no such file"),
     ("non-UTF-8 --queries-file", latin1_queries, RETRIEVE + " --queries-file {queries}", 2,
      "q.txt: line 2 is not UTF-8"),
+    ("cache check of a truncated cache", truncated_cache, "cache check {cache}", 1, "not a readable HDF5 file"),
     ("index --factory Nonsense", nothing, "index {cache} --out {tmp}/i --factory Nonsense", 2,
      "--factory 'Nonsense': FAISS cannot build"),
     ("index --factory needing more vectors than the gallery", nothing,

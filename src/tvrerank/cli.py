@@ -63,13 +63,14 @@ def storage_error(exc: OSError) -> str | None:
     import errno
 
     text = str(exc)
-    where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+    filename = getattr(exc, "filename", None)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or "errno = 28" in text:
-        return (f"no space left on device{where}; free space and run the same command again (extraction "
-                "resumes from its finished parts; nothing already done is lost)")
+        return (f"no space left on device{f' writing {filename}' if filename else ''}; free space and run the "
+                "same command again (nothing already written is lost; extraction resumes from its finished parts)")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text \
             or "Read-only file system" in text:
-        return f"cannot write{where or ' the output'} ({exc.strerror or text}); choose a writable --out"
+        return (f"cannot write {filename or 'the output'} ({exc.strerror or text}); choose a writable --out "
+                "(for `gallery`, a --reranker run folder you can write to)")
     return None
 
 

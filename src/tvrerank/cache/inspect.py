@@ -97,8 +97,13 @@ def _spans(rows: list[int]) -> str:
 
 
 def checksum_notes(path: str | Path) -> list[str]:
-    """What ``cache check`` cannot vouch for: a cache written before checksums existed."""
-    with h5py.File(path, "r") as f:
+    """What ``cache check`` cannot vouch for: a cache written before checksums existed (nothing for a
+    file that does not open: ``check_cache`` has said so)."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        return []
+    with f:
         numeric = [d for d in _datasets(f) if d.dtype.kind != "O" and d.size and not d.is_virtual]
         notes = []
         if numeric and not any(d.fletcher32 for d in numeric):
