@@ -68,8 +68,8 @@ def test_hostile_input(case, command, code, fragment, tmp_path):
     assert fragment in result.output, result.output
     if case in CONFIGS:
         assert str(tmp_path / "config.json") in result.output  # the file is named
-    assert "Traceback" not in result.output and not isinstance(result.exception, (TypeError, ValueError)), \
-        result.exception
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert not (tmp_path / "run" / "reranker.pt").exists() and not (tmp_path / "c.h5").exists()
 
 
@@ -162,7 +162,7 @@ def test_damaged_artifacts_are_named(finished, tmp_path, case, damage, command, 
     assert result.exit_code == code, (result.output, result.exception)
     assert fragment in result.output, result.output
     assert "Traceback" not in result.output
-    assert not isinstance(result.exception, (TypeError, RuntimeError, KeyError)), result.exception
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
 
 
 def test_a_truncated_gallery_store_is_skipped_with_a_warning(finished, tmp_path, caplog):
