@@ -24,6 +24,8 @@ TRAIN_OPTIONS = "train --cache {file} --candidates {file} --out {dir}/run"
 CASES = [
     ("extract: negative batch size", EXTRACT_OPTIONS + " --batch-size -3", 2, "--batch-size"),
     ("extract: zero frames", EXTRACT_OPTIONS + " --frames 0", 2, "--frames"),
+    ("extract: negative frames", EXTRACT_OPTIONS + " --frames -1", 2, "--frames"),
+    ("extract: zero batch size", EXTRACT_OPTIONS + " --batch-size 0", 2, "--batch-size"),
     ("extract: negative part size", EXTRACT_OPTIONS + " --part-videos -1", 2, "--part-videos"),
     ("extract: zero text tokens", EXTRACT_OPTIONS + " --text-tokens 0", 2, "--text-tokens"),
     ("extract: negative workers", EXTRACT_OPTIONS + " --workers -1", 2, "--workers"),
@@ -32,6 +34,13 @@ CASES = [
     ("plan: zero videos", "plan --model ViT-B-32 --videos 0", 2, "--videos"),
     ("candidates: negative k", "candidates {file} --index {dir} --out {dir}/x.h5 --k -5", 2, "--k"),
     ("retrieve: negative k", "retrieve --gallery {file} --index {dir} --reranker {dir} --k -5 q", 2, "--k"),
+    ("retrieve: zero k", "retrieve --gallery {file} --index {dir} --reranker {dir} --k 0 q", 2, "--k"),
+    ("retrieve: zero top", "retrieve --gallery {file} --index {dir} --reranker {dir} --top 0 q", 2, "--top"),
+    ("candidates: zero k", "candidates {file} --index {dir} --out {dir}/x.h5 --k 0", 2, "--k"),
+    ("train: negative workers", TRAIN_OPTIONS + " --workers -1", 2, "--workers"),
+    ("train: zero captions in --config", TRAIN_OPTIONS + " --config {json}", 2, "'captions' must be an integer >= 2"),
+    ("train: broken JSON in --config", TRAIN_OPTIONS + " --config {json}", 2,
+     "not a readable JSON file of training options"),
     ("retrieve: negative top", "retrieve --gallery {file} --index {dir} --reranker {dir} --top -2 q", 2, "--top"),
     ("train: zero steps", TRAIN_OPTIONS + " --steps 0", 2, "--steps"),
     ("train: negative steps", TRAIN_OPTIONS + " --steps -5", 2, "--steps"),
@@ -52,13 +61,16 @@ CONFIGS = {
     "train: a number as text in --config": {"lr": "fast"},
     "train: a bad model option in --config": {"model": {"width": -1}},
     "train: an unknown model option in --config": {"model": {"wdith": 64}},
+    "train: zero captions in --config": {"captions": 0},
+    "train: broken JSON in --config": '{\n  steps: 5,\n}',  # text, written as is
 }
 
 
 @pytest.mark.parametrize("case, command, code, fragment", CASES, ids=[c[0] for c in CASES])
 def test_hostile_input(case, command, code, fragment, tmp_path):
     (tmp_path / "f.txt").write_text("x\n")
-    (tmp_path / "config.json").write_text(json.dumps(CONFIGS.get(case, {})))
+    config = CONFIGS.get(case, {})
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
     (tmp_path / "ann.jsonl").write_text('{"video": "a.mp4", "caption": "one", "video_id": "v1"}\n'
                                         '{"video": "b.mp4", "caption": "two", "video_id": "v1"}\n')
     args = command.format(file=tmp_path / "f.txt", dir=tmp_path, json=tmp_path / "config.json",
@@ -114,6 +126,13 @@ def truncated_cache(finished, tmp_path) -> dict:
     return {"cache": tmp_path / "cache.h5"}
 
 
+def other_frames(finished, tmp_path) -> dict:
+    """The same videos extracted with 2 frames instead of 4."""
+    args = EXTRACT.format(ann=finished / "data" / "captions.jsonl", data=finished / "data", tmp=tmp_path).split()
+    assert CliRunner().invoke(main, [*args, "--device", "cpu", "--frames", "2"]).exit_code == 0
+    return {"other": tmp_path / "c.h5"}
+
+
 def latin1_queries(finished, tmp_path) -> dict:
     (tmp_path / "q.txt").write_bytes(b"a dog\nun caf\xe9\n")
     return {"queries": tmp_path / "q.txt"}
@@ -134,6 +153,15 @@ DAMAGED = [
      "reranker.pt: not a readable checkpoint"),
     ("truncated reranker.pt", damaged("run", "reranker.pt", 0.5), "eval --cache {cache} --candidates {cand} "
      "--reranker {run} --device cpu", 2, "reranker.pt: not a readable checkpoint"),
+    ("gallery with a truncated reranker.pt", damaged("run", "reranker.pt", 0.5), "gallery --gallery {cache} "
+     "--reranker {run} --device cpu", 2, "reranker.pt: not a readable checkpoint"),
+    ("eval with a reranker.pt of zero bytes", damaged("run", "reranker.pt", 0), "eval --cache {cache} --candidates "
+     "{cand} --reranker {run} --device cpu", 2, "reranker.pt: not a readable checkpoint"),
+    ("eval on a cache sampled with other --frames", other_frames, "eval --cache {other} --candidates {cand} "
+     "--reranker {run} --device cpu", 2, "sampling.frames 4 (it) vs 2"),
+    ("train --val-cache sampled with other --frames", other_frames, "train --cache {cache} --candidates {cand} "
+     "--val-cache {other} --val-candidates {cand} --out {tmp}/r --config {config} --steps 1 --device cpu", 2,
+     "sampling.frames 4 (it) vs 2"),
     ("truncated checkpoint.pt on --resume", damaged("run", "checkpoint.pt", 0.3), "train --cache {cache} "
      "--candidates {cand} --out {run} --config {config} --steps 3 --device cpu --resume", 2,
      "checkpoint.pt: not a readable checkpoint"),
@@ -201,3 +229,15 @@ def test_a_full_disk_or_an_unwritable_folder_is_one_line(finished, tmp_path, mon
     assert result.exit_code == 2 and fragment in result.output, result.output
     assert "video_rows.npy" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "idx").exists()  # nothing half-written
+
+
+def test_a_gpu_device_without_a_gpu_is_one_line(finished, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    places = {"ann": finished / "data" / "captions.jsonl", "data": finished / "data", "tmp": tmp_path,
+              "cache": finished / "cache.h5", "index": finished / "index", "run": finished / "run"}
+    for command in (EXTRACT + " --device cuda", RETRIEVE.replace("--device cpu", "--device cuda") + " q"):
+        result = CliRunner().invoke(main, command.format(**places).split())
+        assert result.exit_code == 2 and "torch sees no GPU here" in result.output, result.output
+        assert isinstance(result.exception, SystemExit) and "--device cpu" in result.output
