@@ -153,6 +153,20 @@ class ExtractConfig:
     overwrite: bool = False
 
 
+def check_model_options(options: Any, cls: type, *, owner: str, what: str, derived: tuple[str, ...] = ()) -> None:
+    """Refuse a trainer's ``model`` field unless it is an object of ``cls``'s fields (less the ``derived``
+    ones, which come from the cache) with valid values: "{owner} option 'model' must be an object of
+    {what} options" or "unknown {what} options [...]"; ``cls(**options)`` checks the values."""
+    from tvrerank.errors import InputError
+
+    if not isinstance(options, dict):
+        raise InputError(f"{owner} option 'model' must be an object of {what} options, got {options!r}")
+    known = {f.name for f in dataclasses.fields(cls)} - set(derived)
+    if unknown := set(options) - known:
+        raise InputError(f"unknown {what} options {sorted(unknown)} (known: {sorted(known)})")
+    cls(**options)
+
+
 def load_options(cls: type[T], path: str | Path | None, what: str, **overrides) -> T:
     """A frozen config ``cls`` from a JSON file of options (optional), with command-line overrides
     (None: not given) on top; every error names the file and says what is wrong."""

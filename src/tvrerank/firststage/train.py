@@ -15,7 +15,6 @@ kept. Run folder: ``firststage.pt`` (the kept weights, the model config, the cac
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from tvrerank.cache.reader import CacheReader
-from tvrerank.config import check_fields, load_options, to_dict
+from tvrerank.config import check_fields, check_model_options, load_options, to_dict
 from tvrerank.errors import InputError
 from tvrerank.files import atomic_save, read_torch_file, write_text_atomic
 from tvrerank.firststage.model import FirstStage, FirstStageConfig
@@ -59,12 +58,8 @@ class FirstStageTrainConfig:
                      integers={"steps": 1, "batch": 2, "warmup": 0, "eval_every": 1, "checkpoint_every": 1, "seed": 0},
                      numbers={"lr": (0.0, math.inf), "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, math.inf),
                               "val_fraction": (0.0, 0.9)})
-        if not isinstance(self.model, dict):
-            raise InputError(f"first-stage option 'model' must be an object, got {self.model!r}")
-        known = {f.name for f in dataclasses.fields(FirstStageConfig)} - {"embed_dim", "frames"}
-        if unknown := set(self.model) - known:
-            raise InputError(f"unknown first-stage model options {sorted(unknown)} (known: {sorted(known)})")
-        FirstStageConfig(**self.model)
+        check_model_options(self.model, FirstStageConfig, owner="first-stage", what="first-stage model",
+                            derived=("embed_dim", "frames"))
 
 
 def load_config(path: str | Path | None, **overrides) -> FirstStageTrainConfig:
@@ -81,27 +76,29 @@ class Embeddings:
     caption_video: np.ndarray  # (M,) index into the N videos
 
     @classmethod
-    def read(cls, cache_path, rows: np.ndarray | None = None) -> "Embeddings":
-        """The ok videos of a cache (or those of ``rows``) and their captions."""
+    def read(cls, cache_path) -> "Embeddings":
+        """The ok videos of a cache and their captions."""
         with CacheReader(cache_path) as cache:
-            ok = cache.ok_rows() if rows is None else np.sort(rows)
+            ok = cache.ok_rows()
             if len(ok) < 2:
                 raise InputError(f"{cache_path}: {len(ok)} videos extracted ok; a first stage needs at least 2")
-            column = np.full(cache.num_videos, -1)
-            column[ok] = np.arange(len(ok))
-            caption_video = column[cache["texts/video"][()]]
-            keep = caption_video >= 0
-            return cls(frame_emb=cache["videos/frame_emb"][()][ok].astype(np.float32),
-                       frame_mask=cache["videos/frame_mask"][()][ok],
-                       text_emb=cache["texts/emb"][()][keep].astype(np.float32),
-                       caption_video=caption_video[keep])
+            every = cls(frame_emb=cache["videos/frame_emb"][()], frame_mask=cache["videos/frame_mask"][()],
+                        text_emb=cache["texts/emb"][()], caption_video=cache["texts/video"][()])
+        return every.subset(ok)
 
     def subset(self, videos: np.ndarray) -> "Embeddings":
+        """These videos (sorted indices), renumbered 0.., and their captions; embeddings as float32."""
         column = np.full(len(self.frame_emb), -1)
         column[videos] = np.arange(len(videos))
         keep = column[self.caption_video] >= 0
-        return Embeddings(self.frame_emb[videos], self.frame_mask[videos], self.text_emb[keep],
-                          column[self.caption_video[keep]])
+        return Embeddings(self.frame_emb[videos].astype(np.float32), self.frame_mask[videos],
+                          self.text_emb[keep].astype(np.float32), column[self.caption_video[keep]])
+
+    def captions_of(self) -> list[np.ndarray]:
+        """Each video's caption indices, in caption order (one sort, not one scan per video)."""
+        order = np.argsort(self.caption_video, kind="stable")
+        counts = np.bincount(self.caption_video, minlength=len(self.frame_emb))
+        return np.split(order, np.cumsum(counts)[:-1])
 
 
 def draw_step(data: Embeddings, captions_of: list[np.ndarray], batch: int, seed: int, step: int):
@@ -159,11 +156,10 @@ def _train(cache_path: Path, out: Path, config: FirstStageTrainConfig, *, val_ca
             require_same_cache(other, f"training cache {cache_path}", fingerprint=fingerprint,
                                remedy="validate on a cache made with the same encoder, sampling and layout")
         validation = Embeddings.read(val_cache)
-    captions_of = [np.flatnonzero(data.caption_video == v) for v in range(len(data.frame_emb))]
-    trainable = np.array([len(c) > 0 for c in captions_of])
-    if not trainable.all():
-        data = data.subset(np.flatnonzero(trainable))
-        captions_of = [np.flatnonzero(data.caption_video == v) for v in range(len(data.frame_emb))]
+    captioned = np.bincount(data.caption_video, minlength=len(data.frame_emb)) > 0
+    if not captioned.all():  # a video with no caption cannot be a pair of the loss
+        data = data.subset(np.flatnonzero(captioned))
+    captions_of = data.captions_of()
     model_config = FirstStageConfig(embed_dim=header.layout.embed_dim, frames=header.sampling.frames, **config.model)
     torch.manual_seed(config.seed)
     model = FirstStage(config=model_config).to(device)

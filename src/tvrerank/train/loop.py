@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from tvrerank.cache.identity import require_same_cache, split_identity
 from tvrerank.cache.reader import CacheReader
-from tvrerank.config import check_fields, load_options, to_dict
+from tvrerank.config import check_fields, check_model_options, load_options, to_dict
 from tvrerank.devices import resolve_device
 from tvrerank.errors import InputError, NonFiniteScores
 from tvrerank.evaluation import load_lists, stage_metrics
@@ -93,12 +93,8 @@ class TrainConfig:
                      "memory_budget_gb": (0.0, math.inf)},
             choices={"loss": ("listwise", "binary", "both"), "negative_sampling": ("uniform", "similarity"),
                      "fusion": FUSIONS})
-        if not isinstance(self.model, dict):
-            raise InputError(f"training option 'model' must be an object of re-ranker options, got {self.model!r}")
-        known = {f.name for f in dataclasses.fields(RerankerConfig)}
-        if unknown := set(self.model) - known:
-            raise InputError(f"unknown model options {sorted(unknown)} (known: {sorted(known)})")
-        RerankerConfig(**self.model)  # types and ranges, before anything is read or written
+        # types and ranges, before anything is read or written
+        check_model_options(self.model, RerankerConfig, owner="training", what="model")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
