@@ -20,11 +20,12 @@ from tvrerank.errors import CorruptFile, InputError, reason_of
 
 
 @contextlib.contextmanager
-def replaced_file(path: str | Path) -> Iterator[Path]:
+def replaced_file(path: str | Path, tmp: str | Path | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it is renamed to ``path`` in one
-    step, on failure removed (``path`` untouched)."""
+    step, on failure removed (``path`` untouched). ``tmp``: a fixed temporary name instead of one
+    per process, for large files a killed run must not leave behind one copy per attempt."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
     except BaseException:

@@ -25,7 +25,7 @@ import numpy as np
 from tvrerank.cache.checksums import damaged_reads, seal
 from tvrerank.cache.schema import STR, TEXT_ARRAYS, VIDEO_ARRAYS, CacheHeader, chunks_for, dataset_specs
 from tvrerank.errors import TvrerankError
-from tvrerank.files import require_space
+from tvrerank.files import replaced_file, require_space
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,14 @@ class PartStore:
         final = self.part_path(index)
         tmp = final.with_suffix(".h5.tmp")
         arrays = [*part.videos.values(), *part.texts.values()]
-        needed = sum(a.nbytes if a.dtype != object else sum(len(str(s).encode()) + 32 for s in a) for a in arrays)
+        needed = sum(a.nbytes if a.dtype != object else strings_bytes(a) for a in arrays)
         require_space(final, int(needed * 1.02) + (256 << 10), f"part {index}")
-        try:
-            with h5py.File(tmp, "w") as f:
-                f["video_rows"], f["text_rows"] = part.video_rows, part.text_rows
-                for name, array in part.videos.items():
-                    _checked_dataset(f, f"videos/{name}", array, STR if name == "error" else array.dtype)
-                for name, array in part.texts.items():
-                    _checked_dataset(f, f"texts/{name}", array, array.dtype)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, final)
+        with replaced_file(final, tmp) as tmp, h5py.File(tmp, "w") as f:
+            f["video_rows"], f["text_rows"] = part.video_rows, part.text_rows
+            for name, array in part.videos.items():
+                _checked_dataset(f, f"videos/{name}", array, STR if name == "error" else array.dtype)
+            for name, array in part.texts.items():
+                _checked_dataset(f, f"texts/{name}", array, array.dtype)
 
     def read(self, index: int) -> PartData:
         path = self.part_path(index)
@@ -191,17 +186,11 @@ def assemble(
     tmp = out.with_name(out.name + ".tmp")
     tmp.unlink(missing_ok=True)  # a leftover of an earlier failed assembly
     require_space(out, cache_bytes(header, video_ids, video_paths, captions), "the cache")
-    try:
-        with create_cache(
-            tmp, header, video_ids=video_ids, video_paths=video_paths, captions=captions,
-            caption_video=caption_video,
-        ) as f:
-            for index in range(count):
-                write_part(f, parts.read(index))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
+    with replaced_file(out, tmp) as tmp, create_cache(
+        tmp, header, video_ids=video_ids, video_paths=video_paths, captions=captions, caption_video=caption_video,
+    ) as f:
+        for index in range(count):
+            write_part(f, parts.read(index))
 
 
 def cache_bytes(header: CacheHeader, video_ids: Sequence[str], video_paths: Sequence[str],
@@ -210,6 +199,11 @@ def cache_bytes(header: CacheHeader, video_ids: Sequence[str], video_paths: Sequ
     structures, plus 2%."""
     specs = dataset_specs(len(video_ids), len(captions), header.layout, header.sampling.frames)
     arrays = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in specs.values() if dtype is not STR)
-    strings = sum(len(str(s).encode()) + 32 for group in (video_ids, video_paths, captions) for s in group)
+    strings = sum(strings_bytes(group) for group in (video_ids, video_paths, captions))
     errors = 256 * len(video_ids)  # failure messages, written by the parts
     return int((arrays + strings + errors) * 1.02) + (1 << 20)
+
+
+def strings_bytes(values) -> int:
+    """What variable-length strings take in an HDF5 file, from above: their UTF-8 bytes plus 32 each."""
+    return sum(len(str(s).encode()) + 32 for s in values)

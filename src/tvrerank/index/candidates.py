@@ -33,7 +33,7 @@ import numpy as np
 from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
 from tvrerank.cache.reader import CacheReader
 from tvrerank.errors import CacheMismatch, InputError, MissingInput
-from tvrerank.files import require_space
+from tvrerank.files import replaced_file, require_space
 from tvrerank.firststage.store import check_embeddings_record
 from tvrerank.index.faiss_index import build_index, search, to_gpu_if_available
 from tvrerank.index.store import check_index_matches, load_index_dir, read_gallery
@@ -201,17 +201,15 @@ def build_candidates(
 def write_candidates(path: str | Path, lists: CandidateLists, cache_path: str | Path) -> None:
     with CacheReader(cache_path) as cache:
         fingerprint, digest = cache.header.fingerprint(), cache_video_ids_digest(cache)
-    tmp = Path(str(path) + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     require_space(path, lists.video.nbytes + lists.score.nbytes + 8 * len(lists.true_rank) + (1 << 20),
                   "the candidates file")
-    with h5py.File(tmp, "w") as f:
+    with replaced_file(path, Path(str(path) + ".tmp")) as tmp, h5py.File(tmp, "w") as f:
         f["candidates/video"], f["candidates/score"] = lists.video, lists.score
         f["true_rank"], f["true_score"] = lists.true_rank, lists.true_score
         f.attrs.update({"schema": SCHEMA, "k": lists.video.shape[1], "source": lists.source,
                         "cache": str(cache_path), "fingerprint": json.dumps(fingerprint, sort_keys=True),
                         "video_ids_sha256": digest})
-    tmp.replace(path)
 
 
 def read_candidates(path: str | Path, cache: CacheReader) -> CandidateLists:
