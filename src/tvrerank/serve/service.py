@@ -30,6 +30,7 @@ import torch
 
 from tvrerank.errors import InputError, MissingInput, TvrerankError, reason_of
 from tvrerank.cache.identity import cache_video_ids_digest
+from tvrerank.cache.schema import FAILED, OK, PENDING
 from tvrerank.extract.frames import VideoDecodeError, sample_frames, swscale_interpolation
 from tvrerank.rerank.explain import explain_pair
 from tvrerank.retrieve.retriever import QueryError, Retriever, check_queries
@@ -37,7 +38,7 @@ from tvrerank.retrieve.retriever import QueryError, Retriever, check_queries
 log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 1000
-STATUS_NAMES = {0: "pending", 1: "ok", 2: "failed"}
+STATUS_NAMES = {PENDING: "pending", OK: "ok", FAILED: "failed"}
 
 
 class Busy(TvrerankError):
@@ -256,7 +257,7 @@ class SearchService:
     def explain(self, query: str | None, video_id: str) -> dict:
         query, warning = clean_query(query)
         row = self.row(video_id)
-        if self.status[row] != 1:
+        if self.status[row] != OK:
             raise UnknownVideo(f"video {video_id!r} was not extracted ({STATUS_NAMES.get(int(self.status[row]))}): "
                                "nothing to explain")
         retriever, device = self.retriever, self.retriever.device
