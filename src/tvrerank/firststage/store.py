@@ -70,19 +70,19 @@ def embed_cache(run_dir: str | Path, cache_path: str | Path, out: str | Path, *,
     first_stage = load_first_stage(run_dir, device)
     with CacheReader(cache_path) as cache:
         first_stage.require_cache(cache)
-        n, ok = cache.num_videos, cache.ok_rows()
-        video_emb = np.zeros((n, first_stage.model.config.embed_dim), dtype=np.float32)
+        n, m, ok, model = cache.num_videos, cache.num_captions, cache.ok_rows(), first_stage.model
+        video_emb = np.zeros((n, model.config.embed_dim), dtype=np.float32)  # failed videos stay zero
         for start in range(0, len(ok), batch):
             rows = ok[start : start + batch]
             frames = read_rows(cache["videos/frame_emb"], rows).astype(np.float32)
-            video_emb[rows] = first_stage.model.videos(torch.from_numpy(frames).to(device), torch.from_numpy(
+            video_emb[rows] = model.videos(torch.from_numpy(frames).to(device), torch.from_numpy(
                 read_rows(cache["videos/frame_mask"], rows)).to(device)).cpu().numpy()
-        text_emb = np.concatenate([
-            first_stage.model.texts(torch.from_numpy(cache["texts/emb"][s : s + batch].astype(np.float32)).to(device))
-            .cpu().numpy() for s in range(0, cache.num_captions, batch)]) if cache.num_captions else \
-            np.zeros((0, first_stage.model.config.embed_dim), np.float32)
+        text_emb = np.zeros((m, model.config.embed_dim), dtype=np.float32)
+        for start in range(0, m, batch):
+            captions = cache["texts/emb"][start : start + batch].astype(np.float32)
+            text_emb[start : start + batch] = model.texts(torch.from_numpy(captions).to(device)).cpu().numpy()
         record = {"cache": str(cache_path), "video_ids_sha256": cache_video_ids_digest(cache), "videos": int(n),
-                  "captions": int(cache.num_captions), "run": str(run_dir), "first_stage_sha256": first_stage.digest()}
+                  "captions": int(m), "run": str(run_dir), "first_stage_sha256": first_stage.digest()}
     with replaced_folder(out, owned=set(EMBEDDING_FILES)) as tmp:
         np.save(tmp / "text_emb.npy", text_emb)
         np.save(tmp / "video_emb.npy", video_emb)
