@@ -39,6 +39,8 @@ CASES = [
     ("candidates: zero k", "candidates {file} --index {dir} --out {dir}/x.h5 --k 0", 2, "--k"),
     ("train: negative workers", TRAIN_OPTIONS + " --workers -1", 2, "--workers"),
     ("train: zero captions in --config", TRAIN_OPTIONS + " --config {json}", 2, "'captions' must be an integer >= 2"),
+    ("train: a layout field in --config's model", TRAIN_OPTIONS + " --config {json}", 2,
+     "model options ['frames'] come from the cache"),
     ("train: broken JSON in --config", TRAIN_OPTIONS + " --config {json}", 2,
      "not a readable JSON file of training options"),
     ("retrieve: negative top", "retrieve --gallery {file} --index {dir} --reranker {dir} --top -2 q", 2, "--top"),
@@ -61,6 +63,7 @@ CONFIGS = {
     "train: a number as text in --config": {"lr": "fast"},
     "train: a bad model option in --config": {"model": {"width": -1}},
     "train: an unknown model option in --config": {"model": {"wdith": 64}},
+    "train: a layout field in --config's model": {"model": {"frames": 4}},
     "train: zero captions in --config": {"captions": 0},
     "train: broken JSON in --config": '{\n  steps: 5,\n}',  # text, written as is
 }

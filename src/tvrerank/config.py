@@ -161,6 +161,9 @@ def check_model_options(options: Any, cls: type, *, owner: str, what: str, deriv
 
     if not isinstance(options, dict):
         raise InputError(f"{owner} option 'model' must be an object of {what} options, got {options!r}")
+    if given := set(options) & set(derived):
+        raise InputError(f"{what} options {sorted(given)} come from the cache (its layout and sampling); "
+                         "remove them from the config")
     known = {f.name for f in dataclasses.fields(cls)} - set(derived)
     if unknown := set(options) - known:
         raise InputError(f"unknown {what} options {sorted(unknown)} (known: {sorted(known)})")

@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 STATE_FILE = "checkpoint.pt"
 
 
+#: RerankerConfig fields that model_config_for takes from the cache, never from the training config
+CACHE_LAYOUT = ("frames", "tokens_per_frame", "token_dim", "embed_dim", "text_token_dim", "text_tokens")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 2000
@@ -94,7 +98,7 @@ class TrainConfig:
             choices={"loss": ("listwise", "binary", "both"), "negative_sampling": ("uniform", "similarity"),
                      "fusion": FUSIONS})
         # types and ranges, before anything is read or written
-        check_model_options(self.model, RerankerConfig, owner="training", what="model")
+        check_model_options(self.model, RerankerConfig, owner="training", what="model", derived=CACHE_LAYOUT)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
