@@ -18,12 +18,15 @@ Then the peers users already pick, when importable (benchmark-only extras, never
 torchcodec (``VideoDecoder(seek_mode="exact").get_frames_played_at``; needs FFmpeg's shared
 libraries, e.g. Debian's ``ffmpeg``) and decord2 (``decord.VideoReader.get_batch`` at the indices
 of the frames on screen at the same target times). Each clip below is written by the script;
-each time is the median of ``--peer-repeats`` (default 5) runs of open + sample, one at a time,
+each time is the median of ``--peer-repeats`` (default 11) runs of open + sample, one at a time,
+the readers taking turns,
 tvrerank's including the resize and crop to ``--image-size``, the peers' at full resolution
-(what they return). The line ``short_clip_vs_best_peer=<x>`` is the largest, over the clips of
+(what they return). The column ``libswscale`` is tvrerank with its earlier resize method (one
+libswscale call per frame; ``extract.frames.RESIZE_METHODS``), the default ``torchvision`` before
+it. The line ``short_clip_vs_best_peer=<x>`` is the largest, over the clips of
 15 s or less, of tvrerank's time over the fastest peer's (goal <= 1.0).
 
-    python benchmarks/bench_decode.py [--seconds 180] [--repeats 3] [--peer-repeats 5]
+    python benchmarks/bench_decode.py [--seconds 180] [--repeats 3] [--peer-repeats 11]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import bisect
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +43,7 @@ import numpy as np
 from tvrerank.extract.frames import (
     SampledFrames,
     decode_all_reference,
-    frame_to_array,
+    frames_to_arrays,
     read_packet_index,
     sample_frames,
     target_times,
@@ -71,7 +75,7 @@ def decode_everything(path: Path, num_frames: int, image_size: int) -> SampledFr
         stream.thread_type = "AUTO"
         index = read_packet_index(container, stream)
         container.seek(0)
-        decoded = [(f.time, frame_to_array(f, image_size)) for f in container.decode(stream)]
+        decoded = [(f.time, frames_to_arrays([f], image_size)[0]) for f in container.decode(stream)]
     times = [t for t, _ in decoded]
     frames = np.zeros((num_frames, image_size, image_size, 3), np.uint8)
     stamps = np.zeros(num_frames)
@@ -116,13 +120,19 @@ def find_peers() -> dict:
     return peers
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def interleaved_median_times(readers: dict, repeats: int) -> dict[str, float]:
+    """name -> median seconds of ``repeats`` calls, after one warm-up call each; the readers take
+    turns (in a rotating order) so a slow moment of the machine does not fall on one of them."""
+    names = list(readers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        readers[name]()
+    for round_ in range(repeats):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            start = time.perf_counter()
+            readers[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(seconds)) for name, seconds in times.items()}
 
 
 def compare_with_peers(folder: Path, clips: list, frames: int, image_size: int, repeats: int,
@@ -138,16 +148,23 @@ def compare_with_peers(folder: Path, clips: list, frames: int, image_size: int, 
         write_video(path, moving_frames(int(seconds * fps), width, height), fps=fps, keyframe_interval=gop)
         rows.append((name, seconds, path))
     rows.append((f"{long_seconds:g} s 640x360, GOP 250 (the long video above)", long_seconds, long_path))
-    header = f"{'clip':<48} {'tvrerank':>9}" + "".join(f" {p:>17}" for p in peers) + "   (ms, median)"
+    header = (f"{'clip':<48} {'tvrerank':>9} {'libswscale':>10}" + "".join(f" {p:>17}" for p in peers)
+              + "   (ms, median)")
     print(header)
     for name, seconds, path in rows:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             index = read_packet_index(container, stream)
         targets = target_times(index.start, index.end, frames)
-        ours = median_time(lambda: sample_frames(path, num_frames=frames, image_size=image_size), repeats)
-        theirs = {peer: median_time(lambda: sample(path, targets), repeats) for peer, sample in peers.items()}
-        print(f"{name:<48} {ours * 1000:>9.1f}" + "".join(f" {t * 1000:>17.1f}" for t in theirs.values()))
+        readers = {
+            "tvrerank": lambda: sample_frames(path, num_frames=frames, image_size=image_size),
+            "libswscale": lambda: sample_frames(path, num_frames=frames, image_size=image_size, resize="libswscale"),
+            **{peer: partial(sample, path, targets) for peer, sample in peers.items()},
+        }
+        times = interleaved_median_times(readers, repeats)
+        ours, theirs = times["tvrerank"], {peer: times[peer] for peer in peers}
+        print(f"{name:<48} {ours * 1000:>9.1f} {times['libswscale'] * 1000:>10.1f}"
+              + "".join(f" {t * 1000:>17.1f}" for t in theirs.values()))
         if theirs and seconds <= 15:
             ratio = ours / min(theirs.values())
             worst = ratio if worst is None else max(worst, ratio)
@@ -169,7 +186,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peer-repeats", type=int, default=5)
+    parser.add_argument("--peer-repeats", type=int, default=11)
     parser.add_argument("--smoke", action="store_true", help="seconds-long check that the script runs (a 4 s video)")
     args = parser.parse_args()
     clips = CLIPS

@@ -66,6 +66,27 @@ def test_header_round_trips_through_attributes():
         CacheHeader.from_attrs({"schema": "other/9"})
 
 
+def test_a_cache_and_artifacts_from_before_the_resize_field_still_belong_together(tmp_path):
+    """Caches written before ``sampling.resize`` read as libswscale; so do fingerprints recorded from them."""
+    import json
+
+    from tvrerank.cache.identity import cache_mismatch
+
+    old_attrs = HEADER.to_attrs()
+    old_attrs["sampling"] = json.dumps({"frames": T, "strategy": "uniform"})
+    old = CacheHeader.from_attrs(old_attrs)
+    assert old.sampling.resize == "libswscale"
+
+    class OldCache:
+        header, path = old, tmp_path / "old.h5"
+
+    recorded = old.fingerprint()
+    recorded["sampling"] = {"frames": T, "strategy": "uniform"}  # what an artifact made then holds
+    assert cache_mismatch(OldCache, fingerprint=recorded) is None
+    torchvision = {**recorded, "sampling": {**recorded["sampling"], "resize": "torchvision"}}
+    assert "sampling.resize torchvision" in cache_mismatch(OldCache, fingerprint=torchvision)
+
+
 def test_parts_assemble_into_a_complete_cache(tmp_path):
     out, parts = _build(tmp_path)
     with CacheReader(out) as cache:

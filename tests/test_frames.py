@@ -8,13 +8,15 @@ from conftest import BROKEN, make_dataset, make_video, set_display_rotation
 
 from tvrerank.errors import InputError
 from tvrerank.extract.frames import (
+    RESIZE_METHODS,
     VideoDecodeError,
     center_crop,
+    check_resize,
     decode_all_reference,
+    resize_center_crop,
     resized_size,
     sample_frames,
     sample_or_error,
-    swscale_interpolation,
     target_times,
 )
 
@@ -29,17 +31,19 @@ def test_resize_keeps_aspect_and_crop_is_central():
     assert resized_size(17, 33, 32) == (32, 62)
     image = np.arange(6 * 8).reshape(6, 8, 1)
     np.testing.assert_array_equal(center_crop(image, 4)[:, :, 0], image[1:5, 2:6, 0])
+    np.testing.assert_array_equal(center_crop(np.stack([image, image + 1]), 4)[1, :, :, 0], image[1:5, 2:6, 0] + 1)
 
 
-@pytest.mark.parametrize("seek_min_packets", [0, 4, 1000])  # always seek, the default, never seek
+@pytest.mark.parametrize("seek_min_packets, resize", [(0, "torchvision"), (4, "torchvision"), (1000, "torchvision"),
+                                                      (4, "libswscale")])  # always seek, the default, never seek
 @pytest.mark.parametrize("gop", [5, 50])
-def test_sampler_matches_decoding_everything(tmp_path, gop, seek_min_packets, monkeypatch):
+def test_sampler_matches_decoding_everything(tmp_path, gop, seek_min_packets, resize, monkeypatch):
     from tvrerank.extract import frames
 
     monkeypatch.setattr(frames, "SEEK_MIN_PACKETS", seek_min_packets)
     path = make_video(tmp_path / "gop.mp4", num_frames=120, fps=24, keyframe_interval=gop)
-    ours = sample_frames(path, num_frames=8, image_size=24)
-    reference = decode_all_reference(path, num_frames=8, image_size=24)
+    ours = sample_frames(path, num_frames=8, image_size=24, resize=resize)
+    reference = decode_all_reference(path, num_frames=8, image_size=24, resize=resize)
     assert ours.num_valid == 8
     np.testing.assert_array_equal(ours.timestamps, reference.timestamps)
     np.testing.assert_array_equal(ours.frames, reference.frames)
@@ -88,7 +92,55 @@ def test_odd_sizes_are_resized_and_cropped(tmp_path):
     assert sample.frames.shape == (2, 20, 20, 3) and sample.num_valid == 2
 
 
-def test_display_rotation_is_applied(tmp_path):
+def test_torchvision_resize_is_torchvisions_own_and_pils_to_one_grey_level(tmp_path):
+    """The default method: libswscale's RGB of the decoded frame, then exactly torchvision's
+    antialiased resize and a central crop; PIL's bicubic (open_clip's own preprocessing) within 1
+    grey level but for a few values in ten thousand."""
+    import av
+    import torch
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2.functional import resize
+
+    from tvrerank.toy.videos import write_video
+
+    yy, xx = np.mgrid[0:72, 0:96]
+    scene = np.stack([xx * 255 // 96, yy * 255 // 72, (xx + yy) * 128 // 168], -1).astype(np.uint8)
+    scene[20:50, 30:60] = (230, 40, 10)  # a gradient and a red square: edges and smooth parts
+    path = write_video(tmp_path / "v.mp4", [scene] * 6, fps=6)
+    sample = sample_frames(path, num_frames=1, image_size=40)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frame = next(f for f in container.decode(stream) if f.time == sample.timestamps[0])
+        rgb = frame.to_ndarray(format="rgb24")  # (72, 96, 3)
+    expected = resize(torch.from_numpy(rgb).permute(2, 0, 1), [40, 53], interpolation=InterpolationMode.BICUBIC,
+                      antialias=True).permute(1, 2, 0).numpy()[:, 6:46]
+    np.testing.assert_array_equal(sample.frames[0], expected)
+
+    def close_to_pil(ours, pil):
+        differences = np.abs(pil.astype(int) - ours)
+        return differences.mean() < 0.3 and (differences > 1).mean() < 1e-3 and differences.max() <= 4
+
+    assert close_to_pil(sample.frames[0], np.asarray(Image.fromarray(rgb).resize((53, 40), Image.BICUBIC))[:, 6:46])
+    # downscaling too (antialiased), and libswscale's one-call method is not the same resize
+    small = sample_frames(path, num_frames=1, image_size=24)
+    assert close_to_pil(small.frames[0], np.asarray(Image.fromarray(rgb).resize((32, 24), Image.BICUBIC))[:, 4:28])
+    assert not np.array_equal(small.frames, sample_frames(path, num_frames=1, image_size=24,
+                                                          resize="libswscale").frames)
+
+
+def test_frames_of_several_sizes_are_each_resized_from_their_own_shape():
+    """A stream whose resolution changes mid-way: each shape is its own resize call."""
+    rng = np.random.default_rng(0)
+    wide, tall = rng.integers(0, 256, (30, 50, 3), np.uint8), rng.integers(0, 256, (60, 40, 3), np.uint8)
+    together = resize_center_crop([wide, tall, wide], 20)
+    np.testing.assert_array_equal(together[0], resize_center_crop([wide], 20)[0])
+    np.testing.assert_array_equal(together[1], resize_center_crop([tall], 20)[0])
+    np.testing.assert_array_equal(together[2], together[0])
+
+
+@pytest.mark.parametrize("resize", list(RESIZE_METHODS))
+def test_display_rotation_is_applied(tmp_path, resize):
     frames = []
     for _ in range(4):
         frame = np.zeros((32, 64, 3), np.uint8)
@@ -97,10 +149,10 @@ def test_display_rotation_is_applied(tmp_path):
     from tvrerank.toy.videos import write_video
 
     path = write_video(tmp_path / "rot.mp4", frames, fps=4)
-    upright = sample_frames(path, num_frames=1, image_size=32).frames[0].mean(-1)
+    upright = sample_frames(path, num_frames=1, image_size=32, resize=resize).frames[0].mean(-1)
     # the display matrix FFmpeg writes for "rotate 90 degrees clockwise" (phones shot portrait)
     set_display_rotation(path, (0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000))
-    rotated = sample_frames(path, num_frames=1, image_size=32).frames[0].mean(-1)
+    rotated = sample_frames(path, num_frames=1, image_size=32, resize=resize).frames[0].mean(-1)
     # unrotated: the 32 px crop of a 64x32 frame resized to 64x32 shows the boundary in the middle
     assert upright[:, :8].mean() > 200 and upright[:, -8:].mean() < 50
     # rotated clockwise the left half becomes the top half; the frame is now 32 wide, 64 tall
@@ -123,14 +175,19 @@ def test_bad_files_give_a_reason(tmp_path, kind, reason):
     assert sample is None and reason in error
 
 
-def test_the_encoders_recorded_interpolation_is_the_one_used(tmp_path):
-    assert swscale_interpolation("bicubic") == "BICUBIC" and swscale_interpolation("Bilinear") == "BILINEAR"
+@pytest.mark.parametrize("resize", list(RESIZE_METHODS))
+def test_the_encoders_recorded_interpolation_is_the_one_used(tmp_path, resize):
+    check_resize(resize, "Bicubic")
     with pytest.raises(InputError, match="'random'"):
-        swscale_interpolation("random")
+        check_resize(resize, "random")
+    with pytest.raises(InputError, match="'random'"):
+        sample_frames(tmp_path / "never-opened.mp4", num_frames=3, image_size=32, interpolation="random")
+    with pytest.raises(InputError, match="'ffmpeg'.*supported: torchvision, libswscale"):
+        check_resize("ffmpeg", "bicubic")
     video = make_video(tmp_path / "v.mp4", num_frames=12, height=60, width=84)
-    bicubic = sample_frames(video, num_frames=3, image_size=32, interpolation=swscale_interpolation("bicubic"))
-    bilinear = sample_frames(video, num_frames=3, image_size=32, interpolation=swscale_interpolation("bilinear"))
-    assert not np.array_equal(bicubic.frames, bilinear.frames)  # the option reaches libswscale
+    bicubic = sample_frames(video, num_frames=3, image_size=32, interpolation="bicubic", resize=resize)
+    bilinear = sample_frames(video, num_frames=3, image_size=32, interpolation="bilinear", resize=resize)
+    assert not np.array_equal(bicubic.frames, bilinear.frames)  # the option reaches the resizer
 
 
 @pytest.mark.parametrize("kind", ["png", "jpeg", "folder", "fifo"])

@@ -105,10 +105,15 @@ class SamplingConfig:
     ``uniform``: ``frames`` timestamps at the centres of equal segments of the video's
     duration; each takes the frame on screen at that time (largest pts <= t). Videos with
     fewer distinct frames are padded and masked.
+
+    ``resize``: how a frame became the encoder's input (``extract.frames.RESIZE_METHODS``);
+    ``extract`` writes ``torchvision``. The default is what caches written before the field
+    existed used, so they (and what was made from them) read as what they are.
     """
 
     frames: int = 12
     strategy: str = "uniform"
+    resize: str = "libswscale"
 
 
 @dataclass(frozen=True)

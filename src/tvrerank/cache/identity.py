@@ -37,9 +37,20 @@ def split_identity(cache, videos: list[str] | None = None) -> dict:
     return {"cache": str(cache.path), "video_ids_sha256": cache_video_ids_digest(cache), "videos": videos}
 
 
+def as_read_today(fingerprint: dict) -> dict:
+    """A recorded fingerprint with the sampling fields it predates filled in with their defaults, as
+    the cache it was made from reads today (``SamplingConfig.resize`` arrived after the first caches)."""
+    from tvrerank.config import SamplingConfig, from_dict, to_dict
+
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("sampling"), dict):
+        return fingerprint
+    return {**fingerprint, "sampling": to_dict(from_dict(SamplingConfig, fingerprint["sampling"]))}
+
+
 def cache_mismatch(cache, *, fingerprint: dict, video_ids_sha256: str | None = None) -> str | None:
     """Why an artifact with this fingerprint (and video-ids digest, when given) does not belong to ``cache``;
     None when it does."""
+    fingerprint = as_read_today(fingerprint)
     if fingerprint != cache.header.fingerprint():
         return ("it was made from a cache with other settings: "
                 + "; ".join(fingerprint_differences(fingerprint, cache.header.fingerprint(), cache.path)))

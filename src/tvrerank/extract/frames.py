@@ -7,9 +7,10 @@ target it then either decodes forward from where the decoder already is, or seek
 keyframe just before the target when that keyframe lies ahead of the decoder. That is exact
 for closed-GOP streams and decodes a small fraction of a long video's frames.
 
-Resizing and pixel-format conversion happen inside PyAV (libswscale); the display rotation
-stored in the container is applied; the centre crop is an array slice. ``decode_all_reference``
-is the brute-force reference (decode every frame, pick by the same rule) used by the tests and
+A chosen frame becomes the encoder's input in one of two ways (``RESIZE_METHODS``, recorded in
+the cache as ``SamplingConfig.resize``); the display rotation stored in the container is applied
+and the centre crop is an array slice in both. ``decode_all_reference`` is the brute-force
+reference (decode every frame, pick by the same rule) used by the tests and
 ``benchmarks/bench_decode.py``.
 """
 
@@ -55,36 +56,90 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(short_side, round(width * scale)), max(short_side, round(height * scale))
 
 
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """Central (size, size) window of an (H, W, C) image with H, W >= size."""
-    h, w = image.shape[:2]
+def center_crop(images: np.ndarray, size: int) -> np.ndarray:
+    """Central (size, size) window of (..., H, W, C) images with H, W >= size."""
+    h, w = images.shape[-3:-1]
     top, left = (h - size) // 2, (w - size) // 2
-    return image[top : top + size, left : left + size]
+    return images[..., top : top + size, left : left + size, :]
 
 
-#: open_clip's resize names (its preprocess config) → libswscale's, as PyAV's ``reformat`` takes them.
-SWSCALE_INTERPOLATION = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "POINT", "area": "AREA",
-                         "lanczos": "LANCZOS"}
+#: How a chosen frame becomes the encoder's (S, S) input, with the encoder's interpolation
+#: (open_clip's name → the resizer's):
+#:
+#: * ``torchvision`` (what ``extract`` uses): libswscale converts the frame to RGB at its decoded
+#:   size, then torchvision's antialiased resize scales a video's frames in one call, short side to
+#:   S: open_clip's own preprocessing of an RGB image (torchvision's antialiased resize is PIL's
+#:   to within 1 grey level on all but ~1e-4 of the values, mean difference ~0.1). Cheaper than one libswscale call at every size measured, since
+#:   libswscale's scaling RGB output path is slow (``benchmarks/bench_decode.py``; 12 frames: 176x144
+#:   2.7 -> 1.3 ms, 320x240 6.2 -> 1.6 ms, 1280x720 15.8 -> 12.3 ms).
+#: * ``libswscale``: resize and convert in one libswscale call per frame (caches made before the
+#:   cache recorded the method, which is why it is ``SamplingConfig.resize``'s default).
+RESIZE_METHODS = {
+    "torchvision": {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"},
+    "libswscale": {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "POINT", "area": "AREA",
+                   "lanczos": "LANCZOS"},
+}
+DEFAULT_RESIZE = "torchvision"
 
 
-def swscale_interpolation(name: str) -> str:
-    """The libswscale interpolation for the encoder's recorded one (``EncoderConfig.interpolation``)."""
-    try:
-        return SWSCALE_INTERPOLATION[name.lower()]
-    except KeyError:
-        raise InputError(f"the encoder resizes with {name!r}, which the frame sampler cannot do; "
-                         f"supported: {', '.join(SWSCALE_INTERPOLATION)}") from None
+def check_resize(resize: str, interpolation: str) -> None:
+    """Refuse, with InputError, a resize method or an encoder interpolation the sampler cannot do."""
+    if resize not in RESIZE_METHODS:
+        raise InputError(f"frames resized with {resize!r}, which this version cannot do; "
+                         f"supported: {', '.join(RESIZE_METHODS)}")
+    if interpolation.lower() not in RESIZE_METHODS[resize]:
+        raise InputError(f"the encoder resizes with {interpolation!r}, which the frame sampler cannot do "
+                         f"with {resize}; supported: {', '.join(RESIZE_METHODS[resize])}")
+
+
+def _quarter_turns(frame) -> int:
+    """The display rotation, a multiple of 90 degrees counter-clockwise as FFmpeg reports it."""
+    return round((frame.rotation or 0) / 90) % 4
+
+
+def frame_to_rgb(frame, reformatter) -> np.ndarray:
+    """Decoded ``av.VideoFrame`` → (H, W, 3) uint8 RGB as displayed, at its decoded size.
+
+    ``reformatter``: one ``av.video.reformatter.VideoReformatter`` shared by a video's frames, so
+    libswscale's context is built once per video instead of once per frame. (RGBA would resize
+    ~0.1 ms faster for 12 small frames, but dropping its fourth channel afterwards costs 1-2 ms.)
+    """
+    try:  # one thread: libswscale's automatic threads cost 5x more than they give on these sizes
+        rgb = reformatter.reformat(frame, format="rgb24", threads=1)
+    except TypeError:  # an older PyAV without the option (it converts on one thread)
+        rgb = reformatter.reformat(frame, format="rgb24")
+    image = rgb.to_ndarray()
+    quarter_turns = _quarter_turns(frame)
+    return np.rot90(image, k=quarter_turns) if quarter_turns else image
+
+
+def resize_center_crop(images: list[np.ndarray], image_size: int, interpolation: str = "bicubic",
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """RGB images (H_i, W_i, 3) uint8 → (N, S, S, 3) uint8 with torchvision: the short side scaled
+    to S (antialiased), then the central window. Images of one shape are resized in one call.
+    ``out``: an (N, S, S, 3) array to write into."""
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2.functional import resize  # v1 converts uint8 to float: 20x slower
+
+    mode = InterpolationMode[RESIZE_METHODS["torchvision"][interpolation.lower()]]
+    if out is None:
+        out = np.empty((len(images), image_size, image_size, 3), dtype=np.uint8)
+    rows_by_shape: dict[tuple, list[int]] = {}
+    for row, image in enumerate(images):
+        rows_by_shape.setdefault(image.shape, []).append(row)
+    for (height, width, _), rows in rows_by_shape.items():
+        out_w, out_h = resized_size(width, height, image_size)
+        batch = torch.from_numpy(np.stack([images[row] for row in rows])).permute(0, 3, 1, 2)  # (B, 3, H, W)
+        scaled = resize(batch, [out_h, out_w], interpolation=mode, antialias=True)  # (B, 3, h, w)
+        out[rows] = center_crop(scaled.permute(0, 2, 3, 1).numpy(), image_size)
+    return out
 
 
 def frame_to_array(frame, image_size: int, interpolation: str = "BICUBIC", reformatter=None) -> np.ndarray:
-    """Decoded ``av.VideoFrame`` → (S, S, 3) uint8 RGB as displayed: rotated, resized, cropped.
-
-    The resize and colour conversion run in libswscale; the display rotation (a multiple of
-    90 degrees, counter-clockwise as FFmpeg reports it) is applied with ``np.rot90``.
-    ``reformatter``: one ``av.video.reformatter.VideoReformatter`` shared by a video's frames, so
-    libswscale's context is built once per video instead of once per frame (~0.3 ms each).
-    """
-    quarter_turns = round((frame.rotation or 0) / 90) % 4
+    """Decoded ``av.VideoFrame`` → (S, S, 3) uint8 RGB as displayed, by the ``libswscale`` method:
+    resized and converted in one libswscale call (``interpolation`` in its names), rotated, cropped."""
+    quarter_turns = _quarter_turns(frame)
     width, height = frame.width, frame.height
     if quarter_turns % 2:  # displayed sideways: the short side is measured after rotation
         disp_w, disp_h = resized_size(height, width, image_size)
@@ -99,6 +154,24 @@ def frame_to_array(frame, image_size: int, interpolation: str = "BICUBIC", refor
     if quarter_turns:
         image = np.rot90(image, k=quarter_turns)
     return np.ascontiguousarray(center_crop(image, image_size))
+
+
+def frames_to_arrays(frames: list, image_size: int, interpolation: str = "bicubic",
+                     resize: str = DEFAULT_RESIZE, out: np.ndarray | None = None) -> np.ndarray:
+    """Decoded frames of one video → (N, S, S, 3) uint8, the encoder's input, by ``resize``
+    (written into ``out`` when given)."""
+    from av.video.reformatter import VideoReformatter
+
+    check_resize(resize, interpolation)
+    reformatter = VideoReformatter()
+    if out is None:
+        out = np.empty((len(frames), image_size, image_size, 3), dtype=np.uint8)
+    if resize == "libswscale":
+        name = RESIZE_METHODS[resize][interpolation.lower()]
+        for row, frame in enumerate(frames):
+            out[row] = frame_to_array(frame, image_size, name, reformatter)
+        return out
+    return resize_center_crop([frame_to_rgb(f, reformatter) for f in frames], image_size, interpolation, out)
 
 
 @dataclass(frozen=True)
@@ -230,8 +303,14 @@ class _Decoder:
     def push_back(self, frame) -> None:
         self._ready.insert(0, frame)
 
-    def frame_at(self, t: float):
-        """The frame on screen at ``t``: the last one with time <= t (or the first one after)."""
+    def frame_at(self, t: float, pts: int | None = None):
+        """The frame on screen at ``t``: the last one with time <= t (or the first one after).
+
+        ``pts``: that frame's pts when the packet index knows it (``PacketIndex.packet_pts_at``);
+        the frame is then handed out as soon as it is decoded, without decoding the next one to see
+        that it comes after ``t`` (a jump to a keyframe right after would throw that one away; 1-10
+        fewer packets per clip in benchmarks/bench_decode.py).
+        """
         chosen = None
         while True:
             frame = self.next_frame()
@@ -247,23 +326,22 @@ class _Decoder:
             if frame.time > t:  # target before the first frame: take the first one, keep it
                 self.push_back(frame)
                 return chosen
+            if pts is not None and frame.pts == pts:
+                return chosen
 
 
-def _pack(chosen: list, num_frames: int, image_size: int, interpolation: str) -> SampledFrames:
+def _pack(chosen: list, num_frames: int, image_size: int, interpolation: str, resize: str) -> SampledFrames:
     """Deduplicate chosen frames (short videos repeat) and pad to ``num_frames`` slots."""
-    from av.video.reformatter import VideoReformatter
-
-    reformatter = VideoReformatter()
-    frames = np.zeros((num_frames, image_size, image_size, 3), dtype=np.uint8)
-    mask = np.zeros(num_frames, dtype=bool)
-    stamps = np.full(num_frames, np.nan)
-    slot, last_time = 0, None
+    kept, last_time = [], None
     for frame in chosen:
-        if frame is None or frame.time == last_time:
-            continue
-        frames[slot] = frame_to_array(frame, image_size, interpolation, reformatter)
-        mask[slot], stamps[slot], last_time = True, frame.time, frame.time
-        slot += 1
+        if frame is not None and frame.time != last_time:
+            kept.append(frame)
+            last_time = frame.time
+    frames = np.zeros((num_frames, image_size, image_size, 3), dtype=np.uint8)
+    frames_to_arrays(kept, image_size, interpolation, resize, out=frames[: len(kept)])
+    mask = np.arange(num_frames) < len(kept)
+    stamps = np.full(num_frames, np.nan)
+    stamps[: len(kept)] = [frame.time for frame in kept]
     return SampledFrames(frames=frames, mask=mask, timestamps=stamps)
 
 
@@ -312,7 +390,8 @@ def sample_frames(
     *,
     num_frames: int,
     image_size: int,
-    interpolation: str = "BICUBIC",
+    interpolation: str = "bicubic",
+    resize: str = DEFAULT_RESIZE,
     threads: int = 0,
 ) -> SampledFrames:
     """Sample ``num_frames`` frames uniformly over the video's duration.
@@ -320,8 +399,10 @@ def sample_frames(
     Returns frames resized (short side) and centre-cropped to ``image_size``; a video with
     fewer distinct frames than targets fills the first slots and masks the rest. Raises
     VideoDecodeError with a readable reason for anything that yields no frame.
-    ``threads=0``: one decoding thread for frames up to 640x480, else FFmpeg's choice.
+    ``interpolation``: open_clip's name (``EncoderConfig.interpolation``); ``resize``: one of
+    ``RESIZE_METHODS``. ``threads=0``: one decoding thread for frames up to 640x480, else FFmpeg's choice.
     """
+    check_resize(resize, interpolation)
     container, stream = _open_video(path, threads)
     try:
         index = read_packet_index(container, stream)
@@ -336,20 +417,21 @@ def sample_frames(
                 if keyframe > decoder.position and not decoder.exhausted and \
                         index.packets_between(decoder.position, keyframe) >= SEEK_MIN_PACKETS:
                     decoder.seek(keyframe)
-                chosen.append(decoder.frame_at(t))
+                chosen.append(decoder.frame_at(t, index.packet_pts_at(t)))
         except Exception as exc:  # noqa: BLE001
             if not any(c is not None for c in chosen):
                 raise VideoDecodeError(f"decoding failed: {exc}") from exc
             log.warning("%s: decoding stopped early (%s); keeping %d frames", path, exc, len(chosen))
         if not any(c is not None for c in chosen):
             raise VideoDecodeError("no decodable frames")
-        return _pack(chosen, num_frames, image_size, interpolation)
+        return _pack(chosen, num_frames, image_size, interpolation, resize)
     finally:
         container.close()
 
 
 def decode_all_reference(
-    path: str | Path, *, num_frames: int, image_size: int, interpolation: str = "BICUBIC"
+    path: str | Path, *, num_frames: int, image_size: int, interpolation: str = "bicubic",
+    resize: str = DEFAULT_RESIZE,
 ) -> SampledFrames:
     """Brute-force reference for ``sample_frames``: decode every frame, pick by the same rule."""
     container, stream = _open_video(path, threads=0)
@@ -368,19 +450,20 @@ def decode_all_reference(
                 if frame.time <= t:
                     chosen[i] = frame
         chosen = [c if c is not None else first for c in chosen]
-        return _pack(chosen, num_frames, image_size, interpolation)
+        return _pack(chosen, num_frames, image_size, interpolation, resize)
     finally:
         container.close()
 
 
 def sample_or_error(
-    path: str | Path, *, num_frames: int, image_size: int, interpolation: str = "BICUBIC", threads: int = 0
+    path: str | Path, *, num_frames: int, image_size: int, interpolation: str = "bicubic",
+    resize: str = DEFAULT_RESIZE, threads: int = 0,
 ) -> tuple[SampledFrames | None, str]:
     """``sample_frames`` that returns ``(None, reason)`` instead of raising; safe in worker processes."""
     try:
         return (
             sample_frames(path, num_frames=num_frames, image_size=image_size,
-                          interpolation=interpolation, threads=threads),
+                          interpolation=interpolation, resize=resize, threads=threads),
             "",
         )
     except VideoDecodeError as exc:

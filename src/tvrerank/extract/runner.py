@@ -39,7 +39,7 @@ from tvrerank.errors import TvrerankError
 from tvrerank.cache.writer import PartData, PartStore, assemble
 from tvrerank.config import ExtractConfig, SamplingConfig
 from tvrerank.extract.annotations import Caption, read_annotations
-from tvrerank.extract.frames import SampledFrames, sample_or_error, swscale_interpolation
+from tvrerank.extract.frames import DEFAULT_RESIZE, SampledFrames, check_resize, sample_or_error
 from tvrerank.files import exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,17 @@ def part_bounds(num_videos: int, part_videos: int) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- reader
+def _decode_worker_setup(threads: int) -> None:
+    """A decoding process resizes frames with torch on its share of the cores, not on all of them.
+
+    Importing torchvision here, as the pool starts, overlaps its ~2 s with the encoder's loading
+    instead of delaying the first decoded video."""
+    import torch
+    import torchvision.transforms.v2.functional  # noqa: F401
+
+    torch.set_num_threads(max(1, threads))
+
+
 class DecodeQueue:
     """Frames of videos in order, sampled ahead in ``workers`` processes (0: in this process).
 
@@ -125,7 +136,8 @@ class DecodeQueue:
     def __init__(self, workers: int, look_ahead: int):
         self.workers, self.look_ahead = workers, max(1, look_ahead)
         self._threads = max(1, (os.cpu_count() or 1) // max(1, workers)) if workers else 0
-        self._pool = multiprocessing.get_context("spawn").Pool(workers) if workers else None
+        self._pool = multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_decode_worker_setup, initargs=(self._threads,)) if workers else None
 
     def run(
         self, items: Iterator[tuple[int, Path]], **sample_options
@@ -322,12 +334,13 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
         device=config.device,
     )
     layout = encoder.layout
+    check_resize(DEFAULT_RESIZE, encoder.config.interpolation)  # before any part, not once per video
     bytes_per_video = config.frames * layout.tokens_per_frame * layout.token_dim * 2
     part_videos = config.part_videos or auto_part_videos(config.frames, config.batch_size, bytes_per_video)
     table, video_offset, caption_offset = table.shard(config.shard_index, config.shard_count, part_videos)
     header = CacheHeader(
         encoder=encoder.config,
-        sampling=SamplingConfig(frames=config.frames),
+        sampling=SamplingConfig(frames=config.frames, resize=DEFAULT_RESIZE),
         layout=layout,
         dataset={
             "annotations": [str(Path(a)) for a in config.annotations],
@@ -356,7 +369,7 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
     videos_root = Path(config.videos)
     items = ((row, videos_root / table.video_paths[row]) for i in todo for row in range(*bounds[i]))
     results = decode.run(items, num_frames=config.frames, image_size=encoder.config.image_size,
-                         interpolation=swscale_interpolation(encoder.config.interpolation))
+                         interpolation=encoder.config.interpolation, resize=header.sampling.resize)
     writer = PartWriter(parts)
     waits, encode_seconds, pipeline_start = [], 0.0, time.perf_counter()
     try:

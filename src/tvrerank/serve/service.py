@@ -7,7 +7,7 @@ requests the next one is refused (``Busy``: the app answers 503 with a retry hin
 queueing without bound. The app (``serve/app.py``) maps these errors to HTTP statuses.
 
 Frame strips are decoded with the extraction's own sampler (``extract.frames.sample_frames``) at the
-cache's frame count, input size and interpolation, so each strip cell is the image the encoder saw
+cache's frame count, input size, interpolation and resize method, so each strip cell is the image the encoder saw
 and the cache's patch grid lies on it. Encoded strips are kept in memory within a byte budget
 (least recently used out first); a strip costs ~5-40 ms to decode and encode on the toy world
 (benchmarks/bench_serve.py measures it).
@@ -31,7 +31,7 @@ import torch
 from tvrerank.errors import InputError, MissingInput, TvrerankError, reason_of
 from tvrerank.cache.identity import cache_video_ids_digest
 from tvrerank.cache.schema import FAILED, OK, PENDING
-from tvrerank.extract.frames import VideoDecodeError, sample_frames, swscale_interpolation
+from tvrerank.extract.frames import VideoDecodeError, check_resize, sample_frames
 from tvrerank.rerank.explain import explain_pair
 from tvrerank.retrieve.retriever import QueryError, Retriever, check_queries
 
@@ -160,7 +160,8 @@ class SearchService:
         cache = retriever.cache
         self.layout = StripLayout(frames=cache.header.sampling.frames, image_size=cache.header.encoder.image_size,
                                   grid=tuple(cache.header.layout.grid))
-        self.interpolation = swscale_interpolation(cache.header.encoder.interpolation)
+        self.interpolation, self.resize = cache.header.encoder.interpolation, cache.header.sampling.resize
+        check_resize(self.resize, self.interpolation)
         root = videos_root if videos_root is not None else cache.header.dataset.get("videos_root")
         if root is None:
             raise InputError(f"{retriever.gallery} does not record its videos folder; pass --videos DIR")
@@ -233,7 +234,7 @@ class SearchService:
         else:
             try:
                 sampled = sample_frames(path, num_frames=self.layout.frames, image_size=self.layout.image_size,
-                                        interpolation=self.interpolation, threads=1)
+                                        interpolation=self.interpolation, resize=self.resize, threads=1)
                 strip = np.concatenate(list(sampled.frames), axis=1)  # (S, T·S, 3), padded slots black
             except VideoDecodeError as exc:
                 note = f"the video cannot be decoded ({exc})"
