@@ -87,6 +87,21 @@ def test_a_cache_and_artifacts_from_before_the_resize_field_still_belong_togethe
     assert "sampling.resize torchvision" in cache_mismatch(OldCache, fingerprint=torchvision)
 
 
+def test_parts_are_chunked_as_the_cache_is_with_a_checksum(tmp_path):
+    import h5py
+
+    from tvrerank.cache.schema import chunks_for
+
+    store = PartStore(tmp_path / "c.h5")
+    store.start({"plan": 1})
+    part = _part([0, 1], [0, 1, 2], ())
+    store.write(0, part)
+    with h5py.File(store.part_path(0), "r") as f:
+        tokens = f["videos/tokens"]
+        assert tokens.chunks == chunks_for("videos/tokens", tokens.shape) == (1,) + tokens.shape[1:]
+        assert tokens.fletcher32 and f["texts/emb"].fletcher32
+
+
 def test_parts_assemble_into_a_complete_cache(tmp_path):
     out, parts = _build(tmp_path)
     with CacheReader(out) as cache:
