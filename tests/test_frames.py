@@ -113,19 +113,22 @@ def test_torchvision_resize_is_torchvisions_own_and_pils_to_one_grey_level(tmp_p
         stream = container.streams.video[0]
         frame = next(f for f in container.decode(stream) if f.time == sample.timestamps[0])
         rgb = frame.to_ndarray(format="rgb24")  # (72, 96, 3)
-    expected = resize(torch.from_numpy(rgb).permute(2, 0, 1), [40, 53], interpolation=InterpolationMode.BICUBIC,
-                      antialias=True).permute(1, 2, 0).numpy()[:, 6:46]
-    np.testing.assert_array_equal(sample.frames[0], expected)
+    for interpolation in ("bicubic", "bilinear", "nearest"):  # exactly torchvision's resize, down and up
+        for size, width, left in ((40, 53, 6), (100, 133, 16)):
+            ours = sample_frames(path, num_frames=1, image_size=size, interpolation=interpolation).frames[0]
+            expected = resize(torch.from_numpy(rgb).permute(2, 0, 1), [size, width], antialias=True,
+                              interpolation=InterpolationMode[interpolation.upper()])
+            np.testing.assert_array_equal(ours, expected.permute(1, 2, 0).numpy()[:, left : left + size])
 
     def close_to_pil(ours, pil):
         differences = np.abs(pil.astype(int) - ours)
         return differences.mean() < 0.3 and (differences > 1).mean() < 1e-3 and differences.max() <= 4
 
     assert close_to_pil(sample.frames[0], np.asarray(Image.fromarray(rgb).resize((53, 40), Image.BICUBIC))[:, 6:46])
-    # downscaling too (antialiased), and libswscale's one-call method is not the same resize
-    small = sample_frames(path, num_frames=1, image_size=24)
-    assert close_to_pil(small.frames[0], np.asarray(Image.fromarray(rgb).resize((32, 24), Image.BICUBIC))[:, 4:28])
-    assert not np.array_equal(small.frames, sample_frames(path, num_frames=1, image_size=24,
+    large = sample_frames(path, num_frames=1, image_size=100)  # upscaling
+    assert close_to_pil(large.frames[0], np.asarray(Image.fromarray(rgb).resize((133, 100), Image.BICUBIC))[:, 16:116])
+    # libswscale's one-call method is not the same resize
+    assert not np.array_equal(large.frames, sample_frames(path, num_frames=1, image_size=100,
                                                           resize="libswscale").frames)
 
 

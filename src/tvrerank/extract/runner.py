@@ -119,10 +119,9 @@ def part_bounds(num_videos: int, part_videos: int) -> list[tuple[int, int]]:
 def _decode_worker_setup(threads: int) -> None:
     """A decoding process resizes frames with torch on its share of the cores, not on all of them.
 
-    Importing torchvision here, as the pool starts, overlaps its ~2 s with the encoder's loading
-    instead of delaying the first decoded video."""
+    Importing torch here, as the pool starts, overlaps its ~1.5 s with the encoder's loading instead
+    of delaying the first decoded video."""
     import torch
-    import torchvision.transforms.v2.functional  # noqa: F401
 
     torch.set_num_threads(max(1, threads))
 
