@@ -13,7 +13,7 @@ from tvrerank.extract.frames import (
     center_crop,
     check_resize,
     decode_all_reference,
-    resize_center_crop,
+    resize_to_input,
     resized_size,
     sample_frames,
     sample_or_error,
@@ -70,6 +70,38 @@ def test_variable_frame_rate_uses_timestamps(tmp_path):
     # the video spans [0, 4.5 + last duration); each target takes the last frame at or before it
     targets = target_times(0.0, ours.timestamps[-1] + 0.5, 6)
     assert all(stamp <= t + 1e-9 for stamp, t in zip(ours.timestamps, targets[: len(ours.timestamps)]))
+    np.testing.assert_array_equal(ours.timestamps, reference.timestamps)
+    np.testing.assert_array_equal(ours.frames, reference.frames)
+
+
+def test_a_frame_on_screen_for_several_targets_is_taken_once_not_the_next_one(tmp_path):
+    """Variable frame rate: several targets in a row see the frame shown from 0 s; the sampler once
+    took the frame after it for the next one (at 4, 6, 8 and 10 targets here), a frame no target is on."""
+    path = make_video(tmp_path / "gap.mp4", num_frames=4, frame_times=[0, 5.0, 5.05, 9.0])
+    for num_frames in range(2, 11):
+        ours = sample_frames(path, num_frames=num_frames, image_size=16)
+        reference = decode_all_reference(path, num_frames=num_frames, image_size=16)
+        np.testing.assert_array_equal(ours.timestamps, reference.timestamps)
+        np.testing.assert_array_equal(ours.frames, reference.frames)
+
+
+def test_two_frames_with_one_pts_give_the_later_one_as_decoding_everything_does(tmp_path):
+    import av
+
+    path = tmp_path / "dup.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuvj420p"
+        stream.time_base = __import__("fractions").Fraction(1, 1000)
+        stamps = iter([0, 100, 200, 300, 500, 500, 600, 700, 800, 900])  # what the packets say
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 25, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i * 100, stream.time_base
+            for packet in stream.encode(frame):
+                packet.pts = packet.dts = next(stamps)
+                container.mux(packet)
+    ours = sample_frames(path, num_frames=8, image_size=16)
+    reference = decode_all_reference(path, num_frames=8, image_size=16)
     np.testing.assert_array_equal(ours.timestamps, reference.timestamps)
     np.testing.assert_array_equal(ours.frames, reference.frames)
 
@@ -136,9 +168,9 @@ def test_frames_of_several_sizes_are_each_resized_from_their_own_shape():
     """A stream whose resolution changes mid-way: each shape is its own resize call."""
     rng = np.random.default_rng(0)
     wide, tall = rng.integers(0, 256, (30, 50, 3), np.uint8), rng.integers(0, 256, (60, 40, 3), np.uint8)
-    together = resize_center_crop([wide, tall, wide], 20)
-    np.testing.assert_array_equal(together[0], resize_center_crop([wide], 20)[0])
-    np.testing.assert_array_equal(together[1], resize_center_crop([tall], 20)[0])
+    together = resize_to_input([wide, tall, wide], 20)
+    np.testing.assert_array_equal(together[0], resize_to_input([wide], 20)[0])
+    np.testing.assert_array_equal(together[1], resize_to_input([tall], 20)[0])
     np.testing.assert_array_equal(together[2], together[0])
 
 
@@ -181,16 +213,48 @@ def test_bad_files_give_a_reason(tmp_path, kind, reason):
 @pytest.mark.parametrize("resize", list(RESIZE_METHODS))
 def test_the_encoders_recorded_interpolation_is_the_one_used(tmp_path, resize):
     check_resize(resize, "Bicubic")
-    with pytest.raises(InputError, match="'random'"):
-        check_resize(resize, "random")
-    with pytest.raises(InputError, match="'random'"):
-        sample_frames(tmp_path / "never-opened.mp4", num_frames=3, image_size=32, interpolation="random")
+    check_resize(resize, "random")  # open_clip's "random" is bicubic at inference
+    with pytest.raises(InputError, match="'hamming'"):
+        check_resize(resize, "hamming")
+    with pytest.raises(InputError, match="'hamming'"):
+        sample_frames(tmp_path / "never-opened.mp4", num_frames=3, image_size=32, interpolation="hamming")
     with pytest.raises(InputError, match="'ffmpeg'.*supported: torchvision, libswscale"):
         check_resize("ffmpeg", "bicubic")
     video = make_video(tmp_path / "v.mp4", num_frames=12, height=60, width=84)
     bicubic = sample_frames(video, num_frames=3, image_size=32, interpolation="bicubic", resize=resize)
     bilinear = sample_frames(video, num_frames=3, image_size=32, interpolation="bilinear", resize=resize)
+    random = sample_frames(video, num_frames=3, image_size=32, interpolation="random", resize=resize)
     assert not np.array_equal(bicubic.frames, bilinear.frames)  # the option reaches the resizer
+    np.testing.assert_array_equal(random.frames, bicubic.frames)
+
+
+@pytest.mark.parametrize("mode", ["shortest", "squash", "longest"])
+@pytest.mark.parametrize("height, width, size", [(72, 96, 40), (57, 83, 30), (83, 57, 30), (40, 56, 64)])
+def test_frames_are_open_clips_own_eval_preprocessing(tmp_path, mode, height, width, size):
+    """open_clip's image_transform (PIL) on the decoded RGB frame, for each resize_mode, odd sizes and
+    an upscale: same geometry, values within 1 grey level but for a few in ten thousand."""
+    import av
+    import open_clip
+    from PIL import Image
+
+    from tvrerank.toy.videos import write_video
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    scene = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 128 // (width + height)], -1)
+    scene = scene.astype(np.uint8)
+    scene[height // 4 : height // 2, width // 3 : width // 2] = (230, 40, 10)
+    path = write_video(tmp_path / "v.mp4", [scene] * 4, fps=4, pix_fmt="yuv444p")
+    sample = sample_frames(path, num_frames=1, image_size=size, resize_mode=mode, fill=0)
+    with av.open(str(path)) as container:
+        rgb = next(f for f in container.decode(video=0) if f.time == sample.timestamps[0]).to_ndarray(format="rgb24")
+    ours = sample.frames[0]
+    transform = open_clip.transform.image_transform(size, is_train=False, mean=(0, 0, 0), std=(1, 1, 1),
+                                                    resize_mode=mode, interpolation="bicubic", fill_color=0)
+    theirs = (transform(Image.fromarray(rgb)).permute(1, 2, 0).numpy() * 255).round().astype(int)
+    differences = np.abs(theirs - ours)
+    assert differences.mean() < 0.3 and (differences > 1).mean() < 2e-3, (differences.max(), differences.mean())
+    with pytest.raises(InputError, match="'squash'.*with libswscale"):
+        check_resize("libswscale", "bicubic", "squash")
 
 
 @pytest.mark.parametrize("kind", ["png", "jpeg", "folder", "fifo"])

@@ -92,8 +92,10 @@ def test_rerun_of_a_finished_cache_is_a_no_op_and_other_settings_are_refused(ref
     shutil.copy(out, copy)
     again = run_extraction(config_for(annotations, copy), progress=False)
     assert again.already_done and again.ok == 6
-    with pytest.raises(ExtractionError, match="--overwrite"):
+    with pytest.raises(ExtractionError, match="made with sampling.frames 3 .this run. vs 4 .copy.h5.; pass --overwrite"):
         run_extraction(config_for(annotations, copy, frames=3), progress=False)
+    with pytest.raises(ExtractionError, match="sampling.resize libswscale .this run. vs torchvision"):
+        run_extraction(config_for(annotations, copy, resize="libswscale"), progress=False)
     redone = run_extraction(config_for(annotations, copy, frames=3, overwrite=True), progress=False)
     assert not redone.already_done and read_arrays(copy)["videos/frame_mask"].shape == (11, 3)
 
@@ -104,6 +106,31 @@ def test_an_unfinished_run_with_other_settings_is_refused(reference, tmp_path):
     PartStore(out).start({"something": "else"})
     with pytest.raises(PlanMismatch, match="--overwrite"):
         run_extraction(config_for(annotations, out), progress=False)
+
+
+def test_an_unfinished_libswscale_run_is_refused_by_name_and_continued_with_its_resize(tmp_path, monkeypatch):
+    """Parts made with the earlier resize (e.g. before the upgrade) are named as such, and
+    ``--resize libswscale`` continues them into a cache that records it."""
+    import json
+
+    from tvrerank.extract import runner
+
+    annotations = make_dataset(tmp_path / "data", num_videos=3, broken=False)
+    out = tmp_path / "c.h5"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "assemble", crash)  # killed after the parts, before the cache
+    with pytest.raises(KeyboardInterrupt):
+        run_extraction(config_for(annotations, out, resize="libswscale"), progress=False)
+    monkeypatch.undo()
+    with pytest.raises(PlanMismatch, match="sampling.resize torchvision .this run. vs libswscale .the unfinished run."):
+        run_extraction(config_for(annotations, out), progress=False)
+    resumed = run_extraction(config_for(annotations, out, resize="libswscale"), progress=False)
+    assert resumed.resumed_parts > 0 and resumed.ok == 3
+    with h5py.File(out, "r") as f:
+        assert json.loads(f.attrs["sampling"])["resize"] == "libswscale"
 
 
 def test_every_video_failing_raises_no_error_but_reports_zero_ok(tmp_path):

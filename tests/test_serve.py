@@ -169,6 +169,24 @@ def test_any_decoding_failure_gives_a_placeholder(service, monkeypatch):
     assert service.strips.get("test-000011") is None
 
 
+def test_frames_of_a_cache_resized_by_an_unknown_method_are_placeholders_not_a_refusal(served_demo, monkeypatch):
+    """A cache from a later version (another sampling.resize) still serves search; strips say why not."""
+    import dataclasses
+
+    service = open_service(served_demo)
+    try:
+        cache = service.retriever.cache
+        monkeypatch.setattr(cache, "header", dataclasses.replace(
+            cache.header, sampling=dataclasses.replace(cache.header.sampling, resize="future")))
+        unknown = SearchService(service.retriever)
+        response = TestClient(create_app(unknown)).get("/api/videos/test-000011/frames")
+        assert response.status_code == 200
+        assert "'future'" in response.headers["x-tvrerank-placeholder"]
+        assert unknown.search(QUERY, top=3)["results"]
+    finally:
+        service.retriever.close()
+
+
 def test_strips_revalidate_by_etag_and_other_hosts_are_refused(service):
     client = TestClient(create_app(service, allowed_hosts=["127.0.0.1", "localhost"]), base_url="http://127.0.0.1")
     first = client.get("/api/videos/test-000005/frames")

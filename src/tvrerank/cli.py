@@ -111,9 +111,12 @@ def main(verbose: bool) -> None:
 @click.option("--shard", default=None, help="I/N: extract the I-th of N slices (automatic under torchrun).")
 @click.option("--part-videos", default=0, type=click.IntRange(min=0), help="Videos per resumable part (0: automatic).")
 @click.option("--overwrite", is_flag=True, help="Start over, discarding an existing cache or unfinished run.")
+@click.option("--resize", type=click.Choice(["torchvision", "libswscale"]), default="torchvision", show_default=True,
+              help="How frames reach the encoder's input size: open_clip's own preprocessing (torchvision's "
+                   "resize), or libswscale's, as caches made before tvrerank recorded it (to continue them).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(annotations, fmt, videos, model, pretrained, out, frames, token_space, token_pool, text_tokens,
-            batch_size, workers, device, precision, shard, part_videos, overwrite, quiet) -> None:
+            batch_size, workers, device, precision, shard, part_videos, overwrite, resize, quiet) -> None:
     """Decode videos, run the frozen encoder once, and write the HDF5 cache (resumable)."""
     from tvrerank.config import ExtractConfig
     from tvrerank.extract import runner
@@ -125,7 +128,7 @@ def extract(annotations, fmt, videos, model, pretrained, out, frames, token_spac
         pretrained=pretrained, frames=frames, token_space=token_space, token_pool=token_pool,
         text_tokens=text_tokens, batch_size=batch_size, workers=workers, device=device,
         precision=precision, shard_index=shard_index, shard_count=shard_count,
-        part_videos=part_videos, overwrite=overwrite,
+        part_videos=part_videos, overwrite=overwrite, resize=resize,
     )
     summary = runner.run_extraction(config, progress=not quiet)
     click.echo(summary.line())
@@ -162,7 +165,8 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
     click.echo(f"captions   {info['captions']}")
     click.echo(f"encoder    {enc['model']} pretrained={enc['pretrained']} image {enc['image_size']}px "
                f"{enc['precision']}")
-    click.echo(f"sampling   {info['frames']} frames ({info['sampling']['strategy']})")
+    click.echo(f"sampling   {info['frames']} frames ({info['sampling']['strategy']}), resized by "
+               f"{info['sampling']['resize']} ({enc['interpolation']}, {enc['resize_mode']})")
     click.echo(f"tokens     {info['tokens_per_frame']} per frame x {info['token_dim']} "
                f"({info['token_space']}, pool {info['token_pool']}); text {info['text_tokens']} x "
                f"{info['text_token_dim']}; embeddings {info['embed_dim']}")

@@ -87,6 +87,8 @@ class EncoderConfig:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     interpolation: str = "bicubic"
     precision: str = "fp32"
+    resize_mode: str = "shortest"  # open_clip's eval resize: shortest (crop), squash, longest (pad)
+    fill_color: int = 0  # the padding of resize_mode "longest"
 
     def identity(self) -> dict[str, Any]:
         """What must match between two artifacts for their embeddings to be comparable."""
@@ -156,6 +158,7 @@ class ExtractConfig:
     shard_count: int = 1
     part_videos: int = 0  # 0: chosen from the batch size and token size
     overwrite: bool = False
+    resize: str = "torchvision"  # SamplingConfig.resize; "libswscale" continues caches made before it
 
 
 def check_model_options(options: Any, cls: type, *, owner: str, what: str, derived: tuple[str, ...] = ()) -> None:

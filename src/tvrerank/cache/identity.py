@@ -40,11 +40,11 @@ def split_identity(cache, videos: list[str] | None = None) -> dict:
 def as_read_today(fingerprint: dict) -> dict:
     """A recorded fingerprint with the sampling fields it predates filled in with their defaults, as
     the cache it was made from reads today (``SamplingConfig.resize`` arrived after the first caches)."""
-    from tvrerank.config import SamplingConfig, from_dict, to_dict
+    from tvrerank.config import SamplingConfig, to_dict
 
     if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("sampling"), dict):
         return fingerprint
-    return {**fingerprint, "sampling": to_dict(from_dict(SamplingConfig, fingerprint["sampling"]))}
+    return {**fingerprint, "sampling": {**to_dict(SamplingConfig()), **fingerprint["sampling"]}}
 
 
 def cache_mismatch(cache, *, fingerprint: dict, video_ids_sha256: str | None = None) -> str | None:
@@ -59,9 +59,10 @@ def cache_mismatch(cache, *, fingerprint: dict, video_ids_sha256: str | None = N
     return None
 
 
-def fingerprint_differences(made_with: dict, held: dict, path, limit: int = 4) -> list[str]:
+def fingerprint_differences(made_with: dict, held: dict, path, limit: int = 4, label: str = "it") -> list[str]:
     """The settings two fingerprints differ in, each named with both values, e.g.
-    ``sampling.frames 8 (it) vs 12 (CACHE)``; long values (model configs, digests) are shortened."""
+    ``sampling.frames 8 (it) vs 12 (CACHE)`` (``label`` names the first); long values (model
+    configs, digests) are shortened."""
 
     def flat(tree, prefix=""):
         if isinstance(tree, dict) and not prefix.endswith("model_config"):
@@ -73,7 +74,7 @@ def fingerprint_differences(made_with: dict, held: dict, path, limit: int = 4) -
         return text if len(text) <= 40 else text[:37] + "..."
 
     a, b = flat(made_with), flat(held)
-    differ = [f"{key} {short(a.get(key))} (it) vs {short(b.get(key))} ({path})" for key in sorted(a.keys() | b.keys())
+    differ = [f"{key} {short(a.get(key))} ({label}) vs {short(b.get(key))} ({path})" for key in sorted(a.keys() | b.keys())
               if a.get(key) != b.get(key)]
     return differ[:limit] + ([f"and {len(differ) - limit} more"] if len(differ) > limit else [])
 

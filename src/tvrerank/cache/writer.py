@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from tvrerank.cache.checksums import damaged_reads, seal
+from tvrerank.cache.identity import fingerprint_differences
 from tvrerank.cache.schema import STR, TEXT_ARRAYS, VIDEO_ARRAYS, CacheHeader, chunks_for, dataset_specs
 from tvrerank.errors import TvrerankError
 from tvrerank.files import replaced_file, require_space
@@ -61,6 +62,9 @@ class PartStore:
             previous = json.loads(plan_path.read_text())
             if previous != plan:
                 changed = sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
+                if "fingerprint" in changed:  # name the settings, e.g. sampling.resize (extract --resize)
+                    changed[changed.index("fingerprint")] = "; ".join(fingerprint_differences(
+                        plan["fingerprint"], previous.get("fingerprint") or {}, "the unfinished run", label="this run"))
                 raise PlanMismatch(
                     f"{self.folder} holds an unfinished run with other settings ({', '.join(changed)}); "
                     "rerun it with the same options to resume, or pass --overwrite to start over"

@@ -67,29 +67,82 @@ def center_crop(images: np.ndarray, size: int) -> np.ndarray:
 #: (open_clip's name → the resizer's):
 #:
 #: * ``torchvision`` (what ``extract`` uses): libswscale converts the frame to RGB at its decoded
-#:   size, then torchvision's antialiased resize scales a video's frames in one call, short side to
-#:   S: open_clip's own preprocessing of an RGB image (torchvision's antialiased resize is PIL's
-#:   to within 1 grey level on all but ~1e-4 of the values, mean difference ~0.1). Cheaper than one libswscale call at every size measured, since
-#:   libswscale's scaling RGB output path is slow (``benchmarks/bench_decode.py``; 12 frames: 176x144
-#:   2.7 -> 1.3 ms, 320x240 6.2 -> 1.6 ms, 1280x720 15.8 -> 12.3 ms).
-#: * ``libswscale``: resize and convert in one libswscale call per frame (caches made before the
-#:   cache recorded the method, which is why it is ``SamplingConfig.resize``'s default).
+#:   size, then torch resizes a video's frames in one call with torchvision's antialiased resize and
+#:   open_clip's eval geometry (``input_geometry``): open_clip's own preprocessing of the RGB frame,
+#:   whose PIL resize it matches to within 1 grey level on all but ~1e-4 of the values (mean
+#:   difference ~0.1). Cheaper than one libswscale call at every size measured, since libswscale's
+#:   scaling RGB output path is slow (``benchmarks/bench_decode.py``; 12 frames: 176x144 2.7 ->
+#:   1.3 ms, 320x240 6.2 -> 1.6 ms, 1280x720 15.8 -> 12.3 ms).
+#: * ``libswscale``: resize and convert in one libswscale call per frame, short side to S rounded,
+#:   central crop floored (caches made before the cache recorded the method, which is why it is
+#:   ``SamplingConfig.resize``'s default; ``extract --resize libswscale`` continues such work).
 RESIZE_METHODS = {
     "torchvision": {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"},
     "libswscale": {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "POINT", "area": "AREA",
                    "lanczos": "LANCZOS"},
 }
 DEFAULT_RESIZE = "torchvision"
+#: open_clip's eval ``resize_mode``: ``shortest`` (short side to S, central crop), ``squash`` (to S x S,
+#: aspect not kept; SigLIP, PE, AIMv2), ``longest`` (long side to S, padded with ``fill``).
+RESIZE_MODES = ("shortest", "squash", "longest")
+#: RGB frames converted and resized at a time: a video's 12 4K frames are ~300 MB as RGB.
+RESIZE_CHUNK_BYTES = 64 << 20
 
 
-def check_resize(resize: str, interpolation: str) -> None:
-    """Refuse, with InputError, a resize method or an encoder interpolation the sampler cannot do."""
+def _interpolation(name: str) -> str:
+    """open_clip's interpolation name, lower case; its ``random`` means bicubic at inference."""
+    name = name.lower()
+    return "bicubic" if name == "random" else name
+
+
+def check_resize(resize: str, interpolation: str, resize_mode: str = "shortest") -> None:
+    """Refuse, with InputError, a resize method, interpolation or resize mode the sampler cannot do."""
     if resize not in RESIZE_METHODS:
         raise InputError(f"frames resized with {resize!r}, which this version cannot do; "
                          f"supported: {', '.join(RESIZE_METHODS)}")
-    if interpolation.lower() not in RESIZE_METHODS[resize]:
+    if _interpolation(interpolation) not in RESIZE_METHODS[resize]:
         raise InputError(f"the encoder resizes with {interpolation!r}, which the frame sampler cannot do "
                          f"with {resize}; supported: {', '.join(RESIZE_METHODS[resize])}")
+    modes = RESIZE_MODES if resize == "torchvision" else ("shortest",)
+    if resize_mode not in modes:
+        raise InputError(f"the encoder's resize mode is {resize_mode!r}, which the frame sampler cannot do "
+                         f"with {resize}; supported: {', '.join(modes)}")
+
+
+def resize_options(encoder, sampling) -> dict:
+    """``sample_frames``'s options that make a cache's frames: its encoder's (``EncoderConfig``) input
+    size, interpolation, resize mode and fill, and its sampling's (``SamplingConfig``) resize method."""
+    return {"image_size": encoder.image_size, "interpolation": encoder.interpolation, "resize": sampling.resize,
+            "resize_mode": encoder.resize_mode, "fill": encoder.fill_color}
+
+
+def input_geometry(height: int, width: int, image_size: int, mode: str = "shortest") -> tuple[int, int, int, int]:
+    """open_clip's eval geometry for an (height, width) image and input size S: the resized (h, w)
+    and where the (S, S) window starts in it (top, left; negative: padding), as torchvision's
+    ``Resize(S)`` + ``CenterCrop(S)`` (``shortest``: long side truncated, offsets rounded), ``Resize((S,
+    S))`` (``squash``) or open_clip's ``ResizeKeepRatio(longest=1)`` + ``CenterCropOrPad``."""
+    size = image_size
+    if mode == "squash":
+        return size, size, 0, 0
+    if mode == "longest":
+        ratio = max(height / size, width / size)
+        h, w = round(height / ratio), round(width / ratio)
+        return h, w, -((size - h) // 2), -((size - w) // 2)
+    if width <= height:
+        w, h = size, int(size * height / width)
+    else:
+        h, w = size, int(size * width / height)
+    return h, w, int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+
+
+def _window(images: np.ndarray, top: int, left: int, size: int, fill: int) -> np.ndarray:
+    """The (size, size) window of (B, h, w, 3) images starting at (top, left); outside them, ``fill``."""
+    if top >= 0 and left >= 0:
+        return images[:, top : top + size, left : left + size]
+    out = np.full((len(images), size, size, 3), fill, dtype=np.uint8)
+    inside = images[:, max(top, 0) : max(top, 0) + size, max(left, 0) : max(left, 0) + size]
+    out[:, max(-top, 0) : max(-top, 0) + inside.shape[1], max(-left, 0) : max(-left, 0) + inside.shape[2]] = inside
+    return out
 
 
 def _quarter_turns(frame) -> int:
@@ -113,27 +166,27 @@ def frame_to_rgb(frame, reformatter) -> np.ndarray:
     return np.rot90(image, k=quarter_turns) if quarter_turns else image
 
 
-def resize_center_crop(images: list[np.ndarray], image_size: int, interpolation: str = "bicubic",
-                       out: np.ndarray | None = None) -> np.ndarray:
-    """RGB images (H_i, W_i, 3) uint8 → (N, S, S, 3) uint8 with torchvision: the short side scaled
-    to S (antialiased), then the central window. Images of one shape are resized in one call.
-    ``out``: an (N, S, S, 3) array to write into."""
+def resize_to_input(images: list[np.ndarray], image_size: int, interpolation: str = "bicubic",
+                    resize_mode: str = "shortest", fill: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """RGB images (H_i, W_i, 3) uint8 → (N, S, S, 3) uint8, open_clip's eval preprocessing: resized
+    by torchvision's antialiased resize with ``input_geometry``, then the (S, S) window. Images of
+    one shape are resized in one call. ``out``: an (N, S, S, 3) array to write into."""
     import torch
 
     # torchvision.transforms.v2's resize of a uint8 CPU image is this call (tested equal); calling it
     # directly spares decoding workers torchvision's import (~1.2 s). v1's resize goes through float: 20x slower.
-    mode = RESIZE_METHODS["torchvision"][interpolation.lower()]
+    mode = RESIZE_METHODS["torchvision"][_interpolation(interpolation)]
     if out is None:
         out = np.empty((len(images), image_size, image_size, 3), dtype=np.uint8)
     rows_by_shape: dict[tuple, list[int]] = {}
     for row, image in enumerate(images):
         rows_by_shape.setdefault(image.shape, []).append(row)
     for (height, width, _), rows in rows_by_shape.items():
-        out_w, out_h = resized_size(width, height, image_size)
+        out_h, out_w, top, left = input_geometry(height, width, image_size, resize_mode)
         batch = torch.from_numpy(np.stack([images[row] for row in rows])).permute(0, 3, 1, 2)  # (B, 3, H, W)
         scaled = torch.nn.functional.interpolate(batch, size=(out_h, out_w), mode=mode,
                                                  antialias=mode != "nearest")  # (B, 3, h, w)
-        out[rows] = center_crop(scaled.permute(0, 2, 3, 1).numpy(), image_size)
+        out[rows] = _window(scaled.permute(0, 2, 3, 1).numpy(), top, left, image_size, fill)
     return out
 
 
@@ -157,22 +210,29 @@ def frame_to_array(frame, image_size: int, interpolation: str = "BICUBIC", refor
     return np.ascontiguousarray(center_crop(image, image_size))
 
 
-def frames_to_arrays(frames: list, image_size: int, interpolation: str = "bicubic",
-                     resize: str = DEFAULT_RESIZE, out: np.ndarray | None = None) -> np.ndarray:
-    """Decoded frames of one video → (N, S, S, 3) uint8, the encoder's input, by ``resize``
-    (written into ``out`` when given)."""
+def frames_to_arrays(frames: list, image_size: int, interpolation: str = "bicubic", resize: str = DEFAULT_RESIZE,
+                     resize_mode: str = "shortest", fill: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """Decoded frames of one video → (N, S, S, 3) uint8, the encoder's input, by ``resize`` (written
+    into ``out`` when given); at most ``RESIZE_CHUNK_BYTES`` of RGB frames exist at a time."""
     from av.video.reformatter import VideoReformatter
 
-    check_resize(resize, interpolation)
+    check_resize(resize, interpolation, resize_mode)
     reformatter = VideoReformatter()
     if out is None:
         out = np.empty((len(frames), image_size, image_size, 3), dtype=np.uint8)
     if resize == "libswscale":
-        name = RESIZE_METHODS[resize][interpolation.lower()]
+        name = RESIZE_METHODS[resize][_interpolation(interpolation)]
         for row, frame in enumerate(frames):
             out[row] = frame_to_array(frame, image_size, name, reformatter)
         return out
-    return resize_center_crop([frame_to_rgb(f, reformatter) for f in frames], image_size, interpolation, out)
+    start = 0
+    while start < len(frames):
+        images: list[np.ndarray] = []
+        while start + len(images) < len(frames) and sum(i.nbytes for i in images) < RESIZE_CHUNK_BYTES:
+            images.append(frame_to_rgb(frames[start + len(images)], reformatter))
+        resize_to_input(images, image_size, interpolation, resize_mode, fill, out[start : start + len(images)])
+        start += len(images)
+    return out
 
 
 @dataclass(frozen=True)
@@ -195,6 +255,14 @@ class PacketIndex:
             return 1 << 30
         lo = np.searchsorted(self.pts, start / self.time_base + 1e-9, side="right") if np.isfinite(start) else 0
         return int(max(0, np.searchsorted(self.pts, end / self.time_base - 1e-9, side="left") - lo))
+
+    def unique_pts_at(self, t: float) -> int | None:
+        """``packet_pts_at(t)`` when exactly one packet has that pts (else None: two frames with one pts
+        cannot be told apart by it)."""
+        pts = self.packet_pts_at(t)
+        if pts is None or np.searchsorted(self.pts, pts, side="right") - np.searchsorted(self.pts, pts) != 1:
+            return None
+        return pts
 
     def packet_pts_at(self, t: float) -> int | None:
         """pts of the frame on screen at time t (largest pts <= t), or None if unknown."""
@@ -273,14 +341,15 @@ class _Decoder:
         self.keep_pts = keep_pts
         self._packets: Iterator | None = None
         self._ready: list = []  # decoded frames not yet consumed, in presentation order
-        self.position = -np.inf  # time of the last frame handed out
+        self.last = None  # the frame handed out last since the last jump
+        self.position = -np.inf  # its time
         self.exhausted = False
 
     def seek(self, t: float) -> None:
         offset = int(round(t / seconds_per_tick(self.stream)))
         self.container.seek(offset, stream=self.stream, backward=True, any_frame=False)
         self._packets, self._ready, self.exhausted = None, [], False
-        self.position = -np.inf
+        self.last, self.position = None, -np.inf
 
     def _decode_more(self) -> None:
         if self._packets is None:
@@ -307,31 +376,30 @@ class _Decoder:
     def frame_at(self, t: float, pts: int | None = None):
         """The frame on screen at ``t``: the last one with time <= t (or the first one after).
 
-        ``pts``: that frame's pts when the packet index knows it (``PacketIndex.packet_pts_at``);
-        the frame is then handed out as soon as it is decoded, without decoding the next one to see
-        that it comes after ``t`` (a jump to a keyframe right after would throw that one away; 1-10
-        fewer packets per clip in benchmarks/bench_decode.py).
+        That may be the frame handed out for the previous target (variable frame rate: no new frame
+        since), which is kept until the next jump. ``pts``: the frame's pts when the packet index
+        knows it for sure (``PacketIndex.unique_pts_at``); the frame is then handed out as soon as it
+        is decoded, without decoding the next one to see that it comes after ``t`` (a jump to a
+        keyframe right after would throw that one away; 1-10 fewer packets per clip in
+        benchmarks/bench_decode.py).
         """
-        chosen = None
-        while True:
-            frame = self.next_frame()
-            if frame is None:
-                return chosen
+        chosen = self.last
+        while (frame := self.next_frame()) is not None:
             if frame.time is None:
                 continue
-            if frame.time > t and chosen is not None:
+            if frame.time > t:
+                chosen = frame if chosen is None else chosen  # t before the first frame: take that one
                 self.push_back(frame)
-                return chosen
+                break
             chosen = frame
-            self.position = frame.time
-            if frame.time > t:  # target before the first frame: take the first one, keep it
-                self.push_back(frame)
-                return chosen
             if pts is not None and frame.pts == pts:
-                return chosen
+                break
+        if chosen is not None:
+            self.last, self.position = chosen, chosen.time
+        return chosen
 
 
-def _pack(chosen: list, num_frames: int, image_size: int, interpolation: str, resize: str) -> SampledFrames:
+def _pack(chosen: list, num_frames: int, image_size: int, **resize_options) -> SampledFrames:
     """Deduplicate chosen frames (short videos repeat) and pad to ``num_frames`` slots."""
     kept, last_time = [], None
     for frame in chosen:
@@ -339,7 +407,7 @@ def _pack(chosen: list, num_frames: int, image_size: int, interpolation: str, re
             kept.append(frame)
             last_time = frame.time
     frames = np.zeros((num_frames, image_size, image_size, 3), dtype=np.uint8)
-    frames_to_arrays(kept, image_size, interpolation, resize, out=frames[: len(kept)])
+    frames_to_arrays(kept, image_size, out=frames[: len(kept)], **resize_options)
     mask = np.arange(num_frames) < len(kept)
     stamps = np.full(num_frames, np.nan)
     stamps[: len(kept)] = [frame.time for frame in kept]
@@ -393,6 +461,8 @@ def sample_frames(
     image_size: int,
     interpolation: str = "bicubic",
     resize: str = DEFAULT_RESIZE,
+    resize_mode: str = "shortest",
+    fill: int = 0,
     threads: int = 0,
 ) -> SampledFrames:
     """Sample ``num_frames`` frames uniformly over the video's duration.
@@ -400,10 +470,12 @@ def sample_frames(
     Returns frames resized (short side) and centre-cropped to ``image_size``; a video with
     fewer distinct frames than targets fills the first slots and masks the rest. Raises
     VideoDecodeError with a readable reason for anything that yields no frame.
-    ``interpolation``: open_clip's name (``EncoderConfig.interpolation``); ``resize``: one of
-    ``RESIZE_METHODS``. ``threads=0``: one decoding thread for frames up to 640x480, else FFmpeg's choice.
+    ``interpolation``, ``resize_mode``, ``fill``: open_clip's (``EncoderConfig``); ``resize``: one of
+    ``RESIZE_METHODS`` (``resize_options`` gives all of them for a cache). ``threads=0``: one decoding
+    thread for frames up to 640x480, else FFmpeg's choice.
     """
-    check_resize(resize, interpolation)
+    check_resize(resize, interpolation, resize_mode)
+    options = {"interpolation": interpolation, "resize": resize, "resize_mode": resize_mode, "fill": fill}
     container, stream = _open_video(path, threads)
     try:
         index = read_packet_index(container, stream)
@@ -418,22 +490,19 @@ def sample_frames(
                 if keyframe > decoder.position and not decoder.exhausted and \
                         index.packets_between(decoder.position, keyframe) >= SEEK_MIN_PACKETS:
                     decoder.seek(keyframe)
-                chosen.append(decoder.frame_at(t, index.packet_pts_at(t)))
+                chosen.append(decoder.frame_at(t, index.unique_pts_at(t)))
         except Exception as exc:  # noqa: BLE001
             if not any(c is not None for c in chosen):
                 raise VideoDecodeError(f"decoding failed: {exc}") from exc
             log.warning("%s: decoding stopped early (%s); keeping %d frames", path, exc, len(chosen))
         if not any(c is not None for c in chosen):
             raise VideoDecodeError("no decodable frames")
-        return _pack(chosen, num_frames, image_size, interpolation, resize)
+        return _pack(chosen, num_frames, image_size, **options)
     finally:
         container.close()
 
 
-def decode_all_reference(
-    path: str | Path, *, num_frames: int, image_size: int, interpolation: str = "bicubic",
-    resize: str = DEFAULT_RESIZE,
-) -> SampledFrames:
+def decode_all_reference(path: str | Path, *, num_frames: int, image_size: int, **resize_options) -> SampledFrames:
     """Brute-force reference for ``sample_frames``: decode every frame, pick by the same rule."""
     container, stream = _open_video(path, threads=0)
     try:
@@ -451,20 +520,16 @@ def decode_all_reference(
                 if frame.time <= t:
                     chosen[i] = frame
         chosen = [c if c is not None else first for c in chosen]
-        return _pack(chosen, num_frames, image_size, interpolation, resize)
+        return _pack(chosen, num_frames, image_size, **resize_options)
     finally:
         container.close()
 
 
-def sample_or_error(
-    path: str | Path, *, num_frames: int, image_size: int, interpolation: str = "bicubic",
-    resize: str = DEFAULT_RESIZE, threads: int = 0,
-) -> tuple[SampledFrames | None, str]:
+def sample_or_error(path: str | Path, **options) -> tuple[SampledFrames | None, str]:
     """``sample_frames`` that returns ``(None, reason)`` instead of raising; safe in worker processes."""
     try:
         return (
-            sample_frames(path, num_frames=num_frames, image_size=image_size,
-                          interpolation=interpolation, resize=resize, threads=threads),
+            sample_frames(path, **options),
             "",
         )
     except VideoDecodeError as exc:

@@ -168,7 +168,7 @@ def _create_clip(open_clip, name: str, config: dict, pretrained: str | None, *, 
 
 
 def preprocess_config(clip) -> dict[str, Any]:
-    """image_size, mean, std and interpolation open_clip attached to the model's image tower."""
+    """image_size, mean, std, interpolation, resize mode and fill open_clip attached to the model's image tower."""
     cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
     size = cfg.get("size", getattr(clip.visual, "image_size", 224))
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -177,6 +177,8 @@ def preprocess_config(clip) -> dict[str, Any]:
         "mean": tuple(float(v) for v in cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
         "std": tuple(float(v) for v in cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
         "interpolation": str(cfg.get("interpolation", "bicubic")),
+        "resize_mode": str(cfg.get("resize_mode", "shortest")),
+        "fill_color": int(cfg.get("fill_color", 0)),
     }
 
 

@@ -33,13 +33,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from tvrerank.cache.identity import cache_mismatch, video_ids_digest
+from tvrerank.cache.identity import cache_mismatch, fingerprint_differences, video_ids_digest
 from tvrerank.cache.schema import FAILED, OK, CacheHeader
 from tvrerank.errors import TvrerankError
 from tvrerank.cache.writer import PartData, PartStore, assemble
 from tvrerank.config import ExtractConfig, SamplingConfig
 from tvrerank.extract.annotations import Caption, read_annotations
-from tvrerank.extract.frames import DEFAULT_RESIZE, SampledFrames, check_resize, sample_or_error
+from tvrerank.extract.frames import SampledFrames, check_resize, resize_options, sample_or_error
 from tvrerank.files import exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -333,13 +333,13 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
         device=config.device,
     )
     layout = encoder.layout
-    check_resize(DEFAULT_RESIZE, encoder.config.interpolation)  # before any part, not once per video
+    check_resize(config.resize, encoder.config.interpolation, encoder.config.resize_mode)  # once, not per video
     bytes_per_video = config.frames * layout.tokens_per_frame * layout.token_dim * 2
     part_videos = config.part_videos or auto_part_videos(config.frames, config.batch_size, bytes_per_video)
     table, video_offset, caption_offset = table.shard(config.shard_index, config.shard_count, part_videos)
     header = CacheHeader(
         encoder=encoder.config,
-        sampling=SamplingConfig(frames=config.frames, resize=DEFAULT_RESIZE),
+        sampling=SamplingConfig(frames=config.frames, resize=config.resize),
         layout=layout,
         dataset={
             "annotations": [str(Path(a)) for a in config.annotations],
@@ -367,8 +367,7 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
         log.info("resuming %s: %d of %d parts already done", out, len(done), len(bounds))
     videos_root = Path(config.videos)
     items = ((row, videos_root / table.video_paths[row]) for i in todo for row in range(*bounds[i]))
-    results = decode.run(items, num_frames=config.frames, image_size=encoder.config.image_size,
-                         interpolation=encoder.config.interpolation, resize=header.sampling.resize)
+    results = decode.run(items, num_frames=config.frames, **resize_options(encoder.config, header.sampling))
     writer = PartWriter(parts)
     waits, encode_seconds, pipeline_start = [], 0.0, time.perf_counter()
     try:
@@ -410,15 +409,17 @@ def _finished_already(out: Path, header: CacheHeader, table: VideoTable, started
     from tvrerank.cache.reader import CacheReader
 
     with CacheReader(out) as cache:
-        same = (
-            cache_mismatch(cache, fingerprint=header.fingerprint(),
-                           video_ids_sha256=video_ids_digest(table.video_ids)) is None
-            and list(cache.strings("texts/caption")) == table.captions
-        )
-    if not same:
+        reason = None
+        if cache.header.fingerprint() != header.fingerprint():
+            reason = "; ".join(fingerprint_differences(header.fingerprint(), cache.header.fingerprint(), out.name,
+                                                       label="this run"))
+        elif cache_mismatch(cache, fingerprint=header.fingerprint(), video_ids_sha256=video_ids_digest(table.video_ids)):
+            reason = "other videos"
+        elif list(cache.strings("texts/caption")) != table.captions:
+            reason = "other captions"
+    if reason is not None:
         raise ExtractionError(
-            f"{out} already exists and was made with other settings or videos; "
-            "pass --overwrite to replace it or choose another --out"
+            f"{out} already exists and was made with {reason}; pass --overwrite to replace it or choose another --out"
         )
     log.info("%s is already complete", out)
     PartStore(out).remove()

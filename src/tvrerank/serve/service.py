@@ -31,7 +31,7 @@ import torch
 from tvrerank.errors import InputError, MissingInput, TvrerankError, reason_of
 from tvrerank.cache.identity import cache_video_ids_digest
 from tvrerank.cache.schema import FAILED, OK, PENDING
-from tvrerank.extract.frames import VideoDecodeError, check_resize, sample_frames
+from tvrerank.extract.frames import VideoDecodeError, check_resize, resize_options, sample_frames
 from tvrerank.rerank.explain import explain_pair
 from tvrerank.retrieve.retriever import QueryError, Retriever, check_queries
 
@@ -160,8 +160,13 @@ class SearchService:
         cache = retriever.cache
         self.layout = StripLayout(frames=cache.header.sampling.frames, image_size=cache.header.encoder.image_size,
                                   grid=tuple(cache.header.layout.grid))
-        self.interpolation, self.resize = cache.header.encoder.interpolation, cache.header.sampling.resize
-        check_resize(self.resize, self.interpolation)
+        self.resize_options = resize_options(cache.header.encoder, cache.header.sampling)
+        try:  # a method this version cannot reproduce leaves placeholder strips, not a refusal to serve
+            check_resize(*(self.resize_options[k] for k in ("resize", "interpolation", "resize_mode")))
+            self.strip_refusal = None
+        except InputError as exc:
+            self.strip_refusal = f"the frames cannot be shown: {exc}"
+            log.warning("%s", self.strip_refusal)
         root = videos_root if videos_root is not None else cache.header.dataset.get("videos_root")
         if root is None:
             raise InputError(f"{retriever.gallery} does not record its videos folder; pass --videos DIR")
@@ -228,13 +233,12 @@ class SearchService:
         cached = self.strips.get(video_id)
         if cached is not None:
             return cached
-        path, note = self.video_file(row), None
-        if path is None or not path.is_file():
+        path, note = self.video_file(row), self.strip_refusal
+        if note is None and (path is None or not path.is_file()):
             note = "the video file is missing"
-        else:
+        if note is None:
             try:
-                sampled = sample_frames(path, num_frames=self.layout.frames, image_size=self.layout.image_size,
-                                        interpolation=self.interpolation, resize=self.resize, threads=1)
+                sampled = sample_frames(path, num_frames=self.layout.frames, threads=1, **self.resize_options)
                 strip = np.concatenate(list(sampled.frames), axis=1)  # (S, T·S, 3), padded slots black
             except VideoDecodeError as exc:
                 note = f"the video cannot be decoded ({exc})"

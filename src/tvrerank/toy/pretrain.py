@@ -67,7 +67,8 @@ def random_frame_scene(rng: random.Random) -> tuple[list[tuple[Event, float]], s
 
 
 def frame_bank(config: PretrainConfig, image_size: int, count: int, seed: int) -> tuple[np.ndarray, list[str]]:
-    """``count`` rendered frames resized to ``image_size`` (bicubic, as PyAV does) and captions."""
+    """``count`` rendered frames resized to ``image_size`` (PIL's bicubic, which extraction's resize
+    matches within a grey level) and captions."""
     from PIL import Image
 
     rng = random.Random(seed)
