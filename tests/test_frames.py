@@ -164,6 +164,21 @@ def test_torchvision_resize_is_torchvisions_own_and_pils_to_one_grey_level(tmp_p
                                                           resize="libswscale").frames)
 
 
+@pytest.mark.parametrize("capability", ["AVX512", "DEFAULT"])  # torchvision resizes bilinear in float without AVX2
+def test_the_resize_is_torchvisions_on_every_cpu(monkeypatch, capability):
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2.functional import resize
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    images = [np.random.default_rng(1).integers(0, 256, (30, 50, 3), np.uint8)]
+    for interpolation in ("bicubic", "bilinear", "nearest"):
+        ours = resize_to_input(images, 20, interpolation)[0]
+        theirs = resize(torch.from_numpy(images[0]).permute(2, 0, 1), [20], antialias=True,
+                        interpolation=InterpolationMode[interpolation.upper()])
+        np.testing.assert_array_equal(ours, theirs.permute(1, 2, 0).numpy()[:, 6:26])
+
+
 def test_frames_of_several_sizes_are_each_resized_from_their_own_shape():
     """A stream whose resolution changes mid-way: each shape is its own resize call."""
     rng = np.random.default_rng(0)

@@ -184,10 +184,24 @@ def resize_to_input(images: list[np.ndarray], image_size: int, interpolation: st
     for (height, width, _), rows in rows_by_shape.items():
         out_h, out_w, top, left = input_geometry(height, width, image_size, resize_mode)
         batch = torch.from_numpy(np.stack([images[row] for row in rows])).permute(0, 3, 1, 2)  # (B, 3, H, W)
-        scaled = torch.nn.functional.interpolate(batch, size=(out_h, out_w), mode=mode,
-                                                 antialias=mode != "nearest")  # (B, 3, h, w)
-        out[rows] = _window(scaled.permute(0, 2, 3, 1).numpy(), top, left, image_size, fill)
+        scaled = batch if (out_h, out_w) == (height, width) else _interpolate_uint8(batch, (out_h, out_w), mode)
+        out[rows] = _window(scaled.permute(0, 2, 3, 1).numpy(), top, left, image_size, fill)  # (B, S, S, 3)
     return out
+
+
+def _interpolate_uint8(batch, size: tuple[int, int], mode: str):
+    """(B, 3, H, W) uint8 → (B, 3, h, w) uint8 as torchvision.transforms.v2's resize (antialiased): torch's
+    native uint8 kernel, except bilinear on x86 without AVX2, which torchvision computes in float."""
+    import platform
+
+    import torch
+
+    native = mode != "bilinear" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or \
+        platform.machine() in ("aarch64", "arm64")
+    if native:
+        return torch.nn.functional.interpolate(batch, size=size, mode=mode, antialias=mode != "nearest")
+    scaled = torch.nn.functional.interpolate(batch.float(), size=size, mode=mode, antialias=True)
+    return scaled.round_().to(torch.uint8)
 
 
 def frame_to_array(frame, image_size: int, interpolation: str = "BICUBIC", reformatter=None) -> np.ndarray:
