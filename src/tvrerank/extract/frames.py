@@ -111,7 +111,9 @@ def check_resize(resize: str, interpolation: str, resize_mode: str = "shortest")
 
 def resize_options(encoder, sampling) -> dict:
     """``sample_frames``'s options that make a cache's frames: its encoder's (``EncoderConfig``) input
-    size, interpolation, resize mode and fill, and its sampling's (``SamplingConfig``) resize method."""
+    size, interpolation, resize mode and fill, and its sampling's (``SamplingConfig``) resize method.
+    Refuses (``check_resize``) what the sampler cannot do, so callers find out once, not per video."""
+    check_resize(sampling.resize, encoder.interpolation, encoder.resize_mode)
     return {"image_size": encoder.image_size, "interpolation": encoder.interpolation, "resize": sampling.resize,
             "resize_mode": encoder.resize_mode, "fill": encoder.fill_color}
 

@@ -39,7 +39,7 @@ from tvrerank.errors import TvrerankError
 from tvrerank.cache.writer import PartData, PartStore, assemble
 from tvrerank.config import ExtractConfig, SamplingConfig
 from tvrerank.extract.annotations import Caption, read_annotations
-from tvrerank.extract.frames import SampledFrames, check_resize, resize_options, sample_or_error
+from tvrerank.extract.frames import SampledFrames, resize_options, sample_or_error
 from tvrerank.files import exclusive_lock
 
 log = logging.getLogger(__name__)
@@ -333,13 +333,14 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
         device=config.device,
     )
     layout = encoder.layout
-    check_resize(config.resize, encoder.config.interpolation, encoder.config.resize_mode)  # once, not per video
+    sampling = SamplingConfig(frames=config.frames, resize=config.resize)
+    frame_options = resize_options(encoder.config, sampling)  # refuses a resize it cannot do, before any part
     bytes_per_video = config.frames * layout.tokens_per_frame * layout.token_dim * 2
     part_videos = config.part_videos or auto_part_videos(config.frames, config.batch_size, bytes_per_video)
     table, video_offset, caption_offset = table.shard(config.shard_index, config.shard_count, part_videos)
     header = CacheHeader(
         encoder=encoder.config,
-        sampling=SamplingConfig(frames=config.frames, resize=config.resize),
+        sampling=sampling,
         layout=layout,
         dataset={
             "annotations": [str(Path(a)) for a in config.annotations],
@@ -367,7 +368,7 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
         log.info("resuming %s: %d of %d parts already done", out, len(done), len(bounds))
     videos_root = Path(config.videos)
     items = ((row, videos_root / table.video_paths[row]) for i in todo for row in range(*bounds[i]))
-    results = decode.run(items, num_frames=config.frames, **resize_options(encoder.config, header.sampling))
+    results = decode.run(items, num_frames=config.frames, **frame_options)
     writer = PartWriter(parts)
     waits, encode_seconds, pipeline_start = [], 0.0, time.perf_counter()
     try:

@@ -31,7 +31,7 @@ import torch
 from tvrerank.errors import InputError, MissingInput, TvrerankError, reason_of
 from tvrerank.cache.identity import cache_video_ids_digest
 from tvrerank.cache.schema import FAILED, OK, PENDING
-from tvrerank.extract.frames import VideoDecodeError, check_resize, resize_options, sample_frames
+from tvrerank.extract.frames import VideoDecodeError, resize_options, sample_frames
 from tvrerank.rerank.explain import explain_pair
 from tvrerank.retrieve.retriever import QueryError, Retriever, check_queries
 
@@ -160,12 +160,10 @@ class SearchService:
         cache = retriever.cache
         self.layout = StripLayout(frames=cache.header.sampling.frames, image_size=cache.header.encoder.image_size,
                                   grid=tuple(cache.header.layout.grid))
-        self.resize_options = resize_options(cache.header.encoder, cache.header.sampling)
         try:  # a method this version cannot reproduce leaves placeholder strips, not a refusal to serve
-            check_resize(*(self.resize_options[k] for k in ("resize", "interpolation", "resize_mode")))
-            self.strip_refusal = None
+            self.resize_options, self.strip_refusal = resize_options(cache.header.encoder, cache.header.sampling), None
         except InputError as exc:
-            self.strip_refusal = f"the frames cannot be shown: {exc}"
+            self.resize_options, self.strip_refusal = {}, f"the frames cannot be shown: {exc}"
             log.warning("%s", self.strip_refusal)
         root = videos_root if videos_root is not None else cache.header.dataset.get("videos_root")
         if root is None:
