@@ -130,21 +130,15 @@ def one_step(model, optimizer, videos: dict, texts: dict, pair_video, device) ->
 def tower_features(encoder, frames: np.ndarray, chunk: int) -> dict:
     """(U, T, S, S, 3) uint8 → tokens (U, T, P, D), frame_emb (U, T, E), frame_mask on the device.
 
-    ``FrozenClipEncoder._encode_frames`` without the copy to host: preprocess, last-block tokens
-    (final norm) through the visual projection, L2-normalised pooled embedding.
+    ``FrozenClipEncoder.frames_on_device``, what extraction runs, without the copy to host:
+    preprocess, last-block tokens (final norm) through the visual projection, L2-normalised pooled
+    embedding.
     """
     import torch
-    import torch.nn.functional as F
 
     u, t = frames.shape[:2]
-    flat, tokens, embs = frames.reshape(u * t, *frames.shape[2:]), [], []
-    with torch.no_grad():
-        for lo in range(0, len(flat), chunk):
-            out = encoder.clip.visual.forward_intermediates(encoder.preprocess(flat[lo:lo + chunk]), indices=1,
-                                                            normalize_intermediates=True, output_fmt="NCHW")
-            grid = out["image_intermediates"][-1].flatten(2).transpose(1, 2)  # (N, P, C)
-            tokens.append(encoder._image_projection(grid.to(encoder.dtype)).float())
-            embs.append(F.normalize(out["image_features"].float(), dim=-1))
+    flat = frames.reshape(u * t, *frames.shape[2:])
+    embs, tokens = zip(*(encoder.frames_on_device(flat[lo:lo + chunk])[:2] for lo in range(0, len(flat), chunk)))
     return {"tokens": torch.cat(tokens).view(u, t, *tokens[0].shape[1:]),
             "frame_emb": torch.cat(embs).view(u, t, -1),
             "frame_mask": torch.ones(u, t, dtype=torch.bool, device=encoder.device)}

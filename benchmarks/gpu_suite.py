@@ -4,19 +4,19 @@ Runs, in this order (most telling first), each benchmark script of this folder a
 with GPU-sized options, keeps its whole output, and collects the ``name=value`` figures it prints:
 
 1. extraction (``bench_extract.py``): 120 MSR-VTT-like clips (320x240, 8-10 s, written by the
-   script; writing them takes ~0.5 s each on one core) with ViT-B-16 and ViT-bigG-14, random weights, bf16: videos/s, the share of the
-   run the GPU was busy (NVML), and ``tower_ratio`` (pipeline frames/s over the bare tower's at
-   the same batch size; goal >= 0.9 for bigG);
-2. retrieval (``bench_retrieve.py``): batch-1 latency with the ViT-bigG-14 text tower on the GPU,
-   stage 1 alone vs re-ranked at K = 15 with the gallery store (``rerank_overhead``; goal <= 0.1);
-3. training (``bench_train_cost.py``): a re-ranker step at the default width on ViT-bigG-14-shaped
+   script, one process per core) with ViT-B-16 and ViT-bigG-14, random weights, bf16: videos/s,
+   the share of the run the GPU was busy (NVML), and ``tower_ratio`` (pipeline frames/s over the
+   bare tower's at the same batch size; goal >= 0.9 for bigG);
+2. training (``bench_train_cost.py``): a re-ranker step at the default width on ViT-bigG-14-shaped
    tokens (1280-wide, 256 per frame, 12 frames), bf16, from the cache vs with the bigG tower run on
-   the frames (``cache_speedup``);
+   the frames (``cache_speedup``), and the cache's read rate;
+3. retrieval (``bench_retrieve.py``): batch-1 latency with the ViT-bigG-14 text tower on the GPU,
+   stage 1 alone vs re-ranked at K = 15 with the gallery store (``rerank_overhead``; goal <= 0.1);
 4. FAISS (``bench_index.py``): 1M x 1280 vectors, Flat and the ``auto`` IVF-PQ choice, CPU queries/s,
    and the GPU's (faiss-gpu when installed; a torch exact top-k otherwise, for scale).
 
-Each section has a time limit; a section that would start after ``--budget-s`` is skipped and
-said so. ``OUT/gpu_suite.json`` and ``OUT/gpu_suite.md`` are rewritten after every section, so a
+Each section has a time limit (200, 150, 180 and 120 s); a section that would start after
+``--budget-s`` (default 360 s) is skipped and said so, so a run ends within 8 minutes. ``OUT/gpu_suite.json`` and ``OUT/gpu_suite.md`` are rewritten after every section, so a
 run cut short still leaves what it measured. With ``--smoke`` every section runs its script's
 ``--smoke`` size on the CPU (seconds; a test runs it).
 
@@ -48,13 +48,14 @@ def sections(workers: int) -> list[tuple[str, str, list[str], int]]:
     return [
         ("extraction", "bench_extract.py", ["--models", "ViT-B-16,ViT-bigG-14", "--precision", "bf16", "--device",
                                             "cuda", "--videos", "120", "--workers", str(workers), "--batch-size",
-                                            "256", "--skip-rss"], 300),
+                                            "256", "--skip-rss"], 200),
+        ("training", "bench_train_cost.py", ["--model", "ViT-bigG-14", "--device", "cuda", "--precision", "bf16",
+                                             "--repeats", "3", "--cache-videos", "192", "--videos-per-step", "96",
+                                             "--tower-batch", "256"], 150),
         ("retrieval", "bench_retrieve.py", ["--model", "ViT-bigG-14", "--device", "cuda", "--videos", "200",
                                             "--queries", "100", "--e2e-queries", "10", "--factory", "Flat",
-                                            "--max-token-gb", "8"], 300),
-        ("training", "bench_train_cost.py", ["--model", "ViT-bigG-14", "--device", "cuda", "--precision", "bf16",
-                                             "--repeats", "3"], 240),
-        ("faiss", "bench_index.py", ["--sizes", "1000000", "--dim", "1280", "--queries", "1000"], 240),
+                                            "--max-token-gb", "8"], 180),
+        ("faiss", "bench_index.py", ["--sizes", "1000000", "--dim", "1280", "--queries", "1000"], 120),
     ]
 
 
@@ -91,7 +92,7 @@ def write_report(out: Path, report: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu-suite-out", help="folder for gpu_suite.json and gpu_suite.md")
-    parser.add_argument("--budget-s", type=float, default=480, help="start no section after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=360, help="start no section after this many seconds")
     parser.add_argument("--only", help="comma-separated section names to run (default: all)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
                         help="decoding processes for extraction")

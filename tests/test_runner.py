@@ -278,3 +278,31 @@ def test_a_real_full_disk_exits_cleanly(tmp_path):
         assert not (mount / "c.h5.tmp").exists() and not (mount / "c.h5").exists()
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_encode_part_puts_every_batch_in_its_slots():
+    """Batches are queued one ahead of storing: every frame's embedding and tokens still land in its own
+    (video, slot), padded and failed videos stay zero, as encoding each frame alone gives."""
+    from tvrerank.extract.encoder import FrozenClipEncoder
+    from tvrerank.extract.frames import SampledFrames
+    from tvrerank.extract.runner import encode_part
+
+    encoder = FrozenClipEncoder(model=str(TINY_VIT), pretrained=None, device="cpu")
+    size, rng = encoder.config.image_size, np.random.default_rng(0)
+
+    def sample(valid: int) -> SampledFrames:
+        frames = np.zeros((4, size, size, 3), dtype=np.uint8)
+        frames[:valid] = rng.integers(0, 256, (valid, size, size, 3), dtype=np.uint8)
+        return SampledFrames(frames, np.arange(4) < valid, np.full(4, np.nan))
+
+    decoded = [(sample(4), ""), (None, "broken"), (sample(3), ""), (sample(4), "")]
+    part = encode_part(encoder, np.arange(4), decoded, np.arange(2), ["a box", "two boxes"], frames=4, batch_size=3)
+    for video, (frames, _) in enumerate(decoded):
+        for slot in range(4):
+            emb, tokens = part.videos["frame_emb"][video, slot], part.videos["tokens"][video, slot]
+            if frames is None or not frames.mask[slot]:
+                assert not emb.any() and not tokens.any()
+                continue
+            alone_emb, alone_tokens = encoder.encode_frames(frames.frames[slot : slot + 1], dtype=np.float16)
+            np.testing.assert_allclose(emb, alone_emb[0], atol=2e-3)
+            np.testing.assert_allclose(tokens, alone_tokens[0], atol=2e-3)

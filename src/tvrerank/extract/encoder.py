@@ -65,6 +65,28 @@ def _linear_projection(projection) -> Callable[[torch.Tensor], torch.Tensor] | N
     return projection
 
 
+class PendingArrays:
+    """Device tensors on their way to the host: the copy is queued at once (into pinned memory on a
+    GPU, so it does not hold up the caller); ``result()`` waits for it and gives numpy arrays."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        cuda = tensors[0].device.type == "cuda"
+        self._host = []
+        for tensor in tensors:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
+            host.copy_(tensor, non_blocking=cuda)
+            self._host.append(host)
+        self._done = None
+        if cuda:
+            self._done = torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(tensors[0].device))
+
+    def result(self) -> tuple[np.ndarray, ...]:
+        if self._done is not None:
+            self._done.synchronize()
+        return tuple(host.numpy() for host in self._host)
+
+
 class FrozenClipEncoder:
     """Wraps a frozen open_clip model; all outputs are float32 CPU arrays."""
 
@@ -134,7 +156,8 @@ class FrozenClipEncoder:
     def _probe_layout(self) -> TokenLayout:
         size = self.config.image_size
         frames = np.zeros((1, size, size, 3), dtype=np.uint8)
-        frame_emb, tokens, grid = self._encode_frames(frames)
+        with torch.no_grad():
+            frame_emb, tokens, grid = self.frames_on_device(frames)
         text_emb, text_tokens, _ = self.encode_texts(["probe"])
         try:
             tokens_pooled = tokens.shape[1]
@@ -162,7 +185,9 @@ class FrozenClipEncoder:
         return (x * self._scale - self._shift).to(self.dtype)
 
     @torch.no_grad()
-    def _encode_frames(self, frames: np.ndarray, dtype=torch.float32):
+    def frames_on_device(self, frames: np.ndarray, dtype=torch.float32):
+        """(N, S, S, 3) uint8 → frame_emb (N, E) L2-normalised, tokens (N, P, D) as ``dtype``, and the
+        token grid (H', W'), the tensors still on the device (its work may still be queued)."""
         out = self.clip.visual.forward_intermediates(
             self.preprocess(frames),
             indices=1,
@@ -175,7 +200,16 @@ class FrozenClipEncoder:
         if self._image_projection is not None:
             tokens = self._image_projection(tokens.to(self.dtype)).float()  # (N, P, E)
         frame_emb = F.normalize(out["image_features"].float(), dim=-1)  # (N, E)
-        return frame_emb.to(dtype).cpu().numpy(), tokens.to(dtype).cpu().numpy(), grid
+        return frame_emb.to(dtype), tokens.to(dtype), grid
+
+    def submit_frames(self, frames: np.ndarray, *, dtype=np.float32) -> "PendingArrays":
+        """Queue ``encode_frames`` on the device and return at once; ``.result()`` gives its arrays.
+
+        On a GPU the copy to the host is queued too (into pinned memory), so the caller can prepare
+        the next batch, or store the previous one, while this one runs.
+        """
+        frame_emb, tokens, _ = self.frames_on_device(frames, {np.float16: torch.float16}.get(dtype, torch.float32))
+        return PendingArrays((frame_emb, tokens))
 
     def encode_frames(self, frames: np.ndarray, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(N, S, S, 3) uint8 → frame_emb (N, E) L2-normalised, tokens (N, P, D), as ``dtype``.
@@ -184,8 +218,7 @@ class FrozenClipEncoder:
         no host-side conversion, which cost ViT-bigG-14 extraction ~30% of its time; the values are
         the ones a host conversion gives (both round to nearest even).
         """
-        frame_emb, tokens, _ = self._encode_frames(frames, {np.float16: torch.float16}.get(dtype, torch.float32))
-        return frame_emb, tokens
+        return self.submit_frames(frames, dtype=dtype).result()
 
     # --------------------------------------------------------------------------- text
     @torch.no_grad()

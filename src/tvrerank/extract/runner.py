@@ -179,7 +179,11 @@ def encode_part(
     frames: int,
     batch_size: int,
 ) -> PartData:
-    """Encode one part: the valid frames of all its videos in batches, then its captions."""
+    """Encode one part: the valid frames of all its videos in batches, then its captions.
+
+    A batch is queued on the device before the previous one's arrays are stored, so on a GPU the
+    host's work (stacking frames, copying tokens into the part) overlaps the next forward pass.
+    """
     layout = encoder.layout
     n, t, p, d, e = len(video_rows), frames, layout.tokens_per_frame, layout.token_dim, layout.embed_dim
     status = np.array([OK if sample is not None else FAILED for sample, _ in decoded], dtype=np.uint8)
@@ -190,11 +194,21 @@ def encode_part(
     frame_emb = np.zeros((n, t, e), dtype=np.float16)
     tokens = np.zeros((n, t, p, d), dtype=np.float16)
     where = np.argwhere(mask)  # (F, 2) (video, slot) of every valid frame, in order
-    for window in _batched(len(where), batch_size):
-        pixels = np.stack([decoded[v][0].frames[s] for v, s in where[window]])
-        emb, tok = encoder.encode_frames(pixels, dtype=np.float16)
+
+    def store(window: slice, pending) -> None:
+        emb, tok = pending.result()
         frame_emb[where[window, 0], where[window, 1]] = emb
         tokens[where[window, 0], where[window, 1]] = tok
+
+    queued = None  # one batch in flight: the next is stacked and queued, then the last one stored
+    for window in _batched(len(where), batch_size):
+        pixels = np.stack([decoded[v][0].frames[s] for v, s in where[window]])
+        submitted = window, encoder.submit_frames(pixels, dtype=np.float16)
+        if queued is not None:
+            store(*queued)
+        queued = submitted
+    if queued is not None:
+        store(*queued)
     counts = np.maximum(mask.sum(1, keepdims=True), 1)
     mean = (frame_emb.astype(np.float32) * mask[..., None]).sum(1) / counts
     norms = np.linalg.norm(mean, axis=1, keepdims=True)
