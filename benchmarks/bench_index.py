@@ -7,11 +7,12 @@ auto index against exact search, queries/s (all queries in one batch, FAISS's de
 time, and the index's memory (its serialized size). On a machine with a GPU it also times the
 same searches on the GPU: FAISS's GPU copies of both indexes when the GPU build (faiss-gpu) is
 installed, else says so; and, for scale, an exact top-k in torch on the GPU (not FAISS). Figures
-only; the last line is ``auto_recall_at_15_<size>=<x> ...`` (plus ``gpu_over_cpu_flat_<size>=<x>``
+only; ``--factory`` compares another index with Flat instead of the auto choice (its figures
+keep the name ``auto``). The last line is ``auto_recall_at_15_<size>=<x> ...`` (plus ``gpu_over_cpu_flat_<size>=<x>``
 when faiss-gpu ran).
 
     python benchmarks/bench_index.py [--sizes 100000,1000000] [--queries 1000] [--dim 512]
-        [--memory-budget-gb 4]
+        [--memory-budget-gb 4] [--factory auto] [--search-params ""]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 
 import numpy as np
 
-from tvrerank.index.faiss_index import auto_factory, build_index, import_faiss, search
+from tvrerank.index.faiss_index import IndexChoice, auto_factory, build_index, import_faiss, search
 
 
 def clustered_unit_vectors(n: int, dim: int, rng: np.random.Generator, clusters: int = 2000) -> np.ndarray:
@@ -93,6 +94,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=15)
     parser.add_argument("--memory-budget-gb", type=float, default=4.0)
+    parser.add_argument("--factory", default="auto", help="the index compared with Flat (default: auto's choice)")
+    parser.add_argument("--search-params", default="", help="its FAISS search parameters, e.g. nprobe=32")
     parser.add_argument("--smoke", action="store_true", help="seconds-long check that the script runs")
     args = parser.parse_args()
     if args.smoke:
@@ -107,6 +110,9 @@ def main() -> None:
         queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
         choice = auto_factory(size, args.dim, int(args.memory_budget_gb * 2**30))
         print(f"{size} vectors of {args.dim}-d; auto picks {choice.factory} ({choice.reason})")
+        if args.factory != "auto":
+            choice = IndexChoice(args.factory, args.search_params, "given")
+            print(f"  compared instead: {choice.factory} {choice.search_params} (--factory)")
         results, indexes, cpu_qps = {}, {}, {}
         for name, factory, params in (("exact", "Flat", ""), ("auto", choice.factory, choice.search_params)):
             index, build_s = timed(build_index, gallery, factory, params)

@@ -23,10 +23,10 @@ then measures:
      conservative.
 
    Each figure is the median of ``--repeats`` steps after one warm-up step of each path, all after
-   ``--warmup`` steps on random device tensors (CUDA's first steps pay for set-up); every step's
-   parts are printed; on CUDA the device is synchronised before every clock read. Target: ``cache_speedup`` >= 20 on CPU.
-2. Token read throughput: ``CacheRows.videos`` on a step's random rows (float16 on disk, float32
-   tensors out), the bare h5py fancy-index read of the same rows (what ``CacheRows`` does inside),
+   ``--warmup`` rounds of one step on cache rows and one on random float32 tokens (CUDA's first
+   steps pay for set-up, and each input dtype for its own kernels); every step's parts are printed; on CUDA the device is synchronised before every clock read. Target: ``cache_speedup`` >= 20 on CPU.
+2. Token read throughput: ``CacheRows.videos`` on ``--read-videos`` random rows (default U; tokens float16
+   on disk and out), the bare h5py fancy-index read of the same rows (what ``CacheRows`` does inside),
    the same rows read one at a time (``read_direct`` into one array), and a plain sequential
    ``np.fromfile`` of a flat file holding the same bytes, in MB/s of stored bytes (best of
    ``max(repeats, 2)`` draws of rows). All read files just written, so from a warm page cache;
@@ -187,14 +187,18 @@ def measure_steps(args, cache: Path, encoder, model, device, groups) -> tuple[di
 
     # On CUDA the first steps pay for context set-up, kernel loading and memory-pool growth (on an
     # H200: 6.9 s, 3.5 s, 3.1 s, then 44 ms): the step runs alone until that is paid, so that the
-    # path timed first does not carry it
+    # path timed first does not carry it. Both paths' inputs are warmed: the cache's float16 rows and
+    # the tower's float32 tokens take different kernels (an H200 paid 2-2.6 s for each new one).
     layout = encoder.layout
-    warm = {"tokens": torch.randn(u, args.frames, layout.tokens_per_frame, layout.token_dim, device=device),
-            "frame_emb": torch.randn(u, args.frames, layout.embed_dim, device=device),
-            "frame_mask": torch.ones(u, args.frames, dtype=torch.bool, device=device)}
+    warm_tower = {"tokens": torch.randn(u, args.frames, layout.tokens_per_frame, layout.token_dim, device=device),
+                  "frame_emb": torch.randn(u, args.frames, layout.embed_dim, device=device),
+                  "frame_mask": torch.ones(u, args.frames, dtype=torch.bool, device=device)}
+    warm_cache = on_device(rows_reader.videos(np.arange(u)))
     for i in range(args.warmup):
-        seconds = timed(lambda: one_step(model, optimizer, warm, texts_ready, pair_video, device), device)
-        print(f"  step warm-up {i + 1}: {seconds * 1000:.1f} ms")
+        seconds = [timed(lambda: one_step(model, optimizer, warm, texts_ready, pair_video, device), device)
+                   for warm in (warm_cache, warm_tower)]
+        print(f"  step warm-up {i + 1}: {seconds[0] * 1000:.1f} ms on cache rows, {seconds[1] * 1000:.1f} ms on "
+              "tower-like float32 tokens")
     results = []
     for path in (cached, uncached):
         samples = []
@@ -231,7 +235,7 @@ def read_throughput(cache: Path, folder: Path, args) -> dict[str, float]:
     reader, best = CacheRows(cache, memory_budget=0), dict.fromkeys(READS, 0.0)
     with h5py.File(cache, "r") as f:
         for _ in range(max(args.repeats, 2)):
-            rows = np.sort(rng.choice(args.cache_videos, args.videos_per_step, replace=False))
+            rows = np.sort(rng.choice(args.cache_videos, args.read_videos, replace=False))
             arrays = [row_by_row(f[f"videos/{k}"], rows) for k in VIDEO_FIELDS]
             size = sum(a.nbytes for a in arrays)
             flat = folder / "plain.bin"
@@ -274,6 +278,8 @@ def main() -> None:
     parser.add_argument("--tower-batch", type=int, default=64, help="frames per image-tower forward")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3, help="steps run alone before either path is timed")
+    parser.add_argument("--read-videos", type=int, default=None,
+                        help="rows per draw in the read-throughput part (default U, a step's videos)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
@@ -285,6 +291,7 @@ def main() -> None:
         args.frames, args.repeats, args.width, args.layers, args.warmup = 4, 1, 32, 1, 1
     args.videos_per_step = args.videos_per_step or args.captions * (1 + defaults.negatives)
     args.cache_videos = max(args.cache_videos or 2 * args.videos_per_step, args.videos_per_step, args.captions)
+    args.read_videos = min(args.read_videos or args.videos_per_step, args.cache_videos)
     sys.stdout.reconfigure(line_buffering=True)
     quiet_random_weights()
 
@@ -319,7 +326,21 @@ def main() -> None:
             embed_dim=layout["embed_dim"], text_token_dim=layout["text_token_dim"], text_tokens=TEXT_TOKENS,
             width=args.width, layers=args.layers)).to(device)
         cached, uncached = measure_steps(args, cache, encoder, model, device, groups)
+        print_steps(args, groups, encoder, model, device, cached, uncached)
         reads = read_throughput(cache, Path(tmp), args)
+
+    print(f"token read of {args.read_videos} random videos ({reads['bytes'] / 1e6:.1f} MB stored; warm page cache; "
+          f"best of {max(args.repeats, 2)}):")
+    for name in READS:
+        print(f"  {name:<17} {reads[name]:9.0f} MB/s")
+    print(f"  plain_file_over_cacherows={reads['plain file'] / reads['CacheRows.videos']:.2f} "
+          f"plain_file_over_h5py_fancy={reads['plain file'] / reads['h5py fancy index']:.2f}")
+    print(f"cache_speedup={uncached['total'] / cached['total']:.1f}")
+
+
+def print_steps(args, groups, encoder, model, device, cached: dict, uncached: dict) -> None:
+    """The steps' summary, printed before the read part (so a run cut short there still shows it)."""
+    import torch
 
     threads = f", {torch.get_num_threads()} torch threads" if device.type == "cpu" else ""
     print(f"step: B={args.captions} captions x G={groups.shape[1]} = {groups.size} pairs over "
@@ -330,14 +351,7 @@ def main() -> None:
     print(f"  cached:   {cached['total'] * 1000:10.1f} ms = read {cached['read'] * 1000:.1f} ms "
           f"+ re-ranker step {cached['step'] * 1000:.1f} ms")
     print(f"  uncached: {uncached['total'] * 1000:10.1f} ms = image tower {uncached['tower'] * 1000:.1f} ms "
-          f"+ re-ranker step {uncached['step'] * 1000:.1f} ms")
-    print(f"token read of one step's videos ({reads['bytes'] / 1e6:.1f} MB stored; warm page cache; best of "
-          f"{max(args.repeats, 2)}):")
-    for name in READS:
-        print(f"  {name:<17} {reads[name]:9.0f} MB/s")
-    print(f"  plain_file_over_cacherows={reads['plain file'] / reads['CacheRows.videos']:.2f} "
-          f"plain_file_over_h5py_fancy={reads['plain file'] / reads['h5py fancy index']:.2f}")
-    print(f"cache_speedup={uncached['total'] / cached['total']:.1f}")
+          f"+ re-ranker step {uncached['step'] * 1000:.1f} ms (ratio {uncached['total'] / cached['total']:.2f})")
 
 
 if __name__ == "__main__":
