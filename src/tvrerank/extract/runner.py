@@ -132,16 +132,23 @@ class DecodeQueue:
     The pool starts on construction, so workers boot while the encoder loads.
     """
 
-    def __init__(self, workers: int, look_ahead: int):
-        self.workers, self.look_ahead = workers, max(1, look_ahead)
+    def __init__(self, workers: int):
+        self.workers = workers
         self._threads = max(1, (os.cpu_count() or 1) // max(1, workers)) if workers else 0
         self._pool = multiprocessing.get_context("spawn").Pool(
             workers, initializer=_decode_worker_setup, initargs=(self._threads,)) if workers else None
 
     def run(
-        self, items: Iterator[tuple[int, Path]], **sample_options
+        self, items: Iterator[tuple[int, Path]], *, look_ahead: int, **sample_options
     ) -> Iterator[tuple[int, SampledFrames | None, str]]:
-        """Yield (row, frames or None, error) for each (row, path) in order."""
+        """Yield (row, frames or None, error) for each (row, path) in order, with up to ``look_ahead``
+        videos handed to the workers before the one yielded.
+
+        New videos are handed out only as results are taken, so while the caller encodes a part the
+        workers decode what is already queued: a look-ahead above a part's videos keeps the whole next
+        part decoding meanwhile (a smaller one left the encoder waiting at every part's start).
+        """
+        look_ahead = max(1, look_ahead)
         sample = partial(sample_or_error, threads=self._threads, **sample_options)
         if self._pool is None:
             for row, path in items:
@@ -150,7 +157,7 @@ class DecodeQueue:
         pending: collections.deque = collections.deque()
         for row, path in items:
             pending.append((row, self._pool.apply_async(sample, (path,))))
-            if len(pending) >= self.look_ahead:
+            if len(pending) >= look_ahead:
                 done_row, result = pending.popleft()
                 yield (done_row, *result.get())
         while pending:
@@ -328,7 +335,7 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> Extractio
             PartStore(out).remove()
             out.unlink(missing_ok=True)
         # the decoding workers boot while the encoder loads
-        decode = DecodeQueue(config.workers, look_ahead=(config.part_videos or 32) + 2 * config.workers)
+        decode = DecodeQueue(config.workers)
         try:
             return _extract(config, table, out, decode, started, progress)
         finally:
@@ -382,7 +389,8 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
         log.info("resuming %s: %d of %d parts already done", out, len(done), len(bounds))
     videos_root = Path(config.videos)
     items = ((row, videos_root / table.video_paths[row]) for i in todo for row in range(*bounds[i]))
-    results = decode.run(items, num_frames=config.frames, **frame_options)
+    results = decode.run(items, look_ahead=part_videos + 2 * config.workers, num_frames=config.frames,
+                         **frame_options)
     writer = PartWriter(parts)
     waits, encode_seconds, pipeline_start = [], 0.0, time.perf_counter()
     try:
