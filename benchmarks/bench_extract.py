@@ -14,9 +14,10 @@ open_clip architectures, e.g. the real ``ViT-B-32``):
    shown apart.
 3. Stages side by side in this process, on the same videos, with the runner's part/batch layout:
    decode = ``sample_frames`` per video (one process, FFmpeg threads as each worker gets them);
-   encode = ``encode_part`` (preprocess, frame forward pass, projection, copy to host, captions),
-   with ``encoder.preprocess`` and ``encode_texts`` also timed alone on the same inputs, and
-   ``encode_part`` run a second time on the same parts (a first pass pays for the device's warm-up);
+   encode = ``PartEncoder`` over the parts, as the runner calls it (preprocess, frame forward pass,
+   projection, copy to host, captions), with ``encoder.preprocess`` and ``encode_texts`` also timed
+   alone on the same inputs, and the encoding run a second time on the same parts (a first pass
+   pays for the device's warm-up);
    write = ``PartStore.write`` of the resulting parts into a temporary folder.
 
 Finally peak RSS of ``tvrerank extract --workers 0`` (tiny model, CPU) in a fresh subprocess on
@@ -173,7 +174,7 @@ def full_run(model: str, label: str, annotations: Path, out: Path, args, count: 
           f"pipeline {pipeline:6.2f} s = {count / pipeline:6.2f} videos/s")
     print(f"  waiting on decoded frames: {waited:6.2f} s = {waited / pipeline:6.1%} of the pipeline "
           f"(first item {summary.first_wait_seconds:.2f} s{' incl. worker start-up' if args.workers else ''}; "
-          f"after it {(waited - summary.first_wait_seconds) / pipeline:.1%}); encode_part "
+          f"after it {(waited - summary.first_wait_seconds) / pipeline:.1%}); encoding "
           f"{summary.encode_seconds:6.2f} s = {summary.encode_seconds / pipeline:.1%}; rest (write hand-off) "
           f"{pipeline - waited - summary.encode_seconds:.2f} s")
     gpu = "n/a (no NVML)" if busy.share is None else f"{busy.share:.1%} (NVML, sampled every 0.1 s)"
@@ -212,7 +213,7 @@ def tower_frames_per_s(encoder, batch_size: int, repeats: int = 5) -> float:
 def stage_times(model: str, paths: list[Path], captions: list[str], args) -> float:
     """Decode / encode / write side by side in this process, each a plain call of the library; prints the
     breakdown. Preprocess and the caption encoding are timed again on their own (same inputs) to split
-    them out of ``encode_part``."""
+    them out of the encoding."""
     from tvrerank.cache.writer import PartStore
     from tvrerank.extract.encoder import FrozenClipEncoder
 
@@ -227,11 +228,12 @@ def stage_times(model: str, paths: list[Path], captions: list[str], args) -> flo
     bounds = runner.part_bounds(len(paths), runner.auto_part_videos(FRAMES, args.batch_size, bytes_per_video))
     parts = []
 
-    def encode_all():
+    def encode_all():  # as the runner encodes its parts: the next batch queued across part boundaries too
+        encoding = runner.PartEncoder(encoder, frames=FRAMES, batch_size=args.batch_size)
         for lo, hi in bounds:
             rows = np.arange(lo, hi)
-            parts.append(runner.encode_part(encoder, rows, decoded[lo:hi], rows, captions[lo:hi],
-                                            frames=FRAMES, batch_size=args.batch_size))
+            parts.extend(part for _, part in encoding.add(lo, rows, decoded[lo:hi], rows, captions[lo:hi]))
+        parts.extend(part for _, part in encoding.flush())
 
     encode = timed(encode_all, encoder)
     parts.clear()
@@ -257,13 +259,13 @@ def stage_times(model: str, paths: list[Path], captions: list[str], args) -> flo
           f"{encoder.device.type} {args.precision}, decode threads {threads or 'auto'}):")
     for name, seconds in (("decode", decode), ("encode", encode), ("write", write)):
         print(f"    {name:<10} {seconds:7.3f} s  {seconds / total:6.1%}")
-    print(f"      encode_part includes preprocess (~{pre:.3f} s alone) and encode_texts (~{text:.3f} s alone for "
+    print(f"      encoding includes preprocess (~{pre:.3f} s alone) and encode_texts (~{text:.3f} s alone for "
           f"{len(captions)} captions); parts written: {written / 2**20:.1f} MiB")
     forward = max(encode - pre - text, 1e-9)
     print(f"    encoder: {frames / forward:8.1f} frames/s (forward only, by difference), "
           f"{frames / (encode - text):8.1f} frames/s with preprocess; "
           f"decode {len(paths) / decode:.1f} videos/s in one process")
-    print(f"    encode_part again on the same parts: {encode_again:7.3f} s = {frames / encode_again:8.1f} frames/s "
+    print(f"    encoding again, the same parts: {encode_again:7.3f} s = {frames / encode_again:8.1f} frames/s "
           f"(first pass {frames / encode:8.1f} frames/s, captions included in both)")
     tower = tower_frames_per_s(encoder, args.batch_size, repeats=1 if args.smoke else 5)
     print(f"    bare tower (encode_frames on random frames, batch {args.batch_size}): {tower:8.1f} frames/s")

@@ -331,3 +331,34 @@ def test_decode_queue_hands_out_look_ahead_videos_before_the_first_result(tmp_pa
         assert [row for row, _, _ in results] == list(range(1, 8))
     finally:
         queue.close()
+
+
+def test_part_encoder_finishes_parts_in_order_across_queued_batches():
+    """The next part's first batch is queued before the last part is finished: parts still come out in
+    order, one each, equal to encoding each part alone, a part without frames included."""
+    from tvrerank.extract.encoder import FrozenClipEncoder
+    from tvrerank.extract.frames import SampledFrames
+    from tvrerank.extract.runner import PartEncoder, encode_part
+
+    encoder = FrozenClipEncoder(model=str(TINY_VIT), pretrained=None, device="cpu")
+    size, rng = encoder.config.image_size, np.random.default_rng(1)
+
+    def sample() -> SampledFrames:
+        return SampledFrames(rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8), np.ones(4, bool),
+                             np.zeros(4))
+
+    parts = [([(sample(), ""), (sample(), "")], ["one", "two"]), ([(None, "broken")], ["three"]),
+             ([(sample(), "")], ["four"])]
+    encoding, out = PartEncoder(encoder, frames=4, batch_size=3), []
+    for key, (decoded, texts) in enumerate(parts):
+        finished = encoding.add(key, np.arange(len(decoded)), decoded, np.arange(len(texts)), texts)
+        assert key not in [k for k, _ in finished]  # its last batch is still queued (or waits for the one before)
+        out += finished
+    out += encoding.flush()
+    assert [key for key, _ in out] == [0, 1, 2]
+    for (_, part), (decoded, texts) in zip(out, parts):
+        alone = encode_part(encoder, np.arange(len(decoded)), decoded, np.arange(len(texts)), texts, frames=4,
+                            batch_size=3)
+        for group in ("videos", "texts"):
+            for name, array in getattr(alone, group).items():
+                np.testing.assert_array_equal(getattr(part, group)[name], array, err_msg=name)

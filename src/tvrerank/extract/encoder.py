@@ -222,6 +222,19 @@ class FrozenClipEncoder:
 
     # --------------------------------------------------------------------------- text
     @torch.no_grad()
+    def submit_texts(self, texts: Sequence[str]) -> PendingArrays:
+        """Queue ``encode_texts`` on the device and return at once; ``.result()`` gives emb (M, E),
+        tokens (M, L, Dt) float32 and lengths (M,) int64."""
+        ids = self.tokenizer(list(texts))  # (M, context)
+        lengths = (ids[:, : self.text_tokens] != pad_token_id(self.tokenizer)).sum(dim=1)
+        out = self.clip.forward_intermediates(
+            text=ids.to(self.device), text_indices=1, normalize_intermediates=True, normalize=True
+        )
+        tokens = out["text_intermediates"][-1][:, : self.text_tokens]  # (M, L, W)
+        if self._text_projection is not None:
+            tokens = self._text_projection(tokens.to(self.dtype))  # (M, L, E)
+        return PendingArrays((out["text_features"].float(), tokens.float(), lengths))
+
     def encode_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Captions → emb (M, E) L2-normalised, tokens (M, L, Dt), lengths (M,) int.
 
@@ -229,16 +242,5 @@ class FrozenClipEncoder:
         ``text_tokens`` positions (start token included); ``lengths`` counts the real tokens
         among them.
         """
-        ids = self.tokenizer(list(texts)).to(self.device)  # (M, context)
-        out = self.clip.forward_intermediates(
-            text=ids, text_indices=1, normalize_intermediates=True, normalize=True
-        )
-        tokens = out["text_intermediates"][-1][:, : self.text_tokens]  # (M, L, W)
-        if self._text_projection is not None:
-            tokens = self._text_projection(tokens.to(self.dtype))  # (M, L, E)
-        lengths = (ids[:, : self.text_tokens] != pad_token_id(self.tokenizer)).sum(dim=1)
-        return (
-            out["text_features"].float().cpu().numpy(),
-            tokens.float().cpu().numpy(),
-            lengths.cpu().numpy().astype(np.int16),
-        )
+        emb, tokens, lengths = self.submit_texts(texts).result()
+        return emb, tokens, lengths.astype(np.int16)

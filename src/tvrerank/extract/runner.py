@@ -4,14 +4,17 @@ reader → mapper → writer, each replaceable:
 
 - reader: ``DecodeQueue`` samples frames of upcoming videos in worker processes (bounded
   look-ahead, results in row order), so decoding overlaps encoding;
-- mapper: ``encode_part`` batches the frames of several videos through the encoder, plus the
-  part's captions;
+- mapper: ``PartEncoder`` batches the frames of several videos through the encoder, plus the
+  part's captions, with the next batch queued on the device while the last one is stored, across
+  parts too (``encode_part``: one part alone);
 - writer: a background thread writes each finished part to ``CACHE.h5.parts/`` (see
   ``tvrerank.cache.writer``), and ``assemble`` makes the final file at the end.
 
 Parts are fixed ranges of video rows, and batches are formed inside a part only, so a run
 that was killed and resumed computes every array exactly as an uninterrupted run would.
-Memory is bounded by one part plus the look-ahead, whatever the number or length of videos.
+Memory is bounded by four parts (one encoding, one being finished, one queued for the writer and
+one being written; a part holds at most ~512 MiB of tokens) plus the look-ahead, whatever the
+number or length of videos.
 """
 
 from __future__ import annotations
@@ -176,6 +179,106 @@ def _batched(count: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, count))
 
 
+class _OpenPart:
+    """One part being encoded: its arrays, filled batch by batch, and its captions' queued encoding."""
+
+    def __init__(self, key, encoder, video_rows, decoded, text_rows, texts, *, frames: int, batch_size: int):
+        layout = encoder.layout
+        n, t, p, d, e = len(video_rows), frames, layout.tokens_per_frame, layout.token_dim, layout.embed_dim
+        self.key, self.decoded = key, decoded
+        self.video_rows, self.text_rows = np.asarray(video_rows, dtype=np.int64), np.asarray(text_rows, dtype=np.int64)
+        self.mask = np.zeros((n, t), dtype=bool)
+        for i, (sample, _) in enumerate(decoded):
+            if sample is not None:
+                self.mask[i] = sample.mask
+        self.frame_emb = np.zeros((n, t, e), dtype=np.float16)
+        self.tokens = np.zeros((n, t, p, d), dtype=np.float16)
+        self.where = np.argwhere(self.mask)  # (F, 2) (video, slot) of every valid frame, in order
+        self.windows = list(_batched(len(self.where), batch_size))
+        self.unstored = len(self.windows)
+        # queued first: the captions are small, and their result is only read when the part is done
+        self.texts = [(window, encoder.submit_texts(texts[window])) for window in _batched(len(texts), batch_size)]
+        self.num_texts, self.text_shape = len(texts), (layout.text_tokens, layout.text_token_dim)
+
+    def pixels(self, window: slice) -> np.ndarray:
+        return np.stack([self.decoded[v][0].frames[s] for v, s in self.where[window]])  # (N, S, S, 3)
+
+    def store(self, window: slice, pending) -> None:
+        emb, tokens = pending.result()
+        self.frame_emb[self.where[window, 0], self.where[window, 1]] = emb
+        self.tokens[self.where[window, 0], self.where[window, 1]] = tokens
+        self.unstored -= 1
+
+    def finish(self) -> PartData:
+        mask = self.mask
+        counts = np.maximum(mask.sum(1, keepdims=True), 1)
+        mean = (self.frame_emb.astype(np.float32) * mask[..., None]).sum(1) / counts
+        norms = np.linalg.norm(mean, axis=1, keepdims=True)
+        video_emb = np.where(norms > 0, mean / np.maximum(norms, 1e-12), 0).astype(np.float16)
+        text_emb = np.zeros((self.num_texts, self.frame_emb.shape[-1]), dtype=np.float16)
+        text_tokens = np.zeros((self.num_texts, *self.text_shape), dtype=np.float16)
+        lengths = np.zeros(self.num_texts, dtype=np.int16)
+        for window, pending in self.texts:
+            text_emb[window], text_tokens[window], lengths[window] = pending.result()
+        return PartData(
+            video_rows=self.video_rows,
+            videos={
+                "status": np.array([OK if sample is not None else FAILED for sample, _ in self.decoded], dtype=np.uint8),
+                "error": np.array([error for _, error in self.decoded], dtype=object),
+                "frame_mask": mask,
+                "frame_emb": self.frame_emb,
+                "video_emb": video_emb,
+                "tokens": self.tokens,
+            },
+            text_rows=self.text_rows,
+            texts={"emb": text_emb, "tokens": text_tokens, "length": lengths},
+        )
+
+
+class PartEncoder:
+    """Encodes parts in order, their frames in batches, with the next batch always queued on the device
+    before the last one is stored, across parts too: on a GPU the host's work (stacking frames, copying
+    tokens into the part, finishing a part and handing it on) overlaps the next forward pass.
+
+    ``add`` gives back the parts it finished (often the previous one), ``flush`` the rest, in order.
+    """
+
+    def __init__(self, encoder, *, frames: int, batch_size: int):
+        self.encoder, self.frames, self.batch_size = encoder, frames, batch_size
+        self._open: collections.deque[_OpenPart] = collections.deque()
+        self._queued = None  # (part, window, pending) of the batch on the device
+
+    def add(self, key, video_rows: np.ndarray, decoded: Sequence[tuple[SampledFrames | None, str]],
+            text_rows: np.ndarray, texts: Sequence[str]) -> list[tuple[object, PartData]]:
+        part = _OpenPart(key, self.encoder, video_rows, decoded, text_rows, texts, frames=self.frames,
+                         batch_size=self.batch_size)
+        self._open.append(part)
+        finished = []
+        for window in part.windows:
+            submitted = part, window, self.encoder.submit_frames(part.pixels(window), dtype=np.float16)
+            finished += self._store_queued()
+            self._queued = submitted
+        return finished + self._finished()
+
+    def flush(self) -> list[tuple[object, PartData]]:
+        return self._store_queued() + self._finished()
+
+    def _store_queued(self) -> list[tuple[object, PartData]]:
+        if self._queued is None:
+            return []
+        part, window, pending = self._queued
+        self._queued = None
+        part.store(window, pending)
+        return self._finished()
+
+    def _finished(self) -> list[tuple[object, PartData]]:
+        done = []
+        while self._open and self._open[0].unstored == 0:
+            part = self._open.popleft()
+            done.append((part.key, part.finish()))
+        return done
+
+
 def encode_part(
     encoder,
     video_rows: np.ndarray,
@@ -186,63 +289,12 @@ def encode_part(
     frames: int,
     batch_size: int,
 ) -> PartData:
-    """Encode one part: the valid frames of all its videos in batches, then its captions.
-
-    A batch is queued on the device before the previous one's arrays are stored, so on a GPU the
-    host's work (stacking frames, copying tokens into the part) overlaps the next forward pass.
-    """
-    layout = encoder.layout
-    n, t, p, d, e = len(video_rows), frames, layout.tokens_per_frame, layout.token_dim, layout.embed_dim
-    status = np.array([OK if sample is not None else FAILED for sample, _ in decoded], dtype=np.uint8)
-    mask = np.zeros((n, t), dtype=bool)
-    for i, (sample, _) in enumerate(decoded):
-        if sample is not None:
-            mask[i] = sample.mask
-    frame_emb = np.zeros((n, t, e), dtype=np.float16)
-    tokens = np.zeros((n, t, p, d), dtype=np.float16)
-    where = np.argwhere(mask)  # (F, 2) (video, slot) of every valid frame, in order
-
-    def store(window: slice, pending) -> None:
-        emb, tok = pending.result()
-        frame_emb[where[window, 0], where[window, 1]] = emb
-        tokens[where[window, 0], where[window, 1]] = tok
-
-    queued = None  # one batch in flight: the next is stacked and queued, then the last one stored
-    for window in _batched(len(where), batch_size):
-        pixels = np.stack([decoded[v][0].frames[s] for v, s in where[window]])
-        submitted = window, encoder.submit_frames(pixels, dtype=np.float16)
-        if queued is not None:
-            store(*queued)
-        queued = submitted
-    if queued is not None:
-        store(*queued)
-    counts = np.maximum(mask.sum(1, keepdims=True), 1)
-    mean = (frame_emb.astype(np.float32) * mask[..., None]).sum(1) / counts
-    norms = np.linalg.norm(mean, axis=1, keepdims=True)
-    video_emb = np.where(norms > 0, mean / np.maximum(norms, 1e-12), 0).astype(np.float16)
-
-    l, dt_ = layout.text_tokens, layout.text_token_dim
-    text_emb = np.zeros((len(texts), e), dtype=np.float16)
-    text_tokens = np.zeros((len(texts), l, dt_), dtype=np.float16)
-    lengths = np.zeros(len(texts), dtype=np.int16)
-    for window in _batched(len(texts), batch_size):
-        text_emb[window], text_tokens[window], lengths[window] = encoder.encode_texts(texts[window])
-    return PartData(
-        video_rows=np.asarray(video_rows, dtype=np.int64),
-        videos={
-            "status": status,
-            "error": np.array([error for _, error in decoded], dtype=object),
-            "frame_mask": mask,
-            "frame_emb": frame_emb,
-            "video_emb": video_emb,
-            "tokens": tokens,
-        },
-        text_rows=np.asarray(text_rows, dtype=np.int64),
-        texts={"emb": text_emb, "tokens": text_tokens, "length": lengths},
-    )
+    """Encode one part: the valid frames of all its videos in batches, and its captions."""
+    encoding = PartEncoder(encoder, frames=frames, batch_size=batch_size)
+    (_, part), = encoding.add(None, video_rows, decoded, text_rows, texts) + encoding.flush()
+    return part
 
 
-# --------------------------------------------------------------------------- writer
 class PartWriter:
     """Writes parts on a background thread so encoding goes on; re-raises its errors."""
 
@@ -290,7 +342,7 @@ class ExtractionSummary:
     already_done: bool = False
     # where this run's time went (0 when nothing was extracted): the pipeline (from the first request for
     # decoded frames to the last part handed to the writer), the time blocked waiting on decoded frames
-    # (the first wait, which includes the decoding workers' start-up, apart) and the time in encode_part
+    # (the first wait, which includes the decoding workers' start-up, apart) and the time in the encoder
     pipeline_seconds: float = 0.0
     decode_wait_seconds: float = 0.0
     first_wait_seconds: float = 0.0
@@ -392,6 +444,7 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
     results = decode.run(items, look_ahead=part_videos + 2 * config.workers, num_frames=config.frames,
                          **frame_options)
     writer = PartWriter(parts)
+    parts_encoder = PartEncoder(encoder, frames=config.frames, batch_size=config.batch_size)
     waits, encode_seconds, pipeline_start = [], 0.0, time.perf_counter()
     try:
         with tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="video", desc=f"extract {out.name}",
@@ -408,13 +461,17 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
                     decoded.append((frames, error))
                 first, last = np.searchsorted(table.caption_video, [start, stop])
                 encoding = time.perf_counter()
-                part = encode_part(
-                    encoder, np.arange(start, stop), decoded, np.arange(first, last),
-                    table.captions[first:last], frames=config.frames, batch_size=config.batch_size,
-                )
+                finished = parts_encoder.add(index, np.arange(start, stop), decoded, np.arange(first, last),
+                                             table.captions[first:last])
                 encode_seconds += time.perf_counter() - encoding
-                writer.put(index, part)
+                for done_index, part in finished:
+                    writer.put(done_index, part)
                 bar.update(stop - start)
+            encoding = time.perf_counter()
+            finished = parts_encoder.flush()
+            encode_seconds += time.perf_counter() - encoding
+            for done_index, part in finished:
+                writer.put(done_index, part)
     finally:
         writer.close()
     timings = {"pipeline_seconds": time.perf_counter() - pipeline_start, "decode_wait_seconds": sum(waits),
