@@ -159,3 +159,14 @@ def test_pe_core_tokens_go_through_the_trunks_head_into_the_joint_space():
 def test_a_hugging_face_tokenizer_without_transformers_is_one_line():
     with pytest.raises(ModelError, match=r"comes from Hugging Face; install it with `pip install 'tvrerank\[hf\]'`"):
         FrozenClipEncoder(model="ViT-B-32-SigLIP2-256", pretrained=None, device="cpu")
+
+
+def test_float16_texts_made_on_the_device_equal_a_host_conversion(encoder):
+    """What extraction stores for captions: cast on the device, the same values as casting the float32 result."""
+    texts = ["a red box moves", "two boxes", "a very long caption " * 8]
+    emb32, tokens32, lengths = encoder.encode_texts(texts)
+    emb16, tokens16, lengths16 = encoder.submit_texts(texts, dtype=np.float16).result()
+    assert emb16.dtype == tokens16.dtype == np.float16
+    np.testing.assert_array_equal(emb16, emb32.astype(np.float16))
+    np.testing.assert_array_equal(tokens16, tokens32.astype(np.float16))
+    np.testing.assert_array_equal(lengths16, lengths)

@@ -178,9 +178,16 @@ class FrozenClipEncoder:
         )
 
     # --------------------------------------------------------------------------- frames
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the device without waiting for the work queued there: on a GPU through
+        pinned memory (a copy from pageable memory would first wait for the queued batches)."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     def preprocess(self, frames: np.ndarray) -> torch.Tensor:
         """(N, S, S, 3) uint8 RGB → (N, 3, S, S) normalised, on the device, in the model dtype."""
-        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device, non_blocking=True)
+        x = self.to_device(torch.from_numpy(np.ascontiguousarray(frames)))
         x = x.permute(0, 3, 1, 2).float()
         return (x * self._scale - self._shift).to(self.dtype)
 
@@ -222,18 +229,20 @@ class FrozenClipEncoder:
 
     # --------------------------------------------------------------------------- text
     @torch.no_grad()
-    def submit_texts(self, texts: Sequence[str]) -> PendingArrays:
-        """Queue ``encode_texts`` on the device and return at once; ``.result()`` gives emb (M, E),
-        tokens (M, L, Dt) float32 and lengths (M,) int64."""
+    def submit_texts(self, texts: Sequence[str], *, dtype=np.float32) -> PendingArrays:
+        """Queue ``encode_texts`` on the device and return at once; ``.result()`` gives emb (M, E) and
+        tokens (M, L, Dt) as ``dtype`` (``np.float16`` made on the device, as for frames) and lengths
+        (M,) int64."""
         ids = self.tokenizer(list(texts))  # (M, context)
         lengths = (ids[:, : self.text_tokens] != pad_token_id(self.tokenizer)).sum(dim=1)
         out = self.clip.forward_intermediates(
-            text=ids.to(self.device), text_indices=1, normalize_intermediates=True, normalize=True
+            text=self.to_device(ids), text_indices=1, normalize_intermediates=True, normalize=True
         )
         tokens = out["text_intermediates"][-1][:, : self.text_tokens]  # (M, L, W)
         if self._text_projection is not None:
             tokens = self._text_projection(tokens.to(self.dtype))  # (M, L, E)
-        return PendingArrays((out["text_features"].float(), tokens.float(), lengths))
+        wanted = {np.float16: torch.float16}.get(dtype, torch.float32)
+        return PendingArrays((out["text_features"].float().to(wanted), tokens.float().to(wanted), lengths))
 
     def encode_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Captions → emb (M, E) L2-normalised, tokens (M, L, Dt), lengths (M,) int.

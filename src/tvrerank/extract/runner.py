@@ -197,7 +197,8 @@ class _OpenPart:
         self.windows = list(_batched(len(self.where), batch_size))
         self.unstored = len(self.windows)
         # queued first: the captions are small, and their result is only read when the part is done
-        self.texts = [(window, encoder.submit_texts(texts[window])) for window in _batched(len(texts), batch_size)]
+        self.texts = [(window, encoder.submit_texts(texts[window], dtype=np.float16))
+                      for window in _batched(len(texts), batch_size)]
         self.num_texts, self.text_shape = len(texts), (layout.text_tokens, layout.text_token_dim)
 
     def pixels(self, window: slice) -> np.ndarray:
@@ -449,6 +450,16 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
     try:
         with tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="video", desc=f"extract {out.name}",
                   disable=not progress) as bar:
+
+            def encode(step, *args) -> None:  # time the encoder's call; hand the parts it finished to the writer
+                nonlocal encode_seconds
+                encoding = time.perf_counter()
+                finished = step(*args)
+                encode_seconds += time.perf_counter() - encoding
+                for done_index, part in finished:
+                    writer.put(done_index, part)
+                    bar.update(len(part.video_rows))
+
             for index in todo:
                 start, stop = bounds[index]
                 decoded = []
@@ -460,18 +471,9 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
                         raise RuntimeError(f"decoded video {done_row} arrived for row {row}")
                     decoded.append((frames, error))
                 first, last = np.searchsorted(table.caption_video, [start, stop])
-                encoding = time.perf_counter()
-                finished = parts_encoder.add(index, np.arange(start, stop), decoded, np.arange(first, last),
-                                             table.captions[first:last])
-                encode_seconds += time.perf_counter() - encoding
-                for done_index, part in finished:
-                    writer.put(done_index, part)
-                bar.update(stop - start)
-            encoding = time.perf_counter()
-            finished = parts_encoder.flush()
-            encode_seconds += time.perf_counter() - encoding
-            for done_index, part in finished:
-                writer.put(done_index, part)
+                encode(parts_encoder.add, index, np.arange(start, stop), decoded, np.arange(first, last),
+                       table.captions[first:last])
+            encode(parts_encoder.flush)
     finally:
         writer.close()
     timings = {"pipeline_seconds": time.perf_counter() - pipeline_start, "decode_wait_seconds": sum(waits),
