@@ -24,10 +24,14 @@ Each section has a time limit (150, 200, 180, 150 and 120 s); a section that wou
 short still leaves what it measured. With ``--smoke`` every section runs its script's
 ``--smoke`` size on the CPU (seconds; a test runs it).
 
-On the GPU machine, the package and its runtime needs beside the machine's torch:
-``pip install -e .`` (or ``PYTHONPATH=src`` with open_clip_torch, av and faiss-cpu or faiss-gpu
-installed), then ``python benchmarks/gpu_suite.py --out DIR``. The last line is
-``gpu_suite_sections=<done>/<all>``.
+On the GPU machine, beside its torch, in one command (faiss-gpu; ``nvidia-ml-py`` for the GPU busy
+share if the machine lacks it):
+
+    pip install -e '.[gpu]' nvidia-ml-py && python benchmarks/gpu_suite.py --out DIR
+
+Offline, ``PYTHONPATH=src`` with wheels of open_clip_torch, ftfy, wcwidth, av and faiss-cpu or
+faiss-gpu also works (``benchmarks/README.md`` has the command used on the project's device). The
+last line is ``gpu_suite_sections=<done>/<all>``.
 """
 
 from __future__ import annotations
