@@ -17,7 +17,8 @@ open_clip architectures, e.g. the real ``ViT-B-32``):
    encode = ``PartEncoder`` over the parts, as the runner calls it (preprocess, frame forward pass,
    projection, copy to host, captions), with ``encoder.preprocess`` and ``encode_texts`` also timed
    alone on the same inputs, and the encoding run a second time on the same parts (a first pass
-   pays for the device's warm-up);
+   pays for the device's warm-up), on CUDA counting its synchronizing calls (torch's sync debug
+   mode: any is a stall of the overlap);
    write = ``PartStore.write`` of the resulting parts into a temporary folder.
 
 Finally peak RSS of ``tvrerank extract --workers 0`` (tiny model, CPU) in a fresh subprocess on
@@ -39,6 +40,7 @@ share of the run the GPU was busy (NVML, sampled every 0.1 s). The last line is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -200,6 +202,29 @@ def timed(fn, encoder) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def counting_syncs(encoder):
+    """Collect the synchronizing CUDA calls made inside (torch's sync debug mode, "warn") as "file:line"
+    strings into the yielded list; extraction's encoding should make none (waiting for a batch's
+    result is an event, which the mode does not count). Yields None off CUDA."""
+    import warnings
+
+    import torch
+
+    if encoder.device.type != "cuda":
+        yield None
+        return
+    calls: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield calls
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    calls += [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
 def tower_frames_per_s(encoder, batch_size: int, repeats: int = 5) -> float:
     """The bare image tower's throughput: ``encode_frames`` (preprocess, forward, float16 tokens to host,
     as extraction calls it) on random frames at the extractor's batch size, best of ``repeats`` after a warm-up."""
@@ -237,7 +262,15 @@ def stage_times(model: str, paths: list[Path], captions: list[str], args) -> flo
 
     encode = timed(encode_all, encoder)
     parts.clear()
-    encode_again = timed(encode_all, encoder)  # the same parts again: what a first pass pays to warm up
+    found = []
+
+    def encode_all_counted():  # the timing's own synchronize stays outside the count
+        with counting_syncs(encoder) as calls:
+            encode_all()
+        found.append(calls)
+
+    encode_again = timed(encode_all_counted, encoder)  # the same parts again: what a first pass pays to warm up
+    syncs = found[0]
     frames_in = np.concatenate([sample.frames[: sample.num_valid] for sample, _ in decoded])
     pre = timed(lambda: [encoder.preprocess(frames_in[i : i + args.batch_size])
                          for i in range(0, len(frames_in), args.batch_size)], encoder)
@@ -265,6 +298,9 @@ def stage_times(model: str, paths: list[Path], captions: list[str], args) -> flo
     print(f"    encoder: {frames / forward:8.1f} frames/s (forward only, by difference), "
           f"{frames / (encode - text):8.1f} frames/s with preprocess; "
           f"decode {len(paths) / decode:.1f} videos/s in one process")
+    if syncs is not None:
+        print(f"    synchronizing CUDA calls while encoding (the second pass; torch's sync debug mode): {len(syncs)}"
+              + (f", e.g. at {', '.join(sorted(set(syncs))[:4])}" if syncs else ""))
     print(f"    encoding again, the same parts: {encode_again:7.3f} s = {frames / encode_again:8.1f} frames/s "
           f"(first pass {frames / encode:8.1f} frames/s, captions included in both)")
     tower = tower_frames_per_s(encoder, args.batch_size, repeats=1 if args.smoke else 5)
