@@ -362,3 +362,28 @@ def test_part_encoder_finishes_parts_in_order_across_queued_batches():
         for group in ("videos", "texts"):
             for name, array in getattr(alone, group).items():
                 np.testing.assert_array_equal(getattr(part, group)[name], array, err_msg=name)
+
+
+def test_a_failing_batch_keeps_the_part_queued_before_it(reference, tmp_path, monkeypatch):
+    """A batch that fails (here the second part's first, as an out-of-memory error would) does not lose
+    the part before it, whose last batch was still queued: it is written, and the rerun matches."""
+    from tvrerank.extract.encoder import FrozenClipEncoder
+
+    annotations, ref_out, _ = reference
+    out = tmp_path / "failing.h5"
+    submit, calls = FrozenClipEncoder.submit_frames, []
+
+    def failing(self, frames, **kwargs):
+        calls.append(len(frames))
+        if len(calls) == 2:  # parts of 2 videos x 4 frames, batch 8: one batch per part
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return submit(self, frames, **kwargs)
+
+    monkeypatch.setattr(FrozenClipEncoder, "submit_frames", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_extraction(config_for(annotations, out), progress=False)
+    assert PartStore(out).finished(3) == {0}
+    monkeypatch.undo()
+    summary = run_extraction(config_for(annotations, out), progress=False)
+    assert summary.resumed_parts == 1
+    assert_same_arrays(out, ref_out)

@@ -20,6 +20,7 @@ number or length of videos.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -474,6 +475,13 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
                 encode(parts_encoder.add, index, np.arange(start, stop), decoded, np.arange(first, last),
                        table.captions[first:last])
             encode(parts_encoder.flush)
+    except BaseException:
+        # a failing batch (e.g. out of GPU memory) leaves the part before it with its last batch queued:
+        # store and write that part, so a rerun resumes after it
+        with contextlib.suppress(Exception):
+            for done_index, part in parts_encoder.flush():
+                writer.put(done_index, part)
+        raise
     finally:
         writer.close()
     timings = {"pipeline_seconds": time.perf_counter() - pipeline_start, "decode_wait_seconds": sum(waits),
