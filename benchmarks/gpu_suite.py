@@ -18,8 +18,9 @@ with GPU-sized options, keeps its whole output, and collects the ``name=value`` 
    choice at this size, IVF4096,PQ160x8, takes minutes to train on 16 cores), CPU queries/s, and the
    GPU's (faiss-gpu when installed; a torch exact top-k otherwise, for scale).
 
-Each section has a time limit (150, 200, 180, 150 and 120 s); a section that would start after
-``--budget-s`` (default 360 s) is skipped and said so, so a run ends within 8 minutes.
+Each section has a time limit (150, 200, 180, 120 and 120 s), cut to what is left of ``--total-s``
+(default 480 s), so a run ends within 8 minutes; a section with less than 30 s left is skipped and
+said so.
 ``OUT/gpu_suite.json`` and ``OUT/gpu_suite.md`` are rewritten after every section, so a run cut
 short still leaves what it measured. With ``--smoke`` every section runs its script's
 ``--smoke`` size on the CPU (seconds; a test runs it).
@@ -48,6 +49,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+MIN_SECTION_S = 30  # a section is not started with less time than this left
 FIGURE = re.compile(r"(?<![\w.])([a-z][a-z0-9_]*)=(-?\d+(?:\.\d+)?)")
 
 
@@ -65,7 +67,7 @@ def sections(workers: int) -> list[tuple[str, str, list[str], int]]:
         ("retrieval", "bench_retrieve.py", ["--model", "ViT-bigG-14", "--device", "cuda", "--videos", "200",
                                             "--queries", "100", "--e2e-queries", "10", "--factory", "Flat",
                                             "--max-token-gb", "8"], 180),
-        ("extraction-b16", "bench_extract.py", extraction("ViT-B-16", 480), 150),
+        ("extraction-b16", "bench_extract.py", extraction("ViT-B-16", 480), 120),
         ("faiss", "bench_index.py", ["--sizes", "1000000", "--dim", "1280", "--queries", "1000", "--factory",
                                      "IVF1024,Flat", "--search-params", "nprobe=32"], 120),
     ]
@@ -104,7 +106,8 @@ def write_report(out: Path, report: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu-suite-out", help="folder for gpu_suite.json and gpu_suite.md")
-    parser.add_argument("--budget-s", type=float, default=360, help="start no section after this many seconds")
+    parser.add_argument("--total-s", type=float, default=480, help="the whole run's limit: each section gets at most "
+                        "what is left of it, and none starts with less than MIN_SECTION_S left")
     parser.add_argument("--only", help="comma-separated section names to run (default: all)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
                         help="decoding processes for extraction")
@@ -118,10 +121,12 @@ def main() -> None:
     started, done = time.perf_counter(), 0
     for name, script, options, limit in chosen:
         command = [sys.executable, str(HERE / script), *(["--smoke"] if args.smoke else options)]
-        if time.perf_counter() - started > args.budget_s:
-            report["sections"][name] = {"status": "skipped (budget spent)", "command": command[1:]}
+        left = args.total_s - (time.perf_counter() - started)
+        if left < MIN_SECTION_S:
+            report["sections"][name] = {"status": f"skipped ({left:.0f} s of --total-s left)", "command": command[1:]}
             write_report(out, report)
             continue
+        limit = min(limit, left)
         print(f"== {name}: {' '.join(command[1:])}", flush=True)
         begin = time.perf_counter()
         try:
@@ -131,7 +136,7 @@ def main() -> None:
                 f"failed ({result.returncode})"
         except subprocess.TimeoutExpired as exc:
             output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            status = f"timed out after {limit} s"
+            status = f"timed out after {limit:.0f} s"
         seconds = time.perf_counter() - begin
         done += status == "ok"
         report["sections"][name] = {"status": status, "seconds": seconds, "command": command[1:],
