@@ -170,3 +170,20 @@ def test_float16_texts_made_on_the_device_equal_a_host_conversion(encoder):
     np.testing.assert_array_equal(emb16, emb32.astype(np.float16))
     np.testing.assert_array_equal(tokens16, tokens32.astype(np.float16))
     np.testing.assert_array_equal(lengths16, lengths)
+
+
+def test_a_text_only_encoder_drops_the_image_tower_and_encodes_captions_the_same(encoder):
+    """Retrieval's encoder: the same captions' features and the same config, without the image tower."""
+    from tvrerank.errors import InputError
+    from tvrerank.extract.encoder import TextLayout
+
+    text = FrozenClipEncoder(model=str(TINY_VIT), pretrained=None, device="cpu", text_only=True)
+    assert text.clip.visual is None and text.layout is None
+    assert sum(p.numel() for p in text.clip.parameters()) < sum(p.numel() for p in encoder.clip.parameters())
+    assert text.config.identity() == encoder.config.identity()
+    assert text.text_layout == TextLayout.of(encoder.layout) == encoder.text_layout
+    captions = ["a red box moves", "two boxes"]
+    for got, want in zip(text.encode_texts(captions), encoder.encode_texts(captions)):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(InputError, match="captions only"):
+        text.encode_frames(_frames(1, 32))

@@ -11,6 +11,7 @@ No I/O here: arrays in, arrays out.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -65,6 +66,20 @@ def _linear_projection(projection) -> Callable[[torch.Tensor], torch.Tensor] | N
     return projection
 
 
+@dataclass(frozen=True)
+class TextLayout:
+    """What ``encode_texts`` gives per caption: token features (text_tokens, text_token_dim), an embedding
+    of embed_dim; the text side of ``TokenLayout``."""
+
+    text_tokens: int
+    text_token_dim: int
+    embed_dim: int
+
+    @classmethod
+    def of(cls, layout: TokenLayout) -> "TextLayout":
+        return cls(layout.text_tokens, layout.text_token_dim, layout.embed_dim)
+
+
 class PendingArrays:
     """Device tensors on their way to the host: the copy is queued at once (into pinned memory on a
     GPU, so it does not hold up the caller); ``result()`` waits for it and gives numpy arrays."""
@@ -100,15 +115,19 @@ class FrozenClipEncoder:
         text_tokens: int = 32,
         precision: str = "fp32",
         device: str = "auto",
+        text_only: bool = False,
     ):
+        """``text_only``: drop the image tower once its preprocessing settings are read (retrieval
+        encodes captions only: ViT-bigG-14's image tower is ~1.8 B of its ~2.5 B parameters); ``layout``
+        is then None and ``text_layout`` says what the captions give."""
         if token_space not in ("joint", "raw"):
             raise InputError(f"token space must be joint or raw, got {token_space!r}")
         self.device = resolve_device(device)
         if precision == "fp16" and self.device.type == "cpu":
             log.warning("fp16 is slow or unsupported on CPU; consider --precision bf16 or fp32")
         self.dtype = DTYPES[precision]
-        self.clip, name, model_config, sha = create_clip(
-            model, pretrained, precision=precision, device=str(self.device)
+        self.clip, name, model_config, sha = create_clip(  # a text-only model reaches the device without its image tower
+            model, pretrained, precision=precision, device="cpu" if text_only else str(self.device)
         )
         import open_clip
 
@@ -126,9 +145,17 @@ class FrozenClipEncoder:
         mean = torch.tensor(self.config.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.config.std, device=self.device).view(1, 3, 1, 1)
         self._scale, self._shift = 1.0 / (255.0 * std), mean / std
-        self._image_projection = self._find_image_projection()
         self._text_projection = self._find_text_projection()
-        self.layout = self._probe_layout()
+        if text_only:
+            self.clip.visual = None  # its settings are in self.config
+            self.clip.to(self.device)
+            self._image_projection, self.layout = None, None
+            emb, tokens, _ = self.encode_texts(["probe"])
+            self.text_layout = TextLayout(self.text_tokens, text_token_dim=tokens.shape[-1], embed_dim=emb.shape[-1])
+        else:
+            self._image_projection = self._find_image_projection()
+            self.layout = self._probe_layout()
+            self.text_layout = TextLayout.of(self.layout)
 
     # --------------------------------------------------------------------------- set-up
     def _find_image_projection(self):
@@ -195,6 +222,8 @@ class FrozenClipEncoder:
     def frames_on_device(self, frames: np.ndarray, dtype=torch.float32):
         """(N, S, S, 3) uint8 → frame_emb (N, E) L2-normalised, tokens (N, P, D) as ``dtype``, and the
         token grid (H', W'), the tensors still on the device (its work may still be queued)."""
+        if self.clip.visual is None:
+            raise InputError(f"{self.config.model}: this encoder was built for captions only (text_only)")
         out = self.clip.visual.forward_intermediates(
             self.preprocess(frames),
             indices=1,

@@ -20,7 +20,7 @@ from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.rows import CacheRows
 from tvrerank.devices import resolve_device
 from tvrerank.errors import CacheMismatch, InputError
-from tvrerank.extract.encoder import FrozenClipEncoder
+from tvrerank.extract.encoder import FrozenClipEncoder, TextLayout
 from tvrerank.extract.models import register_model_config
 from tvrerank.firststage.store import load_first_stage
 from tvrerank.index.faiss_index import import_faiss, search, to_gpu_if_available
@@ -76,13 +76,13 @@ def set_cpu_threads(threads: int) -> None:
 
 
 def text_encoder_for(cache: CacheReader, device: str) -> FrozenClipEncoder:
-    """Rebuild the cache's own encoder from its attributes and check it is the same one."""
+    """Rebuild the cache's own encoder from its attributes, its text tower only, and check it is the same one."""
     wanted, layout = cache.header.encoder, cache.header.layout
     register_model_config(wanted.model, wanted.model_config)
     encoder = FrozenClipEncoder(model=wanted.model, pretrained=wanted.pretrained, token_space=layout.space,
                                 token_pool=layout.pool, text_tokens=layout.text_tokens, precision=wanted.precision,
-                                device=device)
-    if encoder.config.identity() != wanted.identity() or encoder.layout != layout:
+                                device=device, text_only=True)
+    if encoder.config.identity() != wanted.identity() or encoder.text_layout != TextLayout.of(layout):
         raise CacheMismatch(
             f"the encoder rebuilt from {cache.path}'s attributes ({wanted.model}, pretrained={wanted.pretrained}) "
             "is not the one that made the cache (other weights or config); pass the same checkpoint file"
