@@ -66,6 +66,12 @@ def _linear_projection(projection) -> Callable[[torch.Tensor], torch.Tensor] | N
     return projection
 
 
+def _torch_float(dtype) -> torch.dtype:
+    """The torch dtype outputs are made in on the device for a requested numpy ``dtype``: float16 stays
+    float16 (half the bytes to the host), anything else is float32."""
+    return torch.float16 if dtype == np.float16 else torch.float32
+
+
 @dataclass(frozen=True)
 class TextLayout:
     """What ``encode_texts`` gives per caption: token features (text_tokens, text_token_dim), an embedding
@@ -244,7 +250,7 @@ class FrozenClipEncoder:
         On a GPU the copy to the host is queued too (into pinned memory), so the caller can prepare
         the next batch, or store the previous one, while this one runs.
         """
-        frame_emb, tokens, _ = self.frames_on_device(frames, {np.float16: torch.float16}.get(dtype, torch.float32))
+        frame_emb, tokens, _ = self.frames_on_device(frames, _torch_float(dtype))
         return PendingArrays((frame_emb, tokens))
 
     def encode_frames(self, frames: np.ndarray, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
@@ -270,7 +276,7 @@ class FrozenClipEncoder:
         tokens = out["text_intermediates"][-1][:, : self.text_tokens]  # (M, L, W)
         if self._text_projection is not None:
             tokens = self._text_projection(tokens.to(self.dtype))  # (M, L, E)
-        wanted = {np.float16: torch.float16}.get(dtype, torch.float32)
+        wanted = _torch_float(dtype)
         return PendingArrays((out["text_features"].float().to(wanted), tokens.float().to(wanted), lengths))
 
     def encode_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

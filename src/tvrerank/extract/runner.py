@@ -448,41 +448,44 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
     writer = PartWriter(parts)
     parts_encoder = PartEncoder(encoder, frames=config.frames, batch_size=config.batch_size)
     waits, encode_seconds, pipeline_start = [], 0.0, time.perf_counter()
+    bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="video", desc=f"extract {out.name}",
+               disable=not progress)
+
+    def hand_on(finished: list) -> None:  # parts the encoder finished, to the writer
+        for done_index, part in finished:
+            writer.put(done_index, part)
+            bar.update(len(part.video_rows))
+
+    def encode(step, *args) -> None:  # time the encoder's call
+        nonlocal encode_seconds
+        encoding = time.perf_counter()
+        finished = step(*args)
+        encode_seconds += time.perf_counter() - encoding
+        hand_on(finished)
+
     try:
-        with tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="video", desc=f"extract {out.name}",
-                  disable=not progress) as bar:
-
-            def encode(step, *args) -> None:  # time the encoder's call; hand the parts it finished to the writer
-                nonlocal encode_seconds
-                encoding = time.perf_counter()
-                finished = step(*args)
-                encode_seconds += time.perf_counter() - encoding
-                for done_index, part in finished:
-                    writer.put(done_index, part)
-                    bar.update(len(part.video_rows))
-
-            for index in todo:
-                start, stop = bounds[index]
-                decoded = []
-                for row in range(start, stop):
-                    waited = time.perf_counter()
-                    done_row, frames, error = next(results)
-                    waits.append(time.perf_counter() - waited)
-                    if done_row != row:  # never attribute one video's frames to another
-                        raise RuntimeError(f"decoded video {done_row} arrived for row {row}")
-                    decoded.append((frames, error))
-                first, last = np.searchsorted(table.caption_video, [start, stop])
-                encode(parts_encoder.add, index, np.arange(start, stop), decoded, np.arange(first, last),
-                       table.captions[first:last])
-            encode(parts_encoder.flush)
+        for index in todo:
+            start, stop = bounds[index]
+            decoded = []
+            for row in range(start, stop):
+                waited = time.perf_counter()
+                done_row, frames, error = next(results)
+                waits.append(time.perf_counter() - waited)
+                if done_row != row:  # never attribute one video's frames to another
+                    raise RuntimeError(f"decoded video {done_row} arrived for row {row}")
+                decoded.append((frames, error))
+            first, last = np.searchsorted(table.caption_video, [start, stop])
+            encode(parts_encoder.add, index, np.arange(start, stop), decoded, np.arange(first, last),
+                   table.captions[first:last])
+        encode(parts_encoder.flush)
     except BaseException:
         # a failing batch (e.g. out of GPU memory) leaves the part before it with its last batch queued:
         # store and write that part, so a rerun resumes after it
         with contextlib.suppress(Exception):
-            for done_index, part in parts_encoder.flush():
-                writer.put(done_index, part)
+            hand_on(parts_encoder.flush())
         raise
     finally:
+        bar.close()
         writer.close()
     timings = {"pipeline_seconds": time.perf_counter() - pipeline_start, "decode_wait_seconds": sum(waits),
                "first_wait_seconds": waits[0] if waits else 0.0, "encode_seconds": encode_seconds}
