@@ -3,7 +3,7 @@
 Runs, in this order (most telling first), each benchmark script of this folder as a subprocess
 with GPU-sized options, keeps its whole output, and collects the ``name=value`` figures it prints:
 
-1. extraction-bigg (``bench_extract.py``): 120 MSR-VTT-like clips (320x240, 8-10 s, written by the
+1. extraction-bigg (``bench_extract.py``): 240 MSR-VTT-like clips (320x240, 8-10 s, written by the
    script, one process per core) with ViT-bigG-14, random weights, bf16: videos/s, the share of
    the run the GPU was busy (NVML), and ``tower_ratio`` (pipeline frames/s over the bare tower's at
    the same batch size; goal >= 0.9);
@@ -11,9 +11,11 @@ with GPU-sized options, keeps its whole output, and collects the ``name=value`` 
    tokens (1280-wide, 256 per frame, 12 frames), bf16, from the cache vs with the bigG tower run on
    the frames (``cache_speedup``), and the cache's read rate (24 random videos);
 3. retrieval (``bench_retrieve.py``): batch-1 latency with the ViT-bigG-14 text tower on the GPU,
-   stage 1 alone vs re-ranked at K = 15 with the gallery store (``rerank_overhead``; goal <= 0.1);
+   stage 1 alone vs re-ranked at K = 15 with the gallery store held on the GPU and each query's
+   re-rank replayed as a CUDA graph (``rerank_overhead``; goal <= 0.1), beside the store read from
+   the host and scored eagerly (``rerank_overhead_batched``);
 4. extraction-b16: the same with ViT-B-16 on 480 clips (on 120 its pipeline lasts about a second,
-   a third of it spent waiting for the first part's frames);
+   a third of it spent waiting for the first frames);
 5. FAISS (``bench_index.py``): 1M x 1280 vectors, Flat and ``IVF1024,Flat`` (nprobe 32; the ``auto``
    choice at this size, IVF4096,PQ160x8, takes minutes to train on 16 cores), CPU queries/s, and the
    GPU's (faiss-gpu when installed; a torch exact top-k otherwise, for scale).
@@ -60,7 +62,7 @@ def sections(workers: int) -> list[tuple[str, str, list[str], int]]:
                 str(workers), "--batch-size", "256", "--skip-rss"]
 
     return [
-        ("extraction-bigg", "bench_extract.py", extraction("ViT-bigG-14", 120), 150),
+        ("extraction-bigg", "bench_extract.py", extraction("ViT-bigG-14", 240), 150),
         ("training", "bench_train_cost.py", ["--model", "ViT-bigG-14", "--device", "cuda", "--precision", "bf16",
                                              "--repeats", "3", "--cache-videos", "192", "--videos-per-step", "96",
                                              "--tower-batch", "256", "--read-videos", "24"], 200),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tvrerank.toy.videos import write_video
 
@@ -164,3 +165,20 @@ def served_demo(tmp_path_factory) -> Path:
                                   "--config", str(config), "--steps", "3", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     return demo
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the operators that need a value on the host (``.item()``, data-dependent shapes): each
+    would synchronise with a GPU, which a CUDA graph capture refuses."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.masked_select", "aten._unique",
+               "aten.unique", "aten.equal", "aten.is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.SYNCING):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import torch.nn.functional as F
+from conftest import HostSyncs
 
 from tvrerank.errors import InputError
 from tvrerank.rerank.checkpoint import MODEL_FILE, load_reranker, save_reranker
 from tvrerank.rerank.model import (CrossBlock, FrameTokenSelector, Reranker, RerankerConfig, SelectedVideos,
-                                   _PerturbedTopK, top_k_weights)
+                                   SelfAttention, _PerturbedTopK, top_k_weights)
 
 CONFIG = RerankerConfig(frames=4, tokens_per_frame=6, token_dim=12, embed_dim=10, text_token_dim=8, text_tokens=7,
                         width=16, heads=2, layers=1, queries=3, frame_keep=2, video_keep=5, dropout=0.0,
@@ -244,3 +245,42 @@ def test_the_last_block_skips_only_rows_nobody_reads(monkeypatch):
 
     monkeypatch.setattr(CrossBlock, "forward", untrimmed)
     assert torch.allclose(deep(*inputs()), trimmed, atol=1e-5)
+
+
+def test_self_attention_is_multihead_attention_with_its_parameters_and_random_draws():
+    torch.manual_seed(3)
+    reference = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    torch.manual_seed(3)
+    ours = SelfAttention(width=16, heads=4, dropout=0.1).eval()
+    # same names, shapes and initial values: checkpoints and seeded runs are unchanged
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in reference.state_dict().items())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 9, 16, generator=g)
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[0, 4:], pad[2, 7:] = True, True
+    for rows in (9, 2):
+        expected = reference(x[:, :rows], x, x, key_padding_mask=pad, need_weights=False)[0]
+        assert torch.allclose(ours(x, pad, rows=rows), expected, atol=1e-6)
+
+
+def test_any_caption_columns_past_the_longest_caption_give_the_same_scores(model):
+    text, length, tokens, frame_emb, frame_mask, pair_video = inputs()
+    videos = model.select(tokens, frame_emb, frame_mask)
+    trimmed = model.score(text[[1, 2]], length[[1, 2]], videos, pair_video[[1, 2]])  # longest: 5 columns
+    for columns in (5, 6, 7):
+        padded = model.score(text[[1, 2]], length[[1, 2]], videos, pair_video[[1, 2]], columns=columns)
+        assert torch.allclose(padded, trimmed, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")
+def test_scoring_with_fixed_columns_never_needs_a_value_on_the_host(variant):
+    # what lets retrieve/query_scorer.py capture a query's re-rank as one CUDA graph
+    torch.manual_seed(0)
+    model = Reranker(config=dataclasses.replace(CONFIG, **variant)).eval()
+    text, length, tokens, frame_emb, frame_mask, pair_video = inputs()
+    with torch.inference_mode():
+        videos = model.select(tokens, frame_emb, frame_mask)
+        with HostSyncs() as syncs:
+            model.score(text, length, videos, pair_video, columns=text.shape[1])
+    assert syncs.seen == []

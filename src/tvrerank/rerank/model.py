@@ -265,6 +265,35 @@ class VideoTokenSelector(nn.Module):
 
 
 # --------------------------------------------------------------------------- 4. cross block
+class SelfAttention(nn.Module):
+    """Multi-head attention of a sequence's first rows over all of its rows (the queries' self-attention).
+
+    Its parameters have ``nn.MultiheadAttention``'s names, layout and initialisation (``in_proj_weight``
+    (3d, d) = q, k, v stacked; ``out_proj``), so checkpoints load either way; it computes only the
+    queries that are read and goes straight to the fused kernel, with a fifth of MultiheadAttention's
+    operator calls (a query's re-rank is bound by those calls on a GPU).
+    """
+
+    def __init__(self, *, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)  # made first, as MultiheadAttention does: same random draws
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, *, rows: int) -> torch.Tensor:
+        # x (C, L, d), pad (C, L) True = padding → (C, rows, d): rows 0..rows-1 attend to every real row
+        c, _, d = x.shape
+        q = F.linear(x[:, :rows], self.in_proj_weight[:d], self.in_proj_bias[:d])
+        keys, values = F.linear(x, self.in_proj_weight[d:], self.in_proj_bias[d:]).chunk(2, dim=-1)
+        split = [t.unflatten(-1, (self.heads, d // self.heads)).transpose(1, 2) for t in (q, keys, values)]
+        attended = F.scaled_dot_product_attention(*split, attn_mask=~pad[:, None, None, :],
+                                                  dropout_p=self.dropout if self.training else 0.0)  # (C, h, rows, d/h)
+        return self.out_proj(attended.transpose(1, 2).reshape(c, rows, d))
+
+
 class CrossBlock(nn.Module):
     """Queries attend to visual tokens, then to each other, then an MLP (pre-norm, residual).
 
@@ -280,7 +309,7 @@ class CrossBlock(nn.Module):
         self.q_proj, self.kv_proj, self.out_proj = nn.Linear(width, width), nn.Linear(width, 2 * width), \
             nn.Linear(width, width)
         self.norm_self = nn.LayerNorm(width)
-        self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.self_attn = SelfAttention(width=width, heads=heads, dropout=dropout)
         self.norm_mlp = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(4 * width, width))
@@ -309,11 +338,8 @@ class CrossBlock(nn.Module):
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=~visual_pad[:, None, None, :],
                                                   dropout_p=self.dropout if self.training else 0.0)
         queries = queries + self.out_proj(attended.transpose(1, 2).reshape(c, lq, d))
-        x = self.norm_self(queries)
-        if rows is not None:
-            queries = queries[:, :rows]
-        queries = queries + self.self_attn(x[:, : queries.shape[1]], x, x, key_padding_mask=query_pad,
-                                           need_weights=False)[0]
+        rows = lq if rows is None else rows
+        queries = queries[:, :rows] + self.self_attn(self.norm_self(queries), query_pad, rows=rows)
         return queries + self.mlp(self.norm_mlp(queries))
 
     def condition(self, queries: torch.Tensor, query_pad: torch.Tensor, *, rows: int) -> torch.Tensor:
@@ -321,9 +347,7 @@ class CrossBlock(nn.Module):
 
         Depends on the caption only, so it runs once per caption, not once per (pair, frame).
         """
-        x = self.norm_self(queries)
-        return queries[:, :rows] + self.self_attn(x[:, :rows], x, x, key_padding_mask=query_pad,
-                                                  need_weights=False)[0]
+        return queries[:, :rows] + self.self_attn(self.norm_self(queries), query_pad, rows=rows)
 
     def per_frame(self, conditioned: torch.Tensor, frame_keys: torch.Tensor, frame_values: torch.Tensor):
         """Each frame on its own: the conditioned queries attend to that frame's tokens; the frame's
@@ -464,13 +488,15 @@ class Reranker(nn.Module):
 
     def score(self, text_tokens: torch.Tensor, text_length: torch.Tensor, videos: SelectedVideos,
               pair_video: torch.Tensor | None, *, pair_text: torch.Tensor | None = None,
-              trace: dict | None = None) -> torch.Tensor:
+              trace: dict | None = None, columns: int | None = None) -> torch.Tensor:
         # text_tokens (U, L, Dt), text_length (U,); videos: B selected videos; pair_video (C,) into the B
         # videos (None: C = B, pair i is video i), pair_text (C,) into the U captions (None: U = C) → scores (C,)
         # trace: a dict that receives the attention weights, "frame" (C, T, h, Q, F) and "video" (one
         # (C, h, Q+L, Lv) per video-level block), for rerank/explain.py; the joint design records none
+        # columns: the caption columns read (padding beyond text_length is masked, so any columns >= the
+        # longest caption give the same scores); None: the longest caption's, found with one host sync
         c, q = self.config, self.config.queries
-        length = int(text_length.max())  # drop padding columns the whole batch shares
+        length = int(text_length.max()) if columns is None else columns
         text = self.text_in(text_tokens[:, :length]) + self.text_position[:length]  # (U, L, d), once per caption
         text_pad = torch.arange(length, device=text.device)[None, :] >= text_length[:, None]  # (U, L)
         u = text.shape[0]

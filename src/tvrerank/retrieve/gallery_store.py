@@ -129,18 +129,45 @@ class GalleryStore:
             return None
         return store
 
-    def read(self, rows: np.ndarray, device: torch.device) -> SelectedVideos:
-        """rows (U,) unique cache rows, in any order → their selected tokens, in that order."""
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        """rows (U,) cache rows → the positions of their records (U,); KeyError if one has none."""
         positions = np.searchsorted(self.rows, rows)
         if not np.array_equal(self.rows[np.clip(positions, 0, len(self.rows) - 1)], rows):
             raise KeyError("a requested video is not in the gallery store")
+        return positions
+
+    def read(self, rows: np.ndarray, device: torch.device) -> SelectedVideos:
+        """rows (U,) unique cache rows, in any order → their selected tokens, in that order."""
+        positions = self.positions(rows)
         arrays = {name: torch.from_numpy(array[positions].astype(np.float32) if array.dtype.kind == "f"
                                          else array[positions]) for name, array in self.arrays.items()}
         return SelectedVideos(**arrays).to(device)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self.arrays.values())
+
+    def on_device(self, device: torch.device) -> "DeviceStore":
+        return DeviceStore(self, device)
+
     def close(self) -> None:
         self.arrays = {}
         self.file.close()
+
+
+class DeviceStore:
+    """A gallery store's records copied to ``device`` once (tokens float16, as stored) and gathered by
+    position with device operations only: a query costs no host work and no copy, and the gather
+    can be part of a captured CUDA graph (``retrieve/query_scorer.py``)."""
+
+    def __init__(self, store: GalleryStore, device: torch.device):
+        self.store = store
+        self.arrays = {name: torch.from_numpy(np.array(array)).to(device) for name, array in store.arrays.items()}
+
+    def gather(self, positions: torch.Tensor) -> SelectedVideos:
+        """positions (K,) int64 on the device → those K records; tokens float32, as ``GalleryStore.read``."""
+        picked = {name: array.index_select(0, positions) for name, array in self.arrays.items()}
+        return SelectedVideos(**{name: t.float() if t.is_floating_point() else t for name, t in picked.items()})
 
 
 class StoreFormatError(TvrerankError, ValueError):

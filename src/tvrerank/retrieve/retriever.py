@@ -29,7 +29,8 @@ from tvrerank.rerank.checkpoint import load_reranker
 from tvrerank.rerank.inference import select_videos
 from tvrerank.rerank.model import SelectedVideos
 from tvrerank.rerank.ranking import fused_scores, order_candidates
-from tvrerank.retrieve.gallery_store import GalleryStore
+from tvrerank.retrieve.gallery_store import DeviceStore, GalleryStore
+from tvrerank.retrieve.query_scorer import QueryScorer
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +92,26 @@ def text_encoder_for(cache: CacheReader, device: str) -> FrozenClipEncoder:
 
 
 class Retriever:
-    """Search one gallery. Checks every artifact on construction; use as a context manager (or ``close``)."""
+    """Search one gallery. Checks every artifact on construction; use as a context manager (or ``close``).
+
+    ``device_store``: hold the gallery store on the device and re-rank each query through a
+    ``QueryScorer`` (a CUDA graph on a GPU); None: so on CUDA when the store takes at most a quarter
+    of the free GPU memory, True: whenever there is a store (on the CPU the scorer runs eagerly).
+    """
 
     def __init__(self, gallery: str | Path, index_dir: str | Path, run_dir: str | Path | None = None, *,
-                 device: str = "auto", use_store: bool = True, first_stage: str | Path | None = None):
+                 device: str = "auto", use_store: bool = True, first_stage: str | Path | None = None,
+                 device_store: bool | None = None):
         self.device = resolve_device(device)
         self.gallery = Path(gallery)
         self.cache = CacheReader(gallery)
         self.store = None
+        self.device_store: DeviceStore | None = None
+        self._scorers: dict[int, QueryScorer] = {}  # by candidates per query
         try:
             self._open(index_dir, run_dir, use_store)
+            if self.store is not None and self._store_on_device(device_store):
+                self.device_store = self.store.on_device(self.device)
             self.first_stage = self._first_stage(first_stage, index_dir)
         except BaseException:
             self.close()
@@ -127,6 +138,18 @@ class Retriever:
         self.rows = CacheRows(gallery, memory_budget=0)
         self.encoder = text_encoder_for(self.cache, str(self.device))
 
+    def _store_on_device(self, wanted: bool | None) -> bool:
+        if wanted is not None:
+            return wanted
+        if self.device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if self.store.nbytes > free // 4:
+            log.info("the gallery store (%.1f GB) is over a quarter of the GPU's free memory: its records are "
+                     "read from the host per query", self.store.nbytes / 1e9)
+            return False
+        return True
+
     def _first_stage(self, run_dir, index_dir):
         """The trained first stage the queries go through, checked against the index's vectors."""
         wanted = self.index_config.first_stage_sha256
@@ -150,6 +173,7 @@ class Retriever:
         self.close()
 
     def close(self) -> None:
+        self._scorers, self.device_store = {}, None
         if self.store is not None:
             self.store.close()
         self.cache.close()
@@ -164,7 +188,7 @@ class Retriever:
             chunk = list(queries[start : start + batch])
             emb, tokens, lengths = self.encoder.encode_texts(chunk)
             scores, candidate_rows = self.stage1(self.query_embeddings(emb), depth)
-            rerank_scores = self._rerank(tokens, lengths, candidate_rows[:, :k]) if rerank else None
+            rerank_scores = self.rerank_scores(tokens, lengths, candidate_rows[:, :k]) if rerank else None
             for i, query in enumerate(chunk):
                 result = self.rank_hits(query, scores[i], candidate_rows[i], k, top,
                                         None if rerank_scores is None else rerank_scores[i])
@@ -194,10 +218,31 @@ class Retriever:
         scores, positions = search(self.index, text_emb, depth)
         return scores, np.where(positions >= 0, self.index_rows[np.clip(positions, 0, None)], -1)
 
-    def _rerank(self, text_tokens: np.ndarray, lengths: np.ndarray, candidate_rows: np.ndarray) -> np.ndarray:
-        """(Q, L, Dt), (Q,), (Q, K) rows (-1: none) → re-ranker scores (Q, K), -inf where no candidate."""
-        selected, pair_video = self.candidate_tokens(candidate_rows)
-        return self.score_candidates(text_tokens, lengths, candidate_rows, selected, pair_video)
+    def rerank_scores(self, text_tokens: np.ndarray, lengths: np.ndarray, candidate_rows: np.ndarray) -> np.ndarray:
+        """(Q, L, Dt), (Q,), (Q, K) rows (-1: none) → re-ranker scores (Q, K), -inf where no candidate.
+
+        With the store on the device: query by query through a ``QueryScorer``; else every query's
+        pairs in one batch (``candidate_tokens`` + ``score_candidates``).
+        """
+        if self.device_store is None:
+            selected, pair_video = self.candidate_tokens(candidate_rows)
+            return self.score_candidates(text_tokens, lengths, candidate_rows, selected, pair_video)
+        scorer = self.query_scorer(candidate_rows.shape[1])
+        out = np.full(candidate_rows.shape, -np.inf, dtype=np.float32)
+        for i, rows in enumerate(candidate_rows):
+            valid = rows >= 0
+            if valid.any():
+                out[i, valid] = scorer(text_tokens[i], int(lengths[i]), self.store.positions(rows[valid]))
+        return out
+
+    def query_scorer(self, pairs: int) -> QueryScorer:
+        """The scorer of queries with ``pairs`` candidates (made, and on CUDA captured, on first use)."""
+        if pairs not in self._scorers:
+            config = self.reranker.model.config
+            self._scorers[pairs] = QueryScorer(self.reranker.model, self.device_store, pairs=pairs,
+                                               text_tokens=config.text_tokens,
+                                               text_token_dim=config.text_token_dim, device=self.device)
+        return self._scorers[pairs]
 
     @torch.inference_mode()
     def candidate_tokens(self, candidate_rows: np.ndarray) -> tuple[SelectedVideos, torch.Tensor | None]:

@@ -1,0 +1,110 @@
+"""One query's re-rank with fixed shapes, replayed as one CUDA graph on a GPU.
+
+A query's re-rank is small: K = 15 (caption, video) pairs through a few attention blocks, about a
+hundred kernels of microseconds each. Launched one by one from Python it costs milliseconds of
+host time on a GPU, more than the kernels themselves. ``QueryScorer`` fixes every shape (the
+caption padded to the cache's ``text_tokens`` columns, the candidate list padded to K) and reads the
+candidates' tokens from a ``DeviceStore`` by position, so the whole step (gather, selected tokens
+to float32, scoring) has static inputs and no host synchronisation: on CUDA it is captured once as
+a CUDA graph and each query copies its inputs in and replays it. Elsewhere (and whenever capture
+fails) the same step runs eagerly, which is what the CPU tests check against ``Retriever``'s own
+batched path.
+
+Padding changes nothing: padded caption columns are masked out of every attention (any
+``columns`` at least the caption's length gives the same scores, ``Reranker.score``), and padded
+pairs repeat the first candidate and are dropped from the output.
+
+After a capture, the graph's scores on example inputs are compared with the eager step's; a
+capture that fails or disagrees is logged and the scorer stays eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import torch
+
+from tvrerank.rerank.model import Reranker
+from tvrerank.retrieve.gallery_store import DeviceStore
+
+log = logging.getLogger(__name__)
+
+WARMUP_RUNS = 3  # eager runs on a side stream before capture (lazy inits, kernel choices)
+
+
+class QueryScorer:
+    """Scores one query against up to ``pairs`` candidates of a ``DeviceStore``; a CUDA graph when
+    ``graph`` and the device is CUDA."""
+
+    def __init__(self, model: Reranker, store: DeviceStore, *, pairs: int, text_tokens: int, text_token_dim: int,
+                 device: torch.device, graph: bool = True):
+        self.model, self.store, self.pairs, self.device = model.eval(), store, pairs, device
+        self._lock = threading.Lock()  # the inputs are shared buffers: one query at a time
+        with torch.inference_mode():
+            self.text = torch.zeros(1, text_tokens, text_token_dim, device=device)  # (1, L, Dt)
+            self.length = torch.ones(1, dtype=torch.long, device=device)  # (1,)
+            self.positions = torch.zeros(pairs, dtype=torch.long, device=device)  # (K,) store positions
+            self.pair_text = torch.zeros(pairs, dtype=torch.long, device=device)  # (K,) every pair: the query
+        self.graph, self.scores = None, None
+        if graph and device.type == "cuda":
+            self._capture()
+
+    @torch.inference_mode()
+    def _step(self) -> torch.Tensor:
+        """The re-rank on the current inputs: (K,) scores; static shapes, no host synchronisation."""
+        videos = self.store.gather(self.positions)  # pairs in candidate order: pair_video None
+        return self.model.score(self.text, self.length, videos, None, pair_text=self.pair_text,
+                                columns=self.text.shape[1])
+
+    def _capture(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        with torch.inference_mode():  # example inputs: any caption, the first K records
+            self.text.copy_(torch.randn(self.text.shape, generator=generator))
+            self.length.fill_(max(1, self.text.shape[1] // 2))
+            self.positions.copy_(torch.arange(self.pairs) % len(next(iter(self.store.arrays.values()))))
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            previous_mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")  # a synchronising operator would break the capture
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_RUNS):
+                        self._step()
+            finally:
+                torch.cuda.set_sync_debug_mode(previous_mode)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                scores = self._step()
+            graph.replay()
+            expected = self._step()
+            if not torch.allclose(scores, expected, rtol=1e-3, atol=1e-4):
+                raise RuntimeError(f"the graph's scores differ from the eager ones by up to "
+                                   f"{(scores - expected).abs().max().item():.2e}")
+        except Exception as exc:  # noqa: BLE001 - any failure: keep the eager step, which gives the same scores
+            log.warning("re-ranking without a CUDA graph (%s: %s); scores are the same, a query takes longer",
+                        type(exc).__name__, exc)
+            return
+        self.graph, self.scores = graph, scores
+        log.info("re-ranking %d candidates per query with a CUDA graph", self.pairs)
+
+    def __call__(self, text_tokens: np.ndarray, length: int, positions: np.ndarray) -> np.ndarray:
+        """text_tokens (L, Dt) one query's caption tokens, length its real ones, positions (k,) store
+        positions of its k <= K candidates → their scores (k,) float32."""
+        k = len(positions)
+        if not 1 <= k <= self.pairs:
+            raise ValueError(f"{k} candidates for a scorer of {self.pairs}")
+        padded = np.concatenate([positions, np.full(self.pairs - k, positions[0])]).astype(np.int64)
+        with self._lock, torch.inference_mode():
+            self.text.copy_(torch.from_numpy(np.ascontiguousarray(text_tokens))[None])
+            self.length.fill_(int(length))
+            self.positions.copy_(torch.from_numpy(padded))
+            if self.graph is not None:
+                self.graph.replay()
+                scores = self.scores
+            else:
+                scores = self._step()
+            return scores[:k].float().cpu().numpy()
