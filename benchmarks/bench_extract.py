@@ -257,7 +257,7 @@ def stage_times(model: str, paths: list[Path], captions: list[str], args) -> flo
         encoding = runner.PartEncoder(encoder, frames=FRAMES, batch_size=args.batch_size)
         for lo, hi in bounds:
             rows = np.arange(lo, hi)
-            parts.extend(part for _, part in encoding.add(lo, rows, decoded[lo:hi], rows, captions[lo:hi]))
+            parts.extend(part for _, part in encoding.encode(lo, rows, decoded[lo:hi], rows, captions[lo:hi]))
         parts.extend(part for _, part in encoding.flush())
 
     encode = timed(encode_all, encoder)

@@ -351,7 +351,7 @@ def test_part_encoder_finishes_parts_in_order_across_queued_batches():
              ([(sample(), "")], ["four"])]
     encoding, out = PartEncoder(encoder, frames=4, batch_size=3), []
     for key, (decoded, texts) in enumerate(parts):
-        finished = encoding.add(key, np.arange(len(decoded)), decoded, np.arange(len(texts)), texts)
+        finished = encoding.encode(key, np.arange(len(decoded)), decoded, np.arange(len(texts)), texts)
         assert key not in [k for k, _ in finished]  # its last batch is still queued (or waits for the one before)
         out += finished
     out += encoding.flush()
@@ -362,6 +362,41 @@ def test_part_encoder_finishes_parts_in_order_across_queued_batches():
         for group in ("videos", "texts"):
             for name, array in getattr(alone, group).items():
                 np.testing.assert_array_equal(getattr(part, group)[name], array, err_msg=name)
+
+
+def test_a_batch_starts_as_soon_as_its_last_frame_arrives():
+    """The encoder gets a part's first batch before the part's last video is decoded; batches are the
+    same runs of frames as encoding the whole part at once (equal arrays)."""
+    from tvrerank.extract.encoder import FrozenClipEncoder
+    from tvrerank.extract.frames import SampledFrames
+    from tvrerank.extract.runner import PartEncoder, encode_part
+
+    encoder = FrozenClipEncoder(model=str(TINY_VIT), pretrained=None, device="cpu")
+    size, rng = encoder.config.image_size, np.random.default_rng(2)
+    submitted = []
+    submit = encoder.submit_frames
+    encoder.submit_frames = lambda frames, **kwargs: submitted.append(len(frames)) or submit(frames, **kwargs)
+
+    def sample(valid: int) -> SampledFrames:
+        return SampledFrames(rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8), np.arange(4) < valid,
+                             np.zeros(4))
+
+    decoded = [(sample(4), ""), (sample(2), ""), (None, "broken"), (sample(4), ""), (sample(3), "")]
+    texts = ["one", "two"]
+    encoding = PartEncoder(encoder, frames=4, batch_size=5)
+    encoding.open(0, np.arange(5), np.arange(2), texts)
+    after_each = []
+    for frames, error in decoded:
+        assert encoding.add(frames, error) == []
+        after_each.append(list(submitted))
+    assert after_each == [[], [5], [5], [5, 5], [5, 5]]  # 13 frames: batches of 5, 5 and, at close, 3
+    (key, part), = encoding.close() + encoding.flush()
+    assert submitted == [5, 5, 3] and key == 0
+    submitted.clear()
+    alone = encode_part(encoder, np.arange(5), decoded, np.arange(2), texts, frames=4, batch_size=5)
+    for group in ("videos", "texts"):
+        for name, array in getattr(alone, group).items():
+            np.testing.assert_array_equal(getattr(part, group)[name], array, err_msg=name)
 
 
 def test_a_failing_batch_keeps_the_part_queued_before_it(reference, tmp_path, monkeypatch):

@@ -4,7 +4,8 @@ reader → mapper → writer, each replaceable:
 
 - reader: ``DecodeQueue`` samples frames of upcoming videos in worker processes (bounded
   look-ahead, results in row order), so decoding overlaps encoding;
-- mapper: ``PartEncoder`` batches the frames of several videos through the encoder, plus the
+- mapper: ``PartEncoder`` batches the frames of several videos through the encoder as they
+  arrive (a batch starts once its last frame is decoded, not the part's last video), plus the
   part's captions, with the next batch queued on the device while the last one is stored, across
   parts too (``encode_part``: one part alone);
 - writer: a background thread writes each finished part to ``CACHE.h5.parts/`` (see
@@ -181,26 +182,45 @@ def _batched(count: int, size: int) -> Iterator[slice]:
 
 
 class _OpenPart:
-    """One part being encoded: its arrays, filled batch by batch, and its captions' queued encoding."""
+    """One part being encoded: its arrays, filled batch by batch as its videos arrive, and its captions'
+    queued encoding. Batches are consecutive runs of ``batch_size`` of the part's valid frames in row
+    order, whatever the order of arrival, so a batch is ready as soon as its last frame is."""
 
-    def __init__(self, key, encoder, video_rows, decoded, text_rows, texts, *, frames: int, batch_size: int):
+    def __init__(self, key, encoder, video_rows, text_rows, texts, *, frames: int, batch_size: int):
         layout = encoder.layout
         n, t, p, d, e = len(video_rows), frames, layout.tokens_per_frame, layout.token_dim, layout.embed_dim
-        self.key, self.decoded = key, decoded
+        self.key, self.batch_size = key, batch_size
         self.video_rows, self.text_rows = np.asarray(video_rows, dtype=np.int64), np.asarray(text_rows, dtype=np.int64)
+        self.decoded: list[tuple[SampledFrames | None, str]] = []
         self.mask = np.zeros((n, t), dtype=bool)
-        for i, (sample, _) in enumerate(decoded):
-            if sample is not None:
-                self.mask[i] = sample.mask
         self.frame_emb = np.zeros((n, t, e), dtype=np.float16)
         self.tokens = np.zeros((n, t, p, d), dtype=np.float16)
-        self.where = np.argwhere(self.mask)  # (F, 2) (video, slot) of every valid frame, in order
-        self.windows = list(_batched(len(self.where), batch_size))
-        self.unstored = len(self.windows)
+        self.where = np.zeros((0, 2), dtype=np.int64)  # (F, 2) (video, slot) of every valid frame so far, in order
+        self.submitted = self.unstored = 0  # frames handed to the encoder; batches not yet stored
+        self.complete = False  # every video has arrived
         # queued first: the captions are small, and their result is only read when the part is done
         self.texts = [(window, encoder.submit_texts(texts[window], dtype=np.float16))
                       for window in _batched(len(texts), batch_size)]
         self.num_texts, self.text_shape = len(texts), (layout.text_tokens, layout.text_token_dim)
+
+    def add(self, sample: SampledFrames | None, error: str) -> None:
+        video = len(self.decoded)
+        self.decoded.append((sample, error))
+        if sample is not None:
+            self.mask[video] = sample.mask
+            slots = np.flatnonzero(sample.mask)
+            self.where = np.concatenate([self.where, np.stack([np.full_like(slots, video), slots], axis=1)])
+
+    def ready_windows(self) -> Iterator[slice]:
+        """The batches whose frames have all arrived and that were not handed out yet (each once)."""
+        while len(self.where) - self.submitted >= self.batch_size or (self.complete and self.submitted < len(self.where)):
+            window = slice(self.submitted, min(self.submitted + self.batch_size, len(self.where)))
+            self.submitted, self.unstored = window.stop, self.unstored + 1
+            yield window
+
+    @property
+    def done(self) -> bool:
+        return self.complete and self.submitted == len(self.where) and self.unstored == 0
 
     def pixels(self, window: slice) -> np.ndarray:
         return np.stack([self.decoded[v][0].frames[s] for v, s in self.where[window]])  # (N, S, S, 3)
@@ -238,11 +258,13 @@ class _OpenPart:
 
 
 class PartEncoder:
-    """Encodes parts in order, their frames in batches, with the next batch always queued on the device
-    before the last one is stored, across parts too: on a GPU the host's work (stacking frames, copying
-    tokens into the part, finishing a part and handing it on) overlaps the next forward pass.
+    """Encodes parts in order, their frames in batches as the videos arrive, with the next batch always
+    queued on the device before the last one is stored, across parts too: on a GPU the host's work
+    (stacking frames, copying tokens into the part, finishing a part and handing it on) overlaps the next
+    forward pass, and the first batch of a part starts before the part's last video is decoded.
 
-    ``add`` gives back the parts it finished (often the previous one), ``flush`` the rest, in order.
+    ``open`` a part, ``add`` its videos in row order, ``close`` it; each gives back the parts it
+    finished (often the previous one), ``flush`` the rest, in order. ``encode`` is all three at once.
     """
 
     def __init__(self, encoder, *, frames: int, batch_size: int):
@@ -250,20 +272,39 @@ class PartEncoder:
         self._open: collections.deque[_OpenPart] = collections.deque()
         self._queued = None  # (part, window, pending) of the batch on the device
 
-    def add(self, key, video_rows: np.ndarray, decoded: Sequence[tuple[SampledFrames | None, str]],
-            text_rows: np.ndarray, texts: Sequence[str]) -> list[tuple[object, PartData]]:
-        part = _OpenPart(key, self.encoder, video_rows, decoded, text_rows, texts, frames=self.frames,
-                         batch_size=self.batch_size)
-        self._open.append(part)
-        finished = []
-        for window in part.windows:
-            submitted = part, window, self.encoder.submit_frames(part.pixels(window), dtype=np.float16)
-            finished += self._store_queued()
-            self._queued = submitted
-        return finished + self._finished()
+    def open(self, key, video_rows: np.ndarray, text_rows: np.ndarray, texts: Sequence[str]) -> list:
+        self._open.append(_OpenPart(key, self.encoder, video_rows, text_rows, texts, frames=self.frames,
+                                    batch_size=self.batch_size))
+        return []
+
+    def add(self, sample: SampledFrames | None, error: str) -> list[tuple[object, PartData]]:
+        """The next video of the part opened last."""
+        self._open[-1].add(sample, error)
+        return self._submit_ready()
+
+    def close(self) -> list[tuple[object, PartData]]:
+        """The part opened last has all its videos."""
+        self._open[-1].complete = True
+        return self._submit_ready() + self._finished()
+
+    def encode(self, key, video_rows: np.ndarray, decoded: Sequence[tuple[SampledFrames | None, str]],
+               text_rows: np.ndarray, texts: Sequence[str]) -> list[tuple[object, PartData]]:
+        """A whole part at once: ``open``, ``add`` each video, ``close``."""
+        finished = self.open(key, video_rows, text_rows, texts)
+        for sample, error in decoded:
+            finished += self.add(sample, error)
+        return finished + self.close()
 
     def flush(self) -> list[tuple[object, PartData]]:
         return self._store_queued() + self._finished()
+
+    def _submit_ready(self) -> list[tuple[object, PartData]]:
+        part, finished = self._open[-1], []
+        for window in part.ready_windows():
+            submitted = part, window, self.encoder.submit_frames(part.pixels(window), dtype=np.float16)
+            finished += self._store_queued()
+            self._queued = submitted
+        return finished
 
     def _store_queued(self) -> list[tuple[object, PartData]]:
         if self._queued is None:
@@ -275,7 +316,7 @@ class PartEncoder:
 
     def _finished(self) -> list[tuple[object, PartData]]:
         done = []
-        while self._open and self._open[0].unstored == 0:
+        while self._open and self._open[0].done:
             part = self._open.popleft()
             done.append((part.key, part.finish()))
         return done
@@ -293,7 +334,7 @@ def encode_part(
 ) -> PartData:
     """Encode one part: the valid frames of all its videos in batches, and its captions."""
     encoding = PartEncoder(encoder, frames=frames, batch_size=batch_size)
-    (_, part), = encoding.add(None, video_rows, decoded, text_rows, texts) + encoding.flush()
+    (_, part), = encoding.encode(None, video_rows, decoded, text_rows, texts) + encoding.flush()
     return part
 
 
@@ -466,17 +507,17 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
     try:
         for index in todo:
             start, stop = bounds[index]
-            decoded = []
+            first, last = np.searchsorted(table.caption_video, [start, stop])
+            encode(parts_encoder.open, index, np.arange(start, stop), np.arange(first, last),
+                   table.captions[first:last])
             for row in range(start, stop):
                 waited = time.perf_counter()
                 done_row, frames, error = next(results)
                 waits.append(time.perf_counter() - waited)
                 if done_row != row:  # never attribute one video's frames to another
                     raise RuntimeError(f"decoded video {done_row} arrived for row {row}")
-                decoded.append((frames, error))
-            first, last = np.searchsorted(table.caption_video, [start, stop])
-            encode(parts_encoder.add, index, np.arange(start, stop), decoded, np.arange(first, last),
-                   table.captions[first:last])
+                encode(parts_encoder.add, frames, error)  # a batch goes to the encoder as soon as it is whole
+            encode(parts_encoder.close)
         encode(parts_encoder.flush)
     except BaseException:
         # a failing batch (e.g. out of GPU memory) leaves the part before it with its last batch queued:
