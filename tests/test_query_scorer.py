@@ -94,5 +94,7 @@ def test_a_capture_that_fails_leaves_the_eager_scorer(with_store, caplog):
             scorer._capture()  # no CUDA here: the capture fails as a broken one would on a GPU
         assert scorer.graph is None and "without a CUDA graph" in caplog.text
         np.testing.assert_array_equal(scorer(tokens[0], int(lengths[0]), r.store.positions(rows[0])), before)
+        scorer._example(seed=1)  # the capture's check inputs: any valid query
+        assert 1 <= int(scorer.length) <= tokens.shape[1] and torch.isfinite(scorer._step()).all()
         with pytest.raises(ValueError, match="5 candidates"):
             scorer(tokens[0], int(lengths[0]), np.arange(5))

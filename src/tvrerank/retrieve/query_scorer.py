@@ -14,8 +14,10 @@ Padding changes nothing: padded caption columns are masked out of every attentio
 ``columns`` at least the caption's length gives the same scores, ``Reranker.score``), and padded
 pairs repeat the first candidate and are dropped from the output.
 
-After a capture, the graph's scores on example inputs are compared with the eager step's; a
-capture that fails or disagrees is logged and the scorer stays eager.
+After a capture, the graph is replayed on other example inputs than those it was captured with
+and compared with the eager step's scores; a capture that fails or disagrees is logged and the
+scorer stays eager. The capture runs on the scorer's own GPU and a side stream, in the
+thread-local capture mode; ``Retriever`` makes scorers one at a time.
 """
 
 from __future__ import annotations
@@ -58,32 +60,41 @@ class QueryScorer:
         return self.model.score(self.text, self.length, videos, None, pair_text=self.pair_text,
                                 columns=self.text.shape[1])
 
-    def _capture(self) -> None:
-        generator = torch.Generator().manual_seed(0)
-        with torch.inference_mode():  # example inputs: any caption, the first K records
+    def _example(self, seed: int) -> None:
+        """Fill the inputs with an example query: a random caption of random length, K records."""
+        generator = torch.Generator().manual_seed(seed)
+        records = len(next(iter(self.store.arrays.values())))
+        with torch.inference_mode():
             self.text.copy_(torch.randn(self.text.shape, generator=generator))
-            self.length.fill_(max(1, self.text.shape[1] // 2))
-            self.positions.copy_(torch.arange(self.pairs) % len(next(iter(self.store.arrays.values()))))
+            self.length.fill_(int(torch.randint(1, self.text.shape[1] + 1, (1,), generator=generator)))
+            self.positions.copy_(torch.randint(0, records, (self.pairs,), generator=generator))
+
+    def _capture(self) -> None:
+        """Capture ``_step`` as a CUDA graph; on any failure log it and stay eager."""
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            previous_mode = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode("error")  # a synchronising operator would break the capture
-            try:
+            with torch.cuda.device(self.device):  # the scorer's GPU, whichever is current
+                self._example(seed=0)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                # our own stream context: the thread's stream is restored even if the capture fails
                 with torch.cuda.stream(side):
-                    for _ in range(WARMUP_RUNS):
-                        self._step()
-            finally:
-                torch.cuda.set_sync_debug_mode(previous_mode)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                scores = self._step()
-            graph.replay()
-            expected = self._step()
-            if not torch.allclose(scores, expected, rtol=1e-3, atol=1e-4):
-                raise RuntimeError(f"the graph's scores differ from the eager ones by up to "
-                                   f"{(scores - expected).abs().max().item():.2e}")
+                    previous_mode = torch.cuda.get_sync_debug_mode()
+                    torch.cuda.set_sync_debug_mode("error")  # a synchronising operator would break the capture
+                    try:
+                        for _ in range(WARMUP_RUNS):
+                            self._step()
+                    finally:
+                        torch.cuda.set_sync_debug_mode(previous_mode)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                        scores = self._step()
+                torch.cuda.current_stream().wait_stream(side)
+                self._example(seed=1)  # other inputs than those captured: the graph must read its inputs
+                graph.replay()
+                expected = self._step()
+                if not torch.allclose(scores, expected, rtol=1e-3, atol=1e-4):
+                    raise RuntimeError(f"the graph's scores differ from the eager ones by up to "
+                                       f"{(scores - expected).abs().max().item():.2e}")
         except Exception as exc:  # noqa: BLE001 - any failure: keep the eager step, which gives the same scores
             log.warning("re-ranking without a CUDA graph (%s: %s); scores are the same, a query takes longer",
                         type(exc).__name__, exc)

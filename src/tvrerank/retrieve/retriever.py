@@ -9,6 +9,7 @@ made it (same model config and checkpoint digest).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -108,6 +109,7 @@ class Retriever:
         self.store = None
         self.device_store: DeviceStore | None = None
         self._scorers: dict[int, QueryScorer] = {}  # by candidates per query
+        self._scorers_lock = threading.Lock()
         try:
             self._open(index_dir, run_dir, use_store)
             if self.store is not None and self._store_on_device(device_store):
@@ -237,12 +239,13 @@ class Retriever:
 
     def query_scorer(self, pairs: int) -> QueryScorer:
         """The scorer of queries with ``pairs`` candidates (made, and on CUDA captured, on first use)."""
-        if pairs not in self._scorers:
-            config = self.reranker.model.config
-            self._scorers[pairs] = QueryScorer(self.reranker.model, self.device_store, pairs=pairs,
-                                               text_tokens=config.text_tokens,
-                                               text_token_dim=config.text_token_dim, device=self.device)
-        return self._scorers[pairs]
+        with self._scorers_lock:  # a capture must not overlap another thread's
+            if pairs not in self._scorers:
+                config = self.reranker.model.config
+                self._scorers[pairs] = QueryScorer(self.reranker.model, self.device_store, pairs=pairs,
+                                                   text_tokens=config.text_tokens,
+                                                   text_token_dim=config.text_token_dim, device=self.device)
+            return self._scorers[pairs]
 
     @torch.inference_mode()
     def candidate_tokens(self, candidate_rows: np.ndarray) -> tuple[SelectedVideos, torch.Tensor | None]:
