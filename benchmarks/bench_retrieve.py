@@ -363,6 +363,7 @@ def main() -> None:
             how = ("as a CUDA graph" if graphed is not None else "eagerly (CUDA graphs need a GPU)"
                    if device.type != "cuda" else "eagerly (the CUDA graph capture failed: see the warning)")
             print(f"re-rank: the store on the device, one query at a time, {how}")
+            print(f"rerank_cuda_graph={int(graphed is not None)}")
         try:
             results = measure(configs, make_queries(args.queries + WARMUP, args.model), args.k, args.e2e_queries)
         finally:
