@@ -19,9 +19,9 @@ demo's (width 96, 1 layer), saved with ``save_reranker``, and the gallery store
 
 ``--queries`` queries (MSR-VTT's 1k-A test captions, the field's standard 1,000 queries, from
 ``tests/data/annotations``; toy-world captions for ``tvr-toy``) are searched one at a time (batch
-size 1, as an interactive user would), top 10 of K = ``--k`` candidates, with two retrievers side
-by side (queries interleaved, so background load hits both alike): with the gallery store and
-without it. Each query is split into the phases ``Retriever.search`` runs, by calling its own
+size 1, as an interactive user would), top 10 of K = ``--k`` candidates, with the gallery store
+and without it side by side (queries interleaved, so background load hits both alike; one
+``Retriever``, whose text tower is built once, and a view of it without its store). Each query is split into the phases ``Retriever.search`` runs, by calling its own
 pieces in its order: text encode (``encoder.encode_texts``), FAISS search (``Retriever.stage1``),
 candidate tokens (``Retriever.candidate_tokens``: the store's K records, or without the store the
 K full token grids read from the cache and put through the selectors), re-rank
@@ -40,7 +40,7 @@ On CUDA ``Retriever`` holds the store on the device and re-ranks each query thro
 ``QueryScorer`` replayed as a CUDA graph (the script says whether the capture worked; ``--device-store`` takes the same path
 eagerly on a CPU, as ``--smoke`` does); its
 candidate tokens are gathered inside that step, so that phase reads 0. A third column, "store,
-host, batched" (the same ``Retriever`` without its ``device_store``), is the path without it, and
+host, batched" (``Retriever(device_store=False)``), is the path without it, and
 ``rerank_overhead_batched=`` its overhead.
 
 Stage-1-only latency = text encode + FAISS. The last line is ``rerank_overhead=<x>``, x = p50 of
@@ -191,6 +191,17 @@ def drop_from_page_cache(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def variant(r: Retriever, **fields) -> Retriever:
+    """``r`` with some fields replaced: another path through the same files and the same text tower
+    (building bigG's takes half a minute); ``store=None`` is ``Retriever(use_store=False)``,
+    ``device_store=None`` is ``Retriever(device_store=False)``. Never closed itself."""
+    view = copy.copy(r)
+    view._scorers = {}
+    for name, value in fields.items():
+        setattr(view, name, value)
+    return view
 
 
 def timed(fn, *args, **kwargs):
@@ -352,14 +363,12 @@ def main() -> None:
                 drop_from_page_cache(path)
             print("page cache: the cache and store files evicted (--cold)")
         on_device = True if args.device_store else None  # None: Retriever's choice (on CUDA when it fits)
-        configs = {"store": Retriever(cache_path, index_dir, run_dir, device=args.device, device_store=on_device),
-                   "no store": Retriever(cache_path, index_dir, run_dir, device=args.device, use_store=False)}
-        assert configs["store"].store is not None, "Retriever did not find the gallery store"
-        if configs["store"].device_store is not None:  # on a GPU: also the store read from the host, batched
-            batched = copy.copy(configs["store"])  # shares its text tower (bigG's takes ~half a minute to build)
-            batched.device_store, batched._scorers = None, {}
-            configs = {"store": configs["store"], BATCHED: batched, "no store": configs["no store"]}
-            graphed = configs["store"].query_scorer(min(args.k, len(configs["store"].index_rows))).graph
+        retriever = Retriever(cache_path, index_dir, run_dir, device=args.device, device_store=on_device)
+        assert retriever.store is not None, "Retriever did not find the gallery store"
+        configs = {"store": retriever, "no store": variant(retriever, store=None, device_store=None)}
+        if retriever.device_store is not None:  # on a GPU: also the store read from the host, batched
+            configs = {"store": retriever, BATCHED: variant(retriever, device_store=None), **configs}
+            graphed = retriever.query_scorer(min(args.k, len(retriever.index_rows))).graph
             how = ("as a CUDA graph" if graphed is not None else "eagerly (CUDA graphs need a GPU)"
                    if device.type != "cuda" else "eagerly (the CUDA graph capture failed: see the warning)")
             print(f"re-rank: the store on the device, one query at a time, {how}")
@@ -367,9 +376,7 @@ def main() -> None:
         try:
             results = measure(configs, make_queries(args.queries + WARMUP, args.model), args.k, args.e2e_queries)
         finally:
-            for name, r in configs.items():
-                if name != BATCHED:  # a shallow copy: its files are the "store" one's
-                    r.close()
+            retriever.close()  # the other columns are views of it
         print(f"\nper-query latency, batch size 1, {args.queries} queries, K={args.k}, top {TOP}, "
               f"{args.videos} videos, device {configs['store'].device} (ms, p50 / p95)")
         report(*results)
