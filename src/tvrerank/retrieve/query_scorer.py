@@ -37,11 +37,10 @@ WARMUP_RUNS = 3  # eager runs on a side stream before capture (lazy inits, kerne
 
 
 class QueryScorer:
-    """Scores one query against up to ``pairs`` candidates of a ``DeviceStore``; a CUDA graph when
-    ``graph`` and the device is CUDA."""
+    """Scores one query against up to ``pairs`` candidates of a ``DeviceStore``; a CUDA graph on CUDA."""
 
     def __init__(self, model: Reranker, store: DeviceStore, *, pairs: int, text_tokens: int, text_token_dim: int,
-                 device: torch.device, graph: bool = True):
+                 device: torch.device):
         self.model, self.store, self.pairs, self.device = model.eval(), store, pairs, device
         self._lock = threading.Lock()  # the inputs are shared buffers: one query at a time
         with torch.inference_mode():
@@ -50,7 +49,7 @@ class QueryScorer:
             self.positions = torch.zeros(pairs, dtype=torch.long, device=device)  # (K,) store positions
             self.pair_text = torch.zeros(pairs, dtype=torch.long, device=device)  # (K,) every pair: the query
         self.graph, self.scores = None, None
-        if graph and device.type == "cuda":
+        if device.type == "cuda":
             self._capture()
 
     @torch.inference_mode()
