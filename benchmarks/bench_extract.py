@@ -14,7 +14,8 @@ open_clip architectures, e.g. the real ``ViT-B-32``):
    shown apart.
 3. Stages side by side in this process, on the same videos, with the runner's part/batch layout:
    decode = ``sample_frames`` per video (one process, FFmpeg threads as each worker gets them);
-   encode = ``PartEncoder`` over the parts, as the runner calls it (preprocess, frame forward pass,
+   encode = ``PartEncoder`` over the parts, a whole part at a time (the runner feeds it video by
+   video as they are decoded; the batches are the same) (preprocess, frame forward pass,
    projection, copy to host, captions), with ``encoder.preprocess`` and ``encode_texts`` also timed
    alone on the same inputs, and the encoding run a second time on the same parts (a first pass
    pays for the device's warm-up), on CUDA counting its synchronizing calls (torch's sync debug
@@ -253,7 +254,7 @@ def stage_times(model: str, paths: list[Path], captions: list[str], args) -> flo
     bounds = runner.part_bounds(len(paths), runner.auto_part_videos(FRAMES, args.batch_size, bytes_per_video))
     parts = []
 
-    def encode_all():  # as the runner encodes its parts: the next batch queued across part boundaries too
+    def encode_all():  # the runner's batches, the next one queued across part boundaries too
         encoding = runner.PartEncoder(encoder, frames=FRAMES, batch_size=args.batch_size)
         for lo, hi in bounds:
             rows = np.arange(lo, hi)

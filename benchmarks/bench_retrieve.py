@@ -21,11 +21,13 @@ demo's (width 96, 1 layer), saved with ``save_reranker``, and the gallery store
 ``tests/data/annotations``; toy-world captions for ``tvr-toy``) are searched one at a time (batch
 size 1, as an interactive user would), top 10 of K = ``--k`` candidates, with the gallery store
 and without it side by side (queries interleaved, so background load hits both alike; one
-``Retriever``, whose text tower is built once, and a view of it without its store). Each query is split into the phases ``Retriever.search`` runs, by calling its own
-pieces in its order: text encode (``encoder.encode_texts``), FAISS search (``Retriever.stage1``),
-candidate tokens (``Retriever.candidate_tokens``: the store's K records, or without the store the
-K full token grids read from the cache and put through the selectors), re-rank
-(``Retriever.score_candidates`` + fusion and ordering by ``Retriever.rank_hits``). p50/p95 are
+``Retriever``, whose text tower is built once, and ``Retriever.view`` of it without its store).
+Each query is split into the phases ``Retriever.search`` runs, by calling its own pieces in its
+order: text encode (``encoder.encode_texts``), FAISS search (``Retriever.stage1``), candidate
+tokens (``Retriever.candidate_tokens``: the store's K records, or without the store the K full
+token grids read from the cache and put through the selectors), re-rank
+(``Retriever.score_candidates``, or ``Retriever.candidate_scores`` with the store on the device;
+then fusion and ordering by ``Retriever.rank_hits``). p50/p95 are
 per-query figures (p50 of the per-query sums, not sums of p50s), after 5 warm-up queries; on CUDA
 the device is synchronised before every clock read. ``--threads`` sets torch's and FAISS's CPU
 threads as ``tvrerank retrieve --threads`` does (default: their choice); on cores busy with other
@@ -40,7 +42,7 @@ On CUDA ``Retriever`` holds the store on the device and re-ranks each query thro
 ``QueryScorer`` replayed as a CUDA graph (the script says whether the capture worked; ``--device-store`` takes the same path
 eagerly on a CPU, as ``--smoke`` does); its
 candidate tokens are gathered inside that step, so that phase reads 0. A third column, "store,
-host, batched" (``Retriever(device_store=False)``), is the path without it, and
+host, batched" (``Retriever.view(device_store=False)``), is the path without it, and
 ``rerank_overhead_batched=`` its overhead.
 
 Stage-1-only latency = text encode + FAISS. The last line is ``rerank_overhead=<x>``, x = p50 of
@@ -53,14 +55,13 @@ not a target.
 
     python benchmarks/bench_retrieve.py [--videos 100000] [--queries 1000] [--k 15] [--frames 12]
         [--model ViT-B-32] [--reranker-size default|demo] [--device auto] [--threads 0]
-        [--max-token-gb 24] [--factory auto] [--cold] [--workdir DIR] [--keep]
+        [--max-token-gb 24] [--factory auto] [--cold] [--device-store] [--workdir DIR] [--keep]
     python benchmarks/bench_retrieve.py --videos 2000 --queries 50 --threads 1      # quick check
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import logging
 import os
@@ -193,17 +194,6 @@ def drop_from_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def variant(r: Retriever, **fields) -> Retriever:
-    """``r`` with some fields replaced: another path through the same files and the same text tower
-    (building bigG's takes half a minute); ``store=None`` is ``Retriever(use_store=False)``,
-    ``device_store=None`` is ``Retriever(device_store=False)``. Never closed itself."""
-    view = copy.copy(r)
-    view._scorers = {}
-    for name, value in fields.items():
-        setattr(view, name, value)
-    return view
-
-
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     result = fn(*args, **kwargs)
@@ -239,7 +229,7 @@ def query_phases(r: Retriever, query: str, k: int, clock: Clock) -> tuple[dict[s
         rerank = r.score_candidates(tokens, lengths, rows[:, :k], selected, pair_video)
     else:  # the store is on the device: its records are gathered inside the scorer's step
         t3 = t2
-        rerank = r.rerank_scores(tokens, lengths, rows[:, :k])
+        rerank = r.candidate_scores(tokens, lengths, rows[:, :k])
     result = r.rank_hits(query, scores[0], rows[0], k, TOP, rerank[0])
     t4 = clock()
     return dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3))), [hit.video_id for hit in result.results]
@@ -365,9 +355,9 @@ def main() -> None:
         on_device = True if args.device_store else None  # None: Retriever's choice (on CUDA when it fits)
         retriever = Retriever(cache_path, index_dir, run_dir, device=args.device, device_store=on_device)
         assert retriever.store is not None, "Retriever did not find the gallery store"
-        configs = {"store": retriever, "no store": variant(retriever, store=None, device_store=None)}
+        configs = {"store": retriever, "no store": retriever.view(use_store=False)}
         if retriever.device_store is not None:  # on a GPU: also the store read from the host, batched
-            configs = {"store": retriever, BATCHED: variant(retriever, device_store=None), **configs}
+            configs = {"store": retriever, BATCHED: retriever.view(device_store=False), **configs}
             graphed = retriever.query_scorer(min(args.k, len(retriever.index_rows))).graph
             how = ("as a CUDA graph" if graphed is not None else "eagerly (CUDA graphs need a GPU)"
                    if device.type != "cuda" else "eagerly (the CUDA graph capture failed: see the warning)")

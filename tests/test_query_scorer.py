@@ -7,7 +7,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import HostSyncs
+from conftest import without_host_values
+from torch._subclasses.fake_tensor import DataDependentOutputException
 from test_retrieve import invoke, setup  # noqa: F401 - the module fixture: a trained run on a tiny gallery
 
 from tvrerank.cache.reader import CacheReader
@@ -51,9 +52,10 @@ def test_scores_equal_the_batched_path_with_padded_captions_and_candidate_lists(
         assert lengths.max() < tokens.shape[1]  # the scorer pads every caption to the cache's text_tokens
         _, rows = batched.stage1(emb, 4)
         rows[1, 2:] = -1  # a query with fewer candidates than the scorer's pairs
-        expected = batched.rerank_scores(tokens, lengths, rows)
-        got = single.rerank_scores(tokens, lengths, rows)
-        assert np.isneginf(got[1, 2:]).all() and np.isfinite(got[rows >= 0]).all()
+        rows[2] = -1  # and one with none
+        expected = batched.candidate_scores(tokens, lengths, rows)
+        got = single.candidate_scores(tokens, lengths, rows)
+        assert np.isneginf(got[rows < 0]).all() and np.isfinite(got[rows >= 0]).all()
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
         assert list(single._scorers) == [4]  # one scorer per candidate count, made on first use
 
@@ -69,17 +71,54 @@ def test_searches_rank_alike_with_the_store_on_the_device(with_store):
 
 
 def test_the_scoring_step_never_needs_a_value_on_the_host(with_store):
-    # what lets CUDA capture it as one graph; checked here on the CPU, operator by operator
+    # what lets CUDA capture it as one graph; checked here on the CPU with tensors that have no values
     root, cache = with_store
     with Retriever(cache, root / "index", root / "run", device="cpu", device_store=True) as r:
         scorer = r.query_scorer(4)
-        with HostSyncs() as syncs:
-            scores = scorer._step()
-        assert scores.shape == (4,) and syncs.seen == []
-        with HostSyncs() as syncs, torch.inference_mode():  # it does see them: the batched path reads the longest caption
+        with without_host_values():
+            assert scorer._step().shape == (4,)
+        with without_host_values(), pytest.raises(DataDependentOutputException):  # the batched path reads
             r.reranker.model.score(scorer.text, scorer.length, r.device_store.gather(scorer.positions), None,
-                                   pair_text=scorer.pair_text)
-        assert syncs.seen == ["aten.item.default"]
+                                   pair_text=scorer.pair_text)  # the longest caption's length
+
+
+class RecordedStep:
+    """A stand-in for a CUDA graph on the CPU: ``replay`` runs the step again into the recorded scores
+    (as a graph does), or does nothing (a graph that captured nothing)."""
+
+    def __init__(self, scorer: QueryScorer, *, faithful: bool):
+        self.scorer, self.faithful, self.replays = scorer, faithful, 0
+
+    def record(self):
+        self.scorer._example(seed=0)
+        self.scores = self.scorer._step()
+        return self, self.scores
+
+    def replay(self):
+        self.replays += 1
+        if self.faithful:
+            with torch.inference_mode():
+                self.scores.copy_(self.scorer._step())
+
+
+def test_a_recorded_step_is_used_only_once_a_replay_on_other_inputs_matches(with_store, caplog):
+    root, cache = with_store
+    with Retriever(cache, root / "index", root / "run", device="cpu", device_store=True) as r:
+        emb, tokens, lengths = r.encoder.encode_texts(QUERIES)
+        _, rows = r.stage1(emb, 4)
+        scorer = r.query_scorer(4)
+        eager = [scorer(tokens[i], int(lengths[i]), r.store.positions(rows[i])) for i in range(len(QUERIES))]
+        assert scorer.graph is None  # nothing to capture on the CPU
+
+        with caplog.at_level(logging.WARNING):  # a graph that replays what it saw is refused
+            assert not scorer.capture(RecordedStep(scorer, faithful=False).record)
+        assert scorer.graph is None and "differ from the eager ones" in caplog.text
+
+        graph = RecordedStep(scorer, faithful=True)
+        assert scorer.capture(graph.record) and scorer.graph is graph
+        for i in range(len(QUERIES)):  # each query copies its inputs in and replays
+            np.testing.assert_array_equal(scorer(tokens[i], int(lengths[i]), r.store.positions(rows[i])), eager[i])
+        assert graph.replays == 1 + len(QUERIES)
 
 
 def test_a_capture_that_fails_leaves_the_eager_scorer(with_store, caplog):
@@ -91,10 +130,20 @@ def test_a_capture_that_fails_leaves_the_eager_scorer(with_store, caplog):
                              text_token_dim=tokens.shape[2], device=CPU)
         before = scorer(tokens[0], int(lengths[0]), r.store.positions(rows[0]))
         with caplog.at_level(logging.WARNING):
-            scorer._capture()  # no CUDA here: the capture fails as a broken one would on a GPU
+            assert not scorer.capture(scorer._record_graph)  # no CUDA here: recording raises
         assert scorer.graph is None and "without a CUDA graph" in caplog.text
         np.testing.assert_array_equal(scorer(tokens[0], int(lengths[0]), r.store.positions(rows[0])), before)
-        scorer._example(seed=1)  # the capture's check inputs: any valid query
-        assert 1 <= int(scorer.length) <= tokens.shape[1] and torch.isfinite(scorer._step()).all()
         with pytest.raises(ValueError, match="5 candidates"):
             scorer(tokens[0], int(lengths[0]), np.arange(5))
+
+
+def test_views_share_the_files_and_drop_the_store_or_its_device_copy(with_store):
+    root, cache = with_store
+    with Retriever(cache, root / "index", root / "run", device="cpu", device_store=True) as r:
+        host, bare = r.view(device_store=False), r.view(use_store=False)
+        assert host.store is r.store and host.device_store is None and host.encoder is r.encoder
+        assert bare.store is None and bare.device_store is None
+        for view in (host, bare):
+            for a, b in zip(r.search(QUERIES, top=5, k=4), view.search(QUERIES, top=5, k=4)):
+                assert [h.video_id for h in a.results] == [h.video_id for h in b.results]
+        assert r._scorers and not host._scorers  # the view went the batched way

@@ -392,6 +392,11 @@ def test_a_batch_starts_as_soon_as_its_last_frame_arrives():
     assert after_each == [[], [5], [5], [5, 5], [5, 5]]  # 13 frames: batches of 5, 5 and, at close, 3
     (key, part), = encoding.close() + encoding.flush()
     assert submitted == [5, 5, 3] and key == 0
+    # a part whose videos so far fill whole batches is still not finished before it is closed: a run that
+    # fails while decoding it (the runner then flushes) must not write it
+    unfinished = PartEncoder(encoder, frames=4, batch_size=4)
+    unfinished.open(1, np.arange(2), np.arange(1), texts[:1])
+    assert unfinished.add(*decoded[0]) == [] and unfinished.flush() == []
     submitted.clear()
     alone = encode_part(encoder, np.arange(5), decoded, np.arange(2), texts, frames=4, batch_size=5)
     for group in ("videos", "texts"):

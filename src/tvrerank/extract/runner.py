@@ -272,10 +272,10 @@ class PartEncoder:
         self._open: collections.deque[_OpenPart] = collections.deque()
         self._queued = None  # (part, window, pending) of the batch on the device
 
-    def open(self, key, video_rows: np.ndarray, text_rows: np.ndarray, texts: Sequence[str]) -> list:
+    def open(self, key, video_rows: np.ndarray, text_rows: np.ndarray, texts: Sequence[str]) -> None:
+        """A new part (its captions are queued on the encoder now); its videos follow with ``add``."""
         self._open.append(_OpenPart(key, self.encoder, video_rows, text_rows, texts, frames=self.frames,
                                     batch_size=self.batch_size))
-        return []
 
     def add(self, sample: SampledFrames | None, error: str) -> list[tuple[object, PartData]]:
         """The next video of the part opened last."""
@@ -290,7 +290,8 @@ class PartEncoder:
     def encode(self, key, video_rows: np.ndarray, decoded: Sequence[tuple[SampledFrames | None, str]],
                text_rows: np.ndarray, texts: Sequence[str]) -> list[tuple[object, PartData]]:
         """A whole part at once: ``open``, ``add`` each video, ``close``."""
-        finished = self.open(key, video_rows, text_rows, texts)
+        self.open(key, video_rows, text_rows, texts)
+        finished = []
         for sample, error in decoded:
             finished += self.add(sample, error)
         return finished + self.close()
@@ -497,18 +498,18 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
             writer.put(done_index, part)
             bar.update(len(part.video_rows))
 
-    def encode(step, *args) -> None:  # time the encoder's call
+    def timed_step(step, *args) -> None:  # a call of the encoder's, timed; the parts it finished go on
         nonlocal encode_seconds
         encoding = time.perf_counter()
         finished = step(*args)
         encode_seconds += time.perf_counter() - encoding
-        hand_on(finished)
+        hand_on(finished or [])
 
     try:
         for index in todo:
             start, stop = bounds[index]
             first, last = np.searchsorted(table.caption_video, [start, stop])
-            encode(parts_encoder.open, index, np.arange(start, stop), np.arange(first, last),
+            timed_step(parts_encoder.open, index, np.arange(start, stop), np.arange(first, last),
                    table.captions[first:last])
             for row in range(start, stop):
                 waited = time.perf_counter()
@@ -516,9 +517,9 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
                 waits.append(time.perf_counter() - waited)
                 if done_row != row:  # never attribute one video's frames to another
                     raise RuntimeError(f"decoded video {done_row} arrived for row {row}")
-                encode(parts_encoder.add, frames, error)  # a batch goes to the encoder as soon as it is whole
-            encode(parts_encoder.close)
-        encode(parts_encoder.flush)
+                timed_step(parts_encoder.add, frames, error)  # a batch goes to the encoder as soon as it is whole
+            timed_step(parts_encoder.close)
+        timed_step(parts_encoder.flush)
     except BaseException:
         # a failing batch (e.g. out of GPU memory) leaves the part before it with its last batch queued:
         # store and write that part, so a rerun resumes after it

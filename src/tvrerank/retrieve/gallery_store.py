@@ -161,8 +161,8 @@ class DeviceStore:
     can be part of a captured CUDA graph (``retrieve/query_scorer.py``)."""
 
     def __init__(self, store: GalleryStore, device: torch.device):
-        self.store = store
         self.arrays = {name: torch.from_numpy(np.array(array)).to(device) for name, array in store.arrays.items()}
+        self.records = len(store.rows)
 
     def gather(self, positions: torch.Tensor) -> SelectedVideos:
         """positions (K,) int64 on the device → those K records; tokens float32, as ``GalleryStore.read``."""

@@ -48,9 +48,9 @@ class QueryScorer:
             self.length = torch.ones(1, dtype=torch.long, device=device)  # (1,)
             self.positions = torch.zeros(pairs, dtype=torch.long, device=device)  # (K,) store positions
             self.pair_text = torch.zeros(pairs, dtype=torch.long, device=device)  # (K,) every pair: the query
-        self.graph, self.scores = None, None
+        self.graph, self.scores = None, None  # the captured step and the tensor its replay writes
         if device.type == "cuda":
-            self._capture()
+            self.capture(self._record_graph)
 
     @torch.inference_mode()
     def _step(self) -> torch.Tensor:
@@ -59,47 +59,60 @@ class QueryScorer:
         return self.model.score(self.text, self.length, videos, None, pair_text=self.pair_text,
                                 columns=self.text.shape[1])
 
-    def _example(self, seed: int) -> None:
-        """Fill the inputs with an example query: a random caption of random length, K records."""
-        generator = torch.Generator().manual_seed(seed)
-        records = len(next(iter(self.store.arrays.values())))
-        with torch.inference_mode():
-            self.text.copy_(torch.randn(self.text.shape, generator=generator))
-            self.length.fill_(int(torch.randint(1, self.text.shape[1] + 1, (1,), generator=generator)))
-            self.positions.copy_(torch.randint(0, records, (self.pairs,), generator=generator))
+    @torch.inference_mode()
+    def _set_inputs(self, text_tokens: torch.Tensor, length: int, positions: torch.Tensor) -> None:
+        """text_tokens (L, Dt), length, positions (K,) → the input buffers (copies, any device)."""
+        self.text.copy_(text_tokens[None])
+        self.length.fill_(length)
+        self.positions.copy_(positions)
 
-    def _capture(self) -> None:
-        """Capture ``_step`` as a CUDA graph; on any failure log it and stay eager."""
+    def _example(self, seed: int) -> None:
+        """An example query in the inputs: a random caption of random length, K random records."""
+        generator = torch.Generator().manual_seed(seed)
+        self._set_inputs(torch.randn(self.text.shape[1:], generator=generator),
+                         int(torch.randint(1, self.text.shape[1] + 1, (1,), generator=generator)),
+                         torch.randint(0, self.store.records, (self.pairs,), generator=generator))
+
+    def _record_graph(self):
+        """Capture ``_step`` on the scorer's GPU → (the CUDA graph, the scores tensor its replay writes)."""
+        with torch.cuda.device(self.device):  # the scorer's GPU, whichever is current
+            self._example(seed=0)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            # our own stream context: the thread's stream is restored even if the capture fails
+            with torch.cuda.stream(side):
+                previous_mode = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")  # a synchronising operator would break the capture
+                try:
+                    for _ in range(WARMUP_RUNS):
+                        self._step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(previous_mode)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    scores = self._step()
+            torch.cuda.current_stream().wait_stream(side)
+        return graph, scores
+
+    def capture(self, record) -> bool:
+        """Use the graph ``record()`` gives, (graph, scores), once a replay on other inputs than those it
+        was recorded with matches the eager step; on any failure log it and stay eager. Returns whether
+        the graph is used."""
         try:
-            with torch.cuda.device(self.device):  # the scorer's GPU, whichever is current
-                self._example(seed=0)
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                # our own stream context: the thread's stream is restored even if the capture fails
-                with torch.cuda.stream(side):
-                    previous_mode = torch.cuda.get_sync_debug_mode()
-                    torch.cuda.set_sync_debug_mode("error")  # a synchronising operator would break the capture
-                    try:
-                        for _ in range(WARMUP_RUNS):
-                            self._step()
-                    finally:
-                        torch.cuda.set_sync_debug_mode(previous_mode)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                        scores = self._step()
-                torch.cuda.current_stream().wait_stream(side)
-                self._example(seed=1)  # other inputs than those captured: the graph must read its inputs
-                graph.replay()
-                expected = self._step()
-                if not torch.allclose(scores, expected, rtol=1e-3, atol=1e-4):
-                    raise RuntimeError(f"the graph's scores differ from the eager ones by up to "
-                                       f"{(scores - expected).abs().max().item():.2e}")
+            graph, scores = record()
+            self._example(seed=1)  # the graph must read its inputs, not replay what it saw
+            graph.replay()
+            expected = self._step()
+            if not torch.allclose(scores, expected, rtol=1e-3, atol=1e-4):
+                raise RuntimeError(f"the graph's scores differ from the eager ones by up to "
+                                   f"{(scores - expected).abs().max().item():.2e}")
         except Exception as exc:  # noqa: BLE001 - any failure: keep the eager step, which gives the same scores
             log.warning("re-ranking without a CUDA graph (%s: %s); scores are the same, a query takes longer",
                         type(exc).__name__, exc)
-            return
+            return False
         self.graph, self.scores = graph, scores
         log.info("re-ranking %d candidates per query with a CUDA graph", self.pairs)
+        return True
 
     def __call__(self, text_tokens: np.ndarray, length: int, positions: np.ndarray) -> np.ndarray:
         """text_tokens (L, Dt) one query's caption tokens, length its real ones, positions (k,) store
@@ -109,9 +122,8 @@ class QueryScorer:
             raise ValueError(f"{k} candidates for a scorer of {self.pairs}")
         padded = np.concatenate([positions, np.full(self.pairs - k, positions[0])]).astype(np.int64)
         with self._lock, torch.inference_mode():
-            self.text.copy_(torch.from_numpy(np.ascontiguousarray(text_tokens))[None])
-            self.length.fill_(int(length))
-            self.positions.copy_(torch.from_numpy(padded))
+            self._set_inputs(torch.from_numpy(np.ascontiguousarray(text_tokens)), int(length),
+                             torch.from_numpy(padded))
             if self.graph is not None:
                 self.graph.replay()
                 scores = self.scores

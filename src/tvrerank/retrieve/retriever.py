@@ -8,6 +8,7 @@ made it (same model config and checkpoint digest).
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from dataclasses import asdict, dataclass, replace
@@ -168,6 +169,18 @@ class Retriever:
                                 f"embeddings: `tvrerank index {self.gallery} --video-emb EMB/video_emb.npy --out DIR`")
         return first_stage
 
+    def view(self, *, use_store: bool = True, device_store: bool = True) -> "Retriever":
+        """This retriever without its gallery store (``use_store=False``) or without the store's copy on
+        the device (``device_store=False``): another path through the same files, index and text
+        encoder, to compare paths without building them twice. Close only the original."""
+        view = copy.copy(self)
+        view._scorers, view._scorers_lock = {}, threading.Lock()
+        if not use_store:
+            view.store = None
+        if not (use_store and device_store):
+            view.device_store = None
+        return view
+
     def __enter__(self) -> "Retriever":
         return self
 
@@ -190,10 +203,10 @@ class Retriever:
             chunk = list(queries[start : start + batch])
             emb, tokens, lengths = self.encoder.encode_texts(chunk)
             scores, candidate_rows = self.stage1(self.query_embeddings(emb), depth)
-            rerank_scores = self.rerank_scores(tokens, lengths, candidate_rows[:, :k]) if rerank else None
+            reranked = self.candidate_scores(tokens, lengths, candidate_rows[:, :k]) if rerank else None
             for i, query in enumerate(chunk):
                 result = self.rank_hits(query, scores[i], candidate_rows[i], k, top,
-                                        None if rerank_scores is None else rerank_scores[i])
+                                        None if reranked is None else reranked[i])
                 warning = self.truncation_warning(query)
                 if warning:
                     log.warning("query %d: %s", start + i + 1, warning)
@@ -220,7 +233,7 @@ class Retriever:
         scores, positions = search(self.index, text_emb, depth)
         return scores, np.where(positions >= 0, self.index_rows[np.clip(positions, 0, None)], -1)
 
-    def rerank_scores(self, text_tokens: np.ndarray, lengths: np.ndarray, candidate_rows: np.ndarray) -> np.ndarray:
+    def candidate_scores(self, text_tokens: np.ndarray, lengths: np.ndarray, candidate_rows: np.ndarray) -> np.ndarray:
         """(Q, L, Dt), (Q,), (Q, K) rows (-1: none) → re-ranker scores (Q, K), -inf where no candidate.
 
         With the store on the device: query by query through a ``QueryScorer``; else every query's
