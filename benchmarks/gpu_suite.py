@@ -20,7 +20,7 @@ with GPU-sized options, keeps its whole output, and collects the ``name=value`` 
    choice at this size, IVF4096,PQ160x8, takes minutes to train on 16 cores), CPU queries/s, and the
    GPU's (faiss-gpu when installed; a torch exact top-k otherwise, for scale).
 
-Each section has a time limit (150, 200, 180, 120 and 120 s), cut to what is left of ``--total-s``
+Each section has a time limit (180, 200, 180, 120 and 120 s), cut to what is left of ``--total-s``
 (default 480 s), so a run ends within 8 minutes; a section with less than 30 s left is skipped and
 said so.
 ``OUT/gpu_suite.json`` and ``OUT/gpu_suite.md`` are rewritten after every section, so a run cut
@@ -62,7 +62,7 @@ def sections(workers: int) -> list[tuple[str, str, list[str], int]]:
                 str(workers), "--batch-size", "256", "--skip-rss"]
 
     return [
-        ("extraction-bigg", "bench_extract.py", extraction("ViT-bigG-14", 240), 150),
+        ("extraction-bigg", "bench_extract.py", extraction("ViT-bigG-14", 240), 180),
         ("training", "bench_train_cost.py", ["--model", "ViT-bigG-14", "--device", "cuda", "--precision", "bf16",
                                              "--repeats", "3", "--cache-videos", "192", "--videos-per-step", "96",
                                              "--tower-batch", "256", "--read-videos", "24"], 200),
