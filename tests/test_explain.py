@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_model import CONFIG, inputs
 
 from tvrerank.rerank.explain import explain_pair
-from tvrerank.rerank.model import Reranker
+from tvrerank.rerank.model import Reranker, split_heads
 
 
 def model_of(**changes) -> Reranker:
@@ -53,7 +53,7 @@ def test_attention_is_what_the_scoring_path_applies():
     pad[0, 4:] = True
     keys, values = block.keys_values(visual)
     weights = block.attention(queries, keys, pad)  # (C, h, Lq, Lv)
-    q = block._split(block.q_proj(block.norm_q(queries)))
+    q = split_heads(block.q_proj(block.norm_q(queries)), block.heads)
     fused = F.scaled_dot_product_attention(q, keys, values, attn_mask=~pad[:, None, None, :])
     assert torch.allclose(weights @ values, fused, atol=1e-5)
     assert torch.all(weights[0, :, :, 4:] == 0)

@@ -14,7 +14,7 @@ from conftest import without_host_values
 from tvrerank.errors import InputError
 from tvrerank.rerank.checkpoint import MODEL_FILE, load_reranker, save_reranker
 from tvrerank.rerank.model import (CrossBlock, FrameTokenSelector, Reranker, RerankerConfig, SelectedVideos,
-                                   SelfAttention, _PerturbedTopK, top_k_weights)
+                                   SelfAttention, _PerturbedTopK, split_heads, top_k_weights)
 
 CONFIG = RerankerConfig(frames=4, tokens_per_frame=6, token_dim=12, embed_dim=10, text_token_dim=8, text_tokens=7,
                         width=16, heads=2, layers=1, queries=3, frame_keep=2, video_keep=5, dropout=0.0,
@@ -123,7 +123,7 @@ def test_per_frame_attention_matches_a_frame_by_frame_reference(model):
     conditioned = block.condition(queries, pad, rows=q)  # (C, Q, d)
     for t in range(4):
         keys, values = block.keys_values(selected.frame_tokens[pair_video, t])  # (C, h, F, d/h)
-        attended = F.scaled_dot_product_attention(block._split(block.q_proj(block.norm_q(conditioned))), keys, values)
+        attended = F.scaled_dot_product_attention(split_heads(block.q_proj(block.norm_q(conditioned)), block.heads), keys, values)
         outputs = conditioned + block.out_proj(attended.transpose(1, 2).flatten(2))  # (C, Q, d): each query
         mean = outputs.mean(dim=1)  # the frame's result: the mean of the learnable queries' outputs
         expected = mean + block.mlp(block.norm_mlp(mean)) + model.temporal[t]

@@ -265,6 +265,11 @@ class VideoTokenSelector(nn.Module):
 
 
 # --------------------------------------------------------------------------- 4. cross block
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., L, d) → (..., h, L, d/h)."""
+    return x.unflatten(-1, (heads, x.shape[-1] // heads)).transpose(-3, -2)
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention of a sequence's first rows over all of its rows (the queries' self-attention).
 
@@ -288,7 +293,7 @@ class SelfAttention(nn.Module):
         c, _, d = x.shape
         q = F.linear(x[:, :rows], self.in_proj_weight[:d], self.in_proj_bias[:d])
         keys, values = F.linear(x, self.in_proj_weight[d:], self.in_proj_bias[d:]).chunk(2, dim=-1)
-        split = [t.unflatten(-1, (self.heads, d // self.heads)).transpose(1, 2) for t in (q, keys, values)]
+        split = [split_heads(t, self.heads) for t in (q, keys, values)]
         attended = F.scaled_dot_product_attention(*split, attn_mask=~pad[:, None, None, :],
                                                   dropout_p=self.dropout if self.training else 0.0)  # (C, h, rows, d/h)
         return self.out_proj(attended.transpose(1, 2).reshape(c, rows, d))
@@ -314,18 +319,15 @@ class CrossBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(4 * width, width))
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:  # (..., L, d) → (..., h, L, d/h)
-        return x.unflatten(-1, (self.heads, x.shape[-1] // self.heads)).transpose(-3, -2)
-
     def keys_values(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # visual (..., Lv, d) → keys, values (..., h, Lv, d/h)
         keys, values = self.kv_proj(self.norm_kv(visual)).chunk(2, dim=-1)
-        return self._split(keys), self._split(values)
+        return split_heads(keys, self.heads), split_heads(values, self.heads)
 
     def attention(self, queries: torch.Tensor, keys: torch.Tensor, visual_pad: torch.Tensor) -> torch.Tensor:
         """The cross-attention weights ``forward`` applies (for the explain view; forward uses the fused
         kernel): queries (C, Lq, d), keys (C, h, Lv, d/h), visual_pad (C, Lv) → (C, h, Lq, Lv)."""
-        q = self._split(self.q_proj(self.norm_q(queries)))  # (C, h, Lq, d/h)
+        q = split_heads(self.q_proj(self.norm_q(queries)), self.heads)  # (C, h, Lq, d/h)
         logits = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
         return logits.masked_fill(visual_pad[:, None, None, :], float("-inf")).softmax(dim=-1)
 
@@ -334,7 +336,7 @@ class CrossBlock(nn.Module):
         # → (C, Lq, d), or (C, rows, d): only the first ``rows`` outputs, when nothing reads the others
         # (every row is still a self-attention key; the self-attention queries and the MLP skip the rest)
         c, lq, d = queries.shape
-        q = self._split(self.q_proj(self.norm_q(queries)))
+        q = split_heads(self.q_proj(self.norm_q(queries)), self.heads)
         attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=~visual_pad[:, None, None, :],
                                                   dropout_p=self.dropout if self.training else 0.0)
         queries = queries + self.out_proj(attended.transpose(1, 2).reshape(c, lq, d))
@@ -357,7 +359,7 @@ class CrossBlock(nn.Module):
         attention weights (C, T, h, Q, F) (what the explain view draws).
         """
         c, _, d = conditioned.shape
-        q = self._split(self.q_proj(self.norm_q(conditioned)))  # (C, h, Q, d/h)
+        q = split_heads(self.q_proj(self.norm_q(conditioned)), self.heads)  # (C, h, Q, d/h)
         logits = torch.einsum("chqe,cthfe->cthqf", q, frame_keys) * q.shape[-1] ** -0.5
         attention = logits.softmax(dim=-1)  # (C, T, h, Q, F)
         weights = F.dropout(attention, self.dropout, self.training)
