@@ -339,6 +339,7 @@ def encode_part(
     return part
 
 
+# --------------------------------------------------------------------------- writer
 class PartWriter:
     """Writes parts on a background thread so encoding goes on; re-raises its errors."""
 
@@ -510,7 +511,7 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
             start, stop = bounds[index]
             first, last = np.searchsorted(table.caption_video, [start, stop])
             timed_step(parts_encoder.open, index, np.arange(start, stop), np.arange(first, last),
-                   table.captions[first:last])
+                       table.captions[first:last])
             for row in range(start, stop):
                 waited = time.perf_counter()
                 done_row, frames, error = next(results)
