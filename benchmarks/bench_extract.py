@@ -28,9 +28,13 @@ process (see ``LAUNCHER``); target: the long one within 1.5x of the short one. t
 open_clip are imported before any timing. Per model it also reports the bare image tower's
 throughput at the same batch size (``encode_frames`` on random frames) and ``tower_ratio``, the
 pipeline's frames/s over it (goal on a GPU: >= 0.9 for ViT-bigG-14), and on an NVIDIA GPU the
-share of the run the GPU was busy (NVML, sampled every 0.1 s). The last line is
-``videos_per_s_<model>=<x> tower_ratio_<model>=<x> [gpu_busy_<model>=<x>] ... [rss_ratio=<x>]``
-(end-to-end videos/s; model names lower-cased, non-alphanumerics dropped).
+share of the run the GPU was busy (NVML, sampled every 0.1 s) and, on CUDA, ``device_busy``: the
+device's time on frame batches (CUDA events around each, ``ExtractionSummary.device_seconds``) over
+the pipeline's. With ``tower_ratio`` it says where a gap is: a low ``device_busy`` means the GPU
+waited on the host; a high one with a low ratio means each batch ran slower than alone. The last
+line is ``videos_per_s_<model>=<x> tower_ratio_<model>=<x> [gpu_busy_<model>=<x>]
+[device_busy_<model>=<x>] ... [rss_ratio=<x>]`` (end-to-end videos/s; model names lower-cased,
+non-alphanumerics dropped).
 
     python benchmarks/bench_extract.py [--models tiny,ViT-B-32] [--videos 24] [--device auto]
         [--precision fp32] [--batch-size 64] [--workers 2] [--skip-rss]
@@ -182,8 +186,13 @@ def full_run(model: str, label: str, annotations: Path, out: Path, args, count: 
           f"{pipeline - waited - summary.encode_seconds:.2f} s")
     gpu = "n/a (no NVML)" if busy.share is None else f"{busy.share:.1%} (NVML, sampled every 0.1 s)"
     print(f"  decode_wait_share_{label}={waited / pipeline:.3f}; GPU busy during the run: {gpu}")
+    device_busy = summary.device_seconds / pipeline if summary.device_seconds > 0 else None
+    if device_busy is not None:  # CUDA events around every frame batch: where the gap to the bare tower is
+        print(f"  device at work on frame batches: {summary.device_seconds:6.2f} s = {device_busy:.1%} of the "
+              f"pipeline (CUDA events; below 1.0 the GPU waited on the host, at 1.0 each batch ran slower "
+              f"than alone)")
     return {"videos_per_s": count / wall, "frames_per_s_pipeline": count * FRAMES / pipeline,
-            "gpu_busy": busy.share}
+            "gpu_busy": busy.share, "device_busy": device_busy}
 
 
 # --------------------------------------------------------------------------- 3: stages
@@ -419,6 +428,7 @@ def main() -> None:
         ratio = None if args.skip_rss else rss_check(tmp)
     fields = [f"videos_per_s_{label}={figures['videos_per_s']:.2f} tower_ratio_{label}={figures['tower_ratio']:.2f}"
               + ("" if figures["gpu_busy"] is None else f" gpu_busy_{label}={figures['gpu_busy']:.3f}")
+              + ("" if figures["device_busy"] is None else f" device_busy_{label}={figures['device_busy']:.3f}")
               for label, figures in results.items()]
     print(" ".join(fields + ([f"rss_ratio={ratio:.3f}"] if ratio is not None else [])))
 

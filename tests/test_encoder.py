@@ -53,6 +53,13 @@ def test_frames_are_encoded_independently_of_their_batch(encoder):
     np.testing.assert_allclose(together[2], alone[0], atol=1e-5)
 
 
+def test_preprocess_takes_an_array_or_a_cpu_tensor_alike(encoder):
+    """``submit_frames`` hands ``preprocess`` a (pinned, on a GPU) tensor; the array path is the reference."""
+    frames = _frames(2, 32, seed=3)
+    torch.testing.assert_close(encoder.preprocess(torch.from_numpy(frames)), encoder.preprocess(frames),
+                               rtol=0, atol=0)
+
+
 def test_text_embeddings_tokens_and_lengths(encoder):
     texts = ["a red circle moves left", "un cercle rouge 🔴 bouge", " ".join(["word"] * 60)]
     emb, tokens, lengths = encoder.encode_texts(texts)

@@ -425,5 +425,32 @@ def test_a_failing_batch_keeps_the_part_queued_before_it(reference, tmp_path, mo
     assert PartStore(out).finished(3) == {0}
     monkeypatch.undo()
     summary = run_extraction(config_for(annotations, out), progress=False)
-    assert summary.resumed_parts == 1
+    assert summary.resumed_parts == 1 and summary.device_seconds == 0.0  # no CUDA events on the CPU
     assert_same_arrays(out, ref_out)
+
+
+def test_the_device_time_of_stored_batches_is_summed():
+    """``PartEncoder.device_seconds`` adds each stored batch's ``device_seconds()`` (CUDA events on a GPU);
+    on the CPU there is none, and a run's summary says 0."""
+    from tvrerank.extract.encoder import FrozenClipEncoder
+    from tvrerank.extract.frames import SampledFrames
+    from tvrerank.extract.runner import PartEncoder
+
+    encoder = FrozenClipEncoder(model=str(TINY_VIT), pretrained=None, device="cpu")
+    size, rng = encoder.config.image_size, np.random.default_rng(3)
+    assert encoder.submit_frames(np.zeros((1, size, size, 3), np.uint8)).device_seconds() is None
+    submit = encoder.submit_frames
+
+    def timed_submit(frames, **kwargs):
+        pending = submit(frames, **kwargs)
+        pending.device_seconds = lambda: 0.25 * len(frames)  # as CUDA events would say
+        return pending
+
+    encoder.submit_frames = timed_submit
+    decoded = [(SampledFrames(rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8), np.arange(4) < valid,
+                              np.zeros(4)), "") for valid in (4, 3)]
+    encoding = PartEncoder(encoder, frames=4, batch_size=5)
+    encoding.encode(0, np.arange(2), decoded, np.arange(1), ["one"])
+    assert encoding.device_seconds == 0.25 * 5  # the second batch (2 frames) is still queued
+    encoding.flush()
+    assert encoding.device_seconds == 0.25 * 7

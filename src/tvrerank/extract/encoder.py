@@ -86,26 +86,48 @@ class TextLayout:
         return cls(layout.text_tokens, layout.text_token_dim, layout.embed_dim)
 
 
+def device_clock(device: torch.device) -> torch.cuda.Event | None:
+    """A timing event recorded now on ``device``'s current stream (it fires when the work queued before
+    it is done); None off CUDA. Give it to ``PendingArrays(started=)`` to time the work queued after it."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
 class PendingArrays:
     """Device tensors on their way to the host: the copy is queued at once (into pinned memory on a
-    GPU, so it does not hold up the caller); ``result()`` waits for it and gives numpy arrays."""
+    GPU, so it does not hold up the caller); ``result()`` waits for it and gives numpy arrays.
 
-    def __init__(self, tensors: Sequence[torch.Tensor]):
+    ``started``: a ``device_clock`` event recorded before the work that made the tensors was queued;
+    ``device_seconds()`` then says how long the device spent on that work and the copy.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], *, started: torch.cuda.Event | None = None):
         cuda = tensors[0].device.type == "cuda"
         self._host = []
         for tensor in tensors:
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
             host.copy_(tensor, non_blocking=cuda)
             self._host.append(host)
-        self._done = None
+        self._started, self._done = started, None
         if cuda:
-            self._done = torch.cuda.Event()
+            self._done = torch.cuda.Event(enable_timing=started is not None)
             self._done.record(torch.cuda.current_stream(tensors[0].device))
 
     def result(self) -> tuple[np.ndarray, ...]:
         if self._done is not None:
             self._done.synchronize()
         return tuple(host.numpy() for host in self._host)
+
+    def device_seconds(self) -> float | None:
+        """Seconds between the ``started`` event and the copy's end on the device (work queued behind
+        other work is timed from when the device reached it); None off CUDA or without ``started``."""
+        if self._started is None or self._done is None:
+            return None
+        self._done.synchronize()
+        return self._started.elapsed_time(self._done) / 1000.0
 
 
 class FrozenClipEncoder:
@@ -216,16 +238,19 @@ class FrozenClipEncoder:
         pinned memory (a copy from pageable memory would first wait for the queued batches)."""
         if self.device.type != "cuda":
             return host.to(self.device)
-        return host.pin_memory().to(self.device, non_blocking=True)
+        pinned = host if host.is_pinned() else host.pin_memory()
+        return pinned.to(self.device, non_blocking=True)
 
-    def preprocess(self, frames: np.ndarray) -> torch.Tensor:
-        """(N, S, S, 3) uint8 RGB → (N, 3, S, S) normalised, on the device, in the model dtype."""
-        x = self.to_device(torch.from_numpy(np.ascontiguousarray(frames)))
+    def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(N, S, S, 3) uint8 RGB (an array or a CPU tensor) → (N, 3, S, S) normalised, on the device, in
+        the model dtype."""
+        host = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
+        x = self.to_device(host)
         x = x.permute(0, 3, 1, 2).float()
         return (x * self._scale - self._shift).to(self.dtype)
 
     @torch.no_grad()
-    def frames_on_device(self, frames: np.ndarray, dtype=torch.float32):
+    def frames_on_device(self, frames: np.ndarray | torch.Tensor, dtype=torch.float32):
         """(N, S, S, 3) uint8 → frame_emb (N, E) L2-normalised, tokens (N, P, D) as ``dtype``, and the
         token grid (H', W'), the tensors still on the device (its work may still be queued)."""
         if self.clip.visual is None:
@@ -248,10 +273,15 @@ class FrozenClipEncoder:
         """Queue ``encode_frames`` on the device and return at once; ``.result()`` gives its arrays.
 
         On a GPU the copy to the host is queued too (into pinned memory), so the caller can prepare
-        the next batch, or store the previous one, while this one runs.
+        the next batch, or store the previous one, while this one runs; on a GPU its
+        ``device_seconds()`` is the device's time on the batch (copies included).
         """
-        frame_emb, tokens, _ = self.frames_on_device(frames, _torch_float(dtype))
-        return PendingArrays((frame_emb, tokens))
+        host = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.device.type == "cuda":
+            host = host.pin_memory()  # before the clock starts: the device is not at work while the host pins
+        started = device_clock(self.device)
+        frame_emb, tokens, _ = self.frames_on_device(host, _torch_float(dtype))
+        return PendingArrays((frame_emb, tokens), started=started)
 
     def encode_frames(self, frames: np.ndarray, *, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(N, S, S, 3) uint8 → frame_emb (N, E) L2-normalised, tokens (N, P, D), as ``dtype``.

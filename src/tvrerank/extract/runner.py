@@ -271,6 +271,7 @@ class PartEncoder:
         self.encoder, self.frames, self.batch_size = encoder, frames, batch_size
         self._open: collections.deque[_OpenPart] = collections.deque()
         self._queued = None  # (part, window, pending) of the batch on the device
+        self.device_seconds = 0.0  # the device's time on the frame batches stored so far (CUDA only)
 
     def open(self, key, video_rows: np.ndarray, text_rows: np.ndarray, texts: Sequence[str]) -> None:
         """A new part (its captions are queued on the encoder now); its videos follow with ``add``."""
@@ -313,6 +314,7 @@ class PartEncoder:
         part, window, pending = self._queued
         self._queued = None
         part.store(window, pending)
+        self.device_seconds += pending.device_seconds() or 0.0
         return self._finished()
 
     def _finished(self) -> list[tuple[object, PartData]]:
@@ -392,6 +394,9 @@ class ExtractionSummary:
     decode_wait_seconds: float = 0.0
     first_wait_seconds: float = 0.0
     encode_seconds: float = 0.0
+    # the device's time on frame batches, copies included (CUDA events; 0 elsewhere): over the pipeline's
+    # time, the share of it the GPU was at work on frames
+    device_seconds: float = 0.0
 
     def line(self) -> str:
         rate = self.videos / self.seconds if self.seconds > 0 else 0.0
@@ -531,7 +536,8 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
         bar.close()
         writer.close()
     timings = {"pipeline_seconds": time.perf_counter() - pipeline_start, "decode_wait_seconds": sum(waits),
-               "first_wait_seconds": waits[0] if waits else 0.0, "encode_seconds": encode_seconds}
+               "first_wait_seconds": waits[0] if waits else 0.0, "encode_seconds": encode_seconds,
+               "device_seconds": parts_encoder.device_seconds}
 
     assemble(
         parts, len(bounds), out, header, video_ids=table.video_ids, video_paths=table.video_paths,
