@@ -5,8 +5,9 @@ with GPU-sized options, keeps its whole output, and collects the ``name=value`` 
 
 1. extraction-bigg (``bench_extract.py``): 240 MSR-VTT-like clips (320x240, 8-10 s, written by the
    script, one process per core) with ViT-bigG-14, random weights, bf16: videos/s, the share of
-   the run the GPU was busy (NVML), and ``tower_ratio`` (pipeline frames/s over the bare tower's at
-   the same batch size; goal >= 0.9);
+   the run the GPU was busy (NVML), the device's time on frame batches over the pipeline's (CUDA
+   events, ``device_busy``), and ``tower_ratio`` (pipeline frames/s over the bare tower's at the
+   same batch size; goal >= 0.9);
 2. training (``bench_train_cost.py``): a re-ranker step at the default width on ViT-bigG-14-shaped
    tokens (1280-wide, 256 per frame, 12 frames), bf16, from the cache vs with the bigG tower run on
    the frames (``cache_speedup``), and the cache's read rate (24 random videos);
