@@ -233,13 +233,16 @@ class FrozenClipEncoder:
         )
 
     # --------------------------------------------------------------------------- frames
+    def staged(self, host: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor ready to go to the device without waiting for the work queued there: pinned on a
+        GPU (a copy from pageable memory would first wait for the queued batches), else itself."""
+        if self.device.type != "cuda" or host.is_pinned():
+            return host
+        return host.pin_memory()
+
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """A CPU tensor on the device without waiting for the work queued there: on a GPU through
-        pinned memory (a copy from pageable memory would first wait for the queued batches)."""
-        if self.device.type != "cuda":
-            return host.to(self.device)
-        pinned = host if host.is_pinned() else host.pin_memory()
-        return pinned.to(self.device, non_blocking=True)
+        """A CPU tensor on the device without waiting for the work queued there (``staged``)."""
+        return self.staged(host).to(self.device, non_blocking=self.device.type == "cuda")
 
     def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(N, S, S, 3) uint8 RGB (an array or a CPU tensor) → (N, 3, S, S) normalised, on the device, in
@@ -276,9 +279,8 @@ class FrozenClipEncoder:
         the next batch, or store the previous one, while this one runs; on a GPU its
         ``device_seconds()`` is the device's time on the batch (copies included).
         """
-        host = torch.from_numpy(np.ascontiguousarray(frames))
-        if self.device.type == "cuda":
-            host = host.pin_memory()  # before the clock starts: the device is not at work while the host pins
+        # staged before the clock starts: the device is not at work while the host pins
+        host = self.staged(torch.from_numpy(np.ascontiguousarray(frames)))
         started = device_clock(self.device)
         frame_emb, tokens, _ = self.frames_on_device(host, _torch_float(dtype))
         return PendingArrays((frame_emb, tokens), started=started)
