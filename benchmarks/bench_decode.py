@@ -22,7 +22,7 @@ each time is the median of ``--peer-repeats`` (default 11) runs of open + sample
 the readers taking turns,
 tvrerank's including the resize and crop to ``--image-size``, the peers' at full resolution
 (what they return). The column ``libswscale`` is tvrerank with its earlier resize method (one
-libswscale call per frame; ``extract.frames.RESIZE_METHODS``), the default ``torchvision`` before
+libswscale call per frame; ``extract.preprocess.RESIZE_METHODS``), the default ``torchvision`` before
 it. The line ``short_clip_vs_best_peer=<x>`` is the largest, over the clips of
 15 s or less, of tvrerank's time over the fastest peer's (goal <= 1.0).
 
@@ -40,14 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tvrerank.extract.frames import (
-    SampledFrames,
-    decode_all_reference,
-    frames_to_arrays,
-    read_packet_index,
-    sample_frames,
-    target_times,
-)
+from tvrerank.extract.frames import SampledFrames, decode_all_reference, read_packet_index, sample_frames, target_times
+from tvrerank.extract.preprocess import frames_to_arrays
 from tvrerank.toy.videos import write_video
 
 

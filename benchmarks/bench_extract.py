@@ -61,6 +61,7 @@ import numpy as np
 
 from tvrerank.extract import runner
 from tvrerank.extract.frames import sample_frames
+from tvrerank.extract.mapper import PartEncoder
 from tvrerank.toy.videos import write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,7 +265,7 @@ def stage_times(model: str, paths: list[Path], captions: list[str], args) -> flo
     parts = []
 
     def encode_all():  # the runner's batches, the next one queued across part boundaries too
-        encoding = runner.PartEncoder(encoder, frames=FRAMES, batch_size=args.batch_size)
+        encoding = PartEncoder(encoder, frames=FRAMES, batch_size=args.batch_size)
         for lo, hi in bounds:
             rows = np.arange(lo, hi)
             parts.extend(part for _, part in encoding.encode(lo, rows, decoded[lo:hi], rows, captions[lo:hi]))

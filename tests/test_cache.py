@@ -98,7 +98,7 @@ def test_parts_are_chunked_as_the_cache_is_with_a_checksum(tmp_path):
     store.write(0, part)
     with h5py.File(store.part_path(0), "r") as f:
         tokens = f["videos/tokens"]
-        assert tokens.chunks == chunks_for("videos/tokens", tokens.shape) == (1,) + tokens.shape[1:]
+        assert tokens.chunks == chunks_for("videos/tokens", tokens.shape, tokens.dtype) == (1,) + tokens.shape[1:]
         assert tokens.fletcher32 and f["texts/emb"].fletcher32
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -280,130 +282,6 @@ def test_a_real_full_disk_exits_cleanly(tmp_path):
         subprocess.run(["umount", str(mount)], capture_output=True)
 
 
-def test_encode_part_puts_every_batch_in_its_slots():
-    """Batches are queued one ahead of storing: every frame's embedding and tokens still land in its own
-    (video, slot), padded and failed videos stay zero, as encoding each frame alone gives."""
-    from tvrerank.extract.encoder import FrozenClipEncoder
-    from tvrerank.extract.frames import SampledFrames
-    from tvrerank.extract.runner import encode_part
-
-    encoder = FrozenClipEncoder(model=str(TINY_VIT), pretrained=None, device="cpu")
-    size, rng = encoder.config.image_size, np.random.default_rng(0)
-
-    def sample(valid: int) -> SampledFrames:
-        frames = np.zeros((4, size, size, 3), dtype=np.uint8)
-        frames[:valid] = rng.integers(0, 256, (valid, size, size, 3), dtype=np.uint8)
-        return SampledFrames(frames, np.arange(4) < valid, np.full(4, np.nan))
-
-    decoded = [(sample(4), ""), (None, "broken"), (sample(3), ""), (sample(4), "")]
-    part = encode_part(encoder, np.arange(4), decoded, np.arange(2), ["a box", "two boxes"], frames=4, batch_size=3)
-    for video, (frames, _) in enumerate(decoded):
-        for slot in range(4):
-            emb, tokens = part.videos["frame_emb"][video, slot], part.videos["tokens"][video, slot]
-            if frames is None or not frames.mask[slot]:
-                assert not emb.any() and not tokens.any()
-                continue
-            alone_emb, alone_tokens = encoder.encode_frames(frames.frames[slot : slot + 1], dtype=np.float16)
-            np.testing.assert_allclose(emb, alone_emb[0], atol=2e-3)
-            np.testing.assert_allclose(tokens, alone_tokens[0], atol=2e-3)
-
-
-def test_decode_queue_hands_out_look_ahead_videos_before_the_first_result(tmp_path):
-    """The workers get ``look_ahead`` videos before the caller takes the first result, so they decode
-    the next part while the caller encodes this one; results still come in order."""
-    from conftest import make_video
-
-    from tvrerank.extract.runner import DecodeQueue
-
-    video = make_video(tmp_path / "v.mp4")
-    drawn = []
-
-    def items():
-        for row in range(8):
-            drawn.append(row)
-            yield row, video
-
-    queue = DecodeQueue(1)
-    try:
-        results = queue.run(items(), look_ahead=5, num_frames=2, image_size=32)
-        first = next(results)
-        assert len(drawn) == 5 and first[0] == 0 and first[1] is not None
-        assert [row for row, _, _ in results] == list(range(1, 8))
-    finally:
-        queue.close()
-
-
-def test_part_encoder_finishes_parts_in_order_across_queued_batches():
-    """The next part's first batch is queued before the last part is finished: parts still come out in
-    order, one each, equal to encoding each part alone, a part without frames included."""
-    from tvrerank.extract.encoder import FrozenClipEncoder
-    from tvrerank.extract.frames import SampledFrames
-    from tvrerank.extract.runner import PartEncoder, encode_part
-
-    encoder = FrozenClipEncoder(model=str(TINY_VIT), pretrained=None, device="cpu")
-    size, rng = encoder.config.image_size, np.random.default_rng(1)
-
-    def sample() -> SampledFrames:
-        return SampledFrames(rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8), np.ones(4, bool),
-                             np.zeros(4))
-
-    parts = [([(sample(), ""), (sample(), "")], ["one", "two"]), ([(None, "broken")], ["three"]),
-             ([(sample(), "")], ["four"])]
-    encoding, out = PartEncoder(encoder, frames=4, batch_size=3), []
-    for key, (decoded, texts) in enumerate(parts):
-        finished = encoding.encode(key, np.arange(len(decoded)), decoded, np.arange(len(texts)), texts)
-        assert key not in [k for k, _ in finished]  # its last batch is still queued (or waits for the one before)
-        out += finished
-    out += encoding.flush()
-    assert [key for key, _ in out] == [0, 1, 2]
-    for (_, part), (decoded, texts) in zip(out, parts):
-        alone = encode_part(encoder, np.arange(len(decoded)), decoded, np.arange(len(texts)), texts, frames=4,
-                            batch_size=3)
-        for group in ("videos", "texts"):
-            for name, array in getattr(alone, group).items():
-                np.testing.assert_array_equal(getattr(part, group)[name], array, err_msg=name)
-
-
-def test_a_batch_starts_as_soon_as_its_last_frame_arrives():
-    """The encoder gets a part's first batch before the part's last video is decoded; batches are the
-    same runs of frames as encoding the whole part at once (equal arrays)."""
-    from tvrerank.extract.encoder import FrozenClipEncoder
-    from tvrerank.extract.frames import SampledFrames
-    from tvrerank.extract.runner import PartEncoder, encode_part
-
-    encoder = FrozenClipEncoder(model=str(TINY_VIT), pretrained=None, device="cpu")
-    size, rng = encoder.config.image_size, np.random.default_rng(2)
-    submitted = []
-    submit = encoder.submit_frames
-    encoder.submit_frames = lambda frames, **kwargs: submitted.append(len(frames)) or submit(frames, **kwargs)
-
-    def sample(valid: int) -> SampledFrames:
-        return SampledFrames(rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8), np.arange(4) < valid,
-                             np.zeros(4))
-
-    decoded = [(sample(4), ""), (sample(2), ""), (None, "broken"), (sample(4), ""), (sample(3), "")]
-    texts = ["one", "two"]
-    encoding = PartEncoder(encoder, frames=4, batch_size=5)
-    encoding.open(0, np.arange(5), np.arange(2), texts)
-    after_each = []
-    for frames, error in decoded:
-        assert encoding.add(frames, error) == []
-        after_each.append(list(submitted))
-    assert after_each == [[], [5], [5], [5, 5], [5, 5]]  # 13 frames: batches of 5, 5 and, at close, 3
-    (key, part), = encoding.close() + encoding.flush()
-    assert submitted == [5, 5, 3] and key == 0
-    # a part whose videos so far fill whole batches is still not finished before it is closed: a run that
-    # fails while decoding it (the runner then flushes) must not write it
-    unfinished = PartEncoder(encoder, frames=4, batch_size=4)
-    unfinished.open(1, np.arange(2), np.arange(1), texts[:1])
-    assert unfinished.add(*decoded[0]) == [] and unfinished.flush() == []
-    submitted.clear()
-    alone = encode_part(encoder, np.arange(5), decoded, np.arange(2), texts, frames=4, batch_size=5)
-    for group in ("videos", "texts"):
-        for name, array in getattr(alone, group).items():
-            np.testing.assert_array_equal(getattr(part, group)[name], array, err_msg=name)
-
-
 def test_a_failing_batch_keeps_the_part_queued_before_it(reference, tmp_path, monkeypatch):
     """A batch that fails (here the second part's first, as an out-of-memory error would) does not lose
     the part before it, whose last batch was still queued: it is written, and the rerun matches."""
@@ -429,28 +307,31 @@ def test_a_failing_batch_keeps_the_part_queued_before_it(reference, tmp_path, mo
     assert_same_arrays(out, ref_out)
 
 
-def test_the_device_time_of_stored_batches_is_summed():
-    """``PartEncoder.device_seconds`` adds each stored batch's ``device_seconds()`` (CUDA events on a GPU);
-    on the CPU there is none, and a run's summary says 0."""
-    from tvrerank.extract.encoder import FrozenClipEncoder
-    from tvrerank.extract.frames import SampledFrames
-    from tvrerank.extract.runner import PartEncoder
 
-    encoder = FrozenClipEncoder(model=str(TINY_VIT), pretrained=None, device="cpu")
-    size, rng = encoder.config.image_size, np.random.default_rng(3)
-    assert encoder.submit_frames(np.zeros((1, size, size, 3), np.uint8)).device_seconds() is None
-    submit = encoder.submit_frames
 
-    def timed_submit(frames, **kwargs):
-        pending = submit(frames, **kwargs)
-        pending.device_seconds = lambda: 0.25 * len(frames)  # as CUDA events would say
-        return pending
+BEFORE_THE_SPLIT = Path(__file__).parent / "data" / "extraction"  # make_reference.py, run by the code of 3085ac9
+HEADER = ("schema", "encoder", "sampling", "token_layout")  # not the run's paths or date
 
-    encoder.submit_frames = timed_submit
-    decoded = [(SampledFrames(rng.integers(0, 256, (4, size, size, 3), dtype=np.uint8), np.arange(4) < valid,
-                              np.zeros(4)), "") for valid in (4, 3)]
-    encoding = PartEncoder(encoder, frames=4, batch_size=5)
-    encoding.encode(0, np.arange(2), decoded, np.arange(1), ["one"])
-    assert encoding.device_seconds == 0.25 * 5  # the second batch (2 frames) is still queued
-    encoding.flush()
-    assert encoding.device_seconds == 0.25 * 7
+
+@pytest.mark.parametrize("name, changes", [("default", {}),
+                                           ("pooled-libswscale", {"token_pool": "2x2", "resize": "libswscale"})])
+def test_extraction_matches_the_code_before_it_was_split(name, changes, tmp_path):
+    """Reader, mapper and writer give the caches the single runner gave: every integer, string and
+    header field exactly; float tokens and embeddings bit for bit on one machine, within a float16
+    step across machines (whose float kernels differ in the last bits)."""
+    annotations = make_dataset(tmp_path / "data", num_videos=6)
+    out = tmp_path / "now.h5"
+    run_extraction(replace(config_for(annotations, out), **changes), progress=False)
+    before, now = read_arrays(BEFORE_THE_SPLIT / f"{name}.h5"), read_arrays(out)
+    for arrays in (before, now):  # the messages name the clips' folder, a temporary one in each run
+        arrays["videos/error"] = np.array([re.sub(r"/[^\s']*/data/", "DATA/", e) for e in arrays["videos/error"]])
+    for array in ARRAYS:
+        if before[array].dtype.kind == "f":
+            np.testing.assert_allclose(now[array], before[array], rtol=2e-3, atol=2e-3, err_msg=array)
+        else:
+            np.testing.assert_array_equal(now[array], before[array], err_msg=array)
+    with h5py.File(BEFORE_THE_SPLIT / f"{name}.h5", "r") as f, h5py.File(out, "r") as g:
+        assert {key: f.attrs[key] for key in HEADER} == {key: g.attrs[key] for key in HEADER}
+        strings_before, strings_now = (json.loads(h.attrs["strings_sha256"]) for h in (f, g))
+        del strings_before["videos/error"], strings_now["videos/error"]  # the folder again, checked above
+        assert strings_before == strings_now

@@ -96,7 +96,7 @@ def _concatenate(f, name, dtype, shards, sizes) -> None:
             arrays.append(np.asarray(data, dtype=object if dtype is STR else dtype))
         offset += videos
     data = np.concatenate(arrays)
-    chunks = None if dtype is STR else chunks_for(name, data.shape)
+    chunks = None if dtype is STR else chunks_for(name, data.shape, dtype)
     f.create_dataset(name, data=data, dtype=dtype, chunks=chunks, fletcher32=chunks is not None)
 
 

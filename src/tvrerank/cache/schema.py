@@ -94,14 +94,19 @@ TEXT_ARRAYS = ("emb", "tokens", "length")
 VIRTUAL_ARRAYS = ("videos/frame_emb", "videos/video_emb", "videos/tokens", "texts/emb", "texts/tokens")
 
 
-def chunks_for(name: str, shape: tuple) -> tuple | None:
-    """One video (or a block of captions) per chunk, so a reader touches only what it needs; every
-    non-empty numeric dataset is chunked, so that each chunk carries a checksum (cache/checksums.py)."""
+def spec_bytes(shape: tuple, dtype) -> int:
+    """Bytes of a numeric dataset of this (shape, dtype) (``dataset_specs``' entries)."""
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def chunks_for(name: str, shape: tuple, dtype) -> tuple | None:
+    """One video (or ~1 MiB of rows) per chunk, so a reader touches only what it needs; every non-empty
+    numeric dataset is chunked, so that each chunk carries a checksum (cache/checksums.py)."""
     if not shape or shape[0] == 0:
         return None
     if name == "videos/tokens":
         return (1,) + tuple(shape[1:])
     if len(shape) > 1:
-        rows = max(1, min(shape[0], (1 << 20) // max(1, int(np.prod(shape[1:])) * 2)))
+        rows = max(1, min(shape[0], (1 << 20) // max(1, spec_bytes(shape[1:], dtype))))
         return (rows,) + tuple(shape[1:])
     return (min(shape[0], 1 << 16),)

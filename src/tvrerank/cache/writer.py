@@ -24,7 +24,7 @@ import numpy as np
 
 from tvrerank.cache.checksums import damaged_reads, seal
 from tvrerank.cache.identity import fingerprint_differences
-from tvrerank.cache.schema import STR, TEXT_ARRAYS, VIDEO_ARRAYS, CacheHeader, chunks_for, dataset_specs
+from tvrerank.cache.schema import STR, TEXT_ARRAYS, VIDEO_ARRAYS, CacheHeader, chunks_for, dataset_specs, spec_bytes
 from tvrerank.errors import TvrerankError
 from tvrerank.files import replaced_file, require_space
 
@@ -112,7 +112,7 @@ def _checked_dataset(f: h5py.File, name: str, array: np.ndarray, dtype) -> None:
     chunk) with a checksum per chunk (strings cannot carry one). h5py's automatic chunks (64 KB,
     strided across frames) wrote and read parts ~1.4x slower."""
     numeric = dtype is not STR and array.size > 0
-    chunks = chunks_for(name, array.shape) if numeric else None
+    chunks = chunks_for(name, array.shape, dtype) if numeric else None
     f.create_dataset(name, data=array, dtype=dtype, chunks=chunks, fletcher32=numeric)
 
 
@@ -149,7 +149,7 @@ def create_cache(
     f.attrs.update(header.to_attrs())
     specs = dataset_specs(len(video_ids), len(captions), header.layout, header.sampling.frames)
     for name, (shape, dtype) in specs.items():
-        chunks = None if dtype is STR else chunks_for(name, shape)
+        chunks = None if dtype is STR else chunks_for(name, shape, dtype)
         f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fletcher32=chunks is not None)
     f["videos/id"][:] = list(video_ids)
     f["videos/path"][:] = list(video_paths)
@@ -205,7 +205,7 @@ def cache_bytes(header: CacheHeader, video_ids: Sequence[str], video_paths: Sequ
     """The final file's size, from above: every array, the strings, a checksum per chunk, 1 MiB for HDF5's own
     structures, plus 2%."""
     specs = dataset_specs(len(video_ids), len(captions), header.layout, header.sampling.frames)
-    arrays = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in specs.values() if dtype is not STR)
+    arrays = sum(spec_bytes(shape, dtype) for shape, dtype in specs.values() if dtype is not STR)
     strings = sum(strings_bytes(group) for group in (video_ids, video_paths, captions))
     errors = 256 * len(video_ids)  # failure messages, written by the parts
     return int((arrays + strings + errors) * 1.02) + (1 << 20)

@@ -26,8 +26,6 @@ from tvrerank.errors import TvrerankError
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("jsonl", "csv", "msrvtt", "msvd", "didemo", "lsmdc", "activitynet")
-
 #: Extensions probed, in order, when a dataset names a video without its file.
 PROBE_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mts", ".wmv")
 #: Suffixes treated as a video extension (stripped before probing); "." is DiDeMo's empty one.
@@ -486,6 +484,8 @@ _READERS: dict[str, Reader] = {
     "lsmdc": _per_file(_read_lsmdc_file),
     "activitynet": _per_file(_read_activitynet_file),
 }
+#: The annotation formats ``--format`` takes (one reader each).
+FORMATS = tuple(_READERS)
 
 
 # --------------------------------------------------------------------------- public API

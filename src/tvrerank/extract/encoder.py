@@ -131,7 +131,8 @@ class PendingArrays:
 
 
 class FrozenClipEncoder:
-    """Wraps a frozen open_clip model; all outputs are float32 CPU arrays."""
+    """Wraps a frozen open_clip model; outputs are CPU arrays, float32 unless a caller asks for float16
+    (extraction, made on the device)."""
 
     def __init__(
         self,
@@ -289,7 +290,7 @@ class FrozenClipEncoder:
         """(N, S, S, 3) uint8 → frame_emb (N, E) L2-normalised, tokens (N, P, D), as ``dtype``.
 
         ``np.float16`` (what extraction stores) is made on the device: half the bytes to the host and
-        no host-side conversion, which cost ViT-bigG-14 extraction ~30% of its time; the values are
+        no host-side conversion (its cost at ViT-bigG-14 is in benchmarks/README.md); the values are
         the ones a host conversion gives (both round to nearest even).
         """
         return self.submit_frames(frames, dtype=dtype).result()

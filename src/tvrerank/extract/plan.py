@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tvrerank.cache.schema import dataset_specs, spec_bytes
+from tvrerank.config import TokenLayout
 from tvrerank.extract.encoder import pool_grid
 
 
@@ -33,7 +35,7 @@ class CachePlan:
 
     @property
     def bytes_per_frame(self) -> int:
-        return self.tokens_per_frame * self.token_dim * 2
+        return self.bytes_tokens // max(1, self.videos * self.frames)
 
 
 def measure_layout(model: str, token_space: str = "joint", token_pool: str = "none") -> dict:
@@ -74,18 +76,24 @@ def plan_cache(
     token_pool: str = "none",
     text_tokens: int = 32,
 ) -> CachePlan:
-    """Estimated bytes of a cache: float16 arrays as in the schema (strings and HDF5 overhead aside)."""
+    """Estimated bytes of a cache: its arrays as the schema specifies them (``cache.schema.dataset_specs``;
+    strings and HDF5 overhead aside)."""
     dims = measure_layout(model, token_space, token_pool)
     captions = videos if captions is None else captions
-    e = dims["embed_dim"]
+    layout = TokenLayout(space=token_space, pool=token_pool, text_tokens=text_tokens, **dims)
+    specs = dataset_specs(videos, captions, layout, frames)
+
+    def total(*names: str) -> int:
+        return sum(spec_bytes(*specs[name]) for name in names)
+
     return CachePlan(
         model=model,
         videos=videos,
         captions=captions,
         frames=frames,
         text_tokens=text_tokens,
-        bytes_tokens=videos * frames * dims["tokens_per_frame"] * dims["token_dim"] * 2,
-        bytes_embeddings=videos * (frames * e * 2 + e * 2 + frames),
-        bytes_text=captions * (e * 2 + text_tokens * dims["text_token_dim"] * 2 + 2 + 4),
+        bytes_tokens=total("videos/tokens"),
+        bytes_embeddings=total("videos/frame_emb", "videos/video_emb", "videos/frame_mask"),
+        bytes_text=total("texts/emb", "texts/tokens", "texts/length", "texts/video"),
         **{k: dims[k] for k in ("grid", "tokens_per_frame", "token_dim", "embed_dim", "text_token_dim")},
     )

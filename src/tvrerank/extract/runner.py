@@ -1,15 +1,14 @@
 """The extraction run: annotations → decoded frames (worker processes) → frozen encoder → cache parts → cache.
 
-reader → mapper → writer, each replaceable:
+reader → mapper → writer, a module each, wired here (``_extract``, ``_pipeline``):
 
-- reader: ``DecodeQueue`` samples frames of upcoming videos in worker processes (bounded
-  look-ahead, results in row order), so decoding overlaps encoding;
-- mapper: ``PartEncoder`` batches the frames of several videos through the encoder as they
-  arrive (a batch starts once its last frame is decoded, not the part's last video), plus the
-  part's captions, with the next batch queued on the device while the last one is stored, across
-  parts too (``encode_part``: one part alone);
-- writer: a background thread writes each finished part to ``CACHE.h5.parts/`` (see
-  ``tvrerank.cache.writer``), and ``assemble`` makes the final file at the end.
+- reader (``reader.py``): ``DecodeQueue`` samples frames of upcoming videos in worker processes
+  (bounded look-ahead, results in row order), so decoding overlaps encoding;
+- mapper (``mapper.py``): ``PartEncoder`` batches the frames of several videos through the encoder
+  as they arrive, plus the part's captions, with the next batch queued on the device while the last
+  one is stored, across parts too;
+- writer (``writer.py``): a background thread writes each finished part to ``CACHE.h5.parts/``
+  (see ``tvrerank.cache.writer``), and ``assemble`` makes the final file at the end.
 
 Parts are fixed ranges of video rows, and batches are formed inside a part only, so a run
 that was killed and resumed computes every array exactly as an uninterrupted run would.
@@ -20,38 +19,31 @@ number or length of videos.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from tvrerank.cache.identity import cache_mismatch, fingerprint_differences, video_ids_digest
-from tvrerank.cache.schema import FAILED, OK, CacheHeader
-from tvrerank.errors import TvrerankError
-from tvrerank.cache.writer import PartData, PartStore, assemble
+from tvrerank.cache.schema import FAILED, OK, CacheHeader, dataset_specs, spec_bytes
+from tvrerank.cache.writer import PartStore, assemble
 from tvrerank.config import ExtractConfig, SamplingConfig
 from tvrerank.extract.annotations import Caption, read_annotations
-from tvrerank.extract.frames import SampledFrames, resize_options, sample_or_error
+from tvrerank.extract.mapper import PartEncoder
+from tvrerank.extract.preprocess import resize_options
+from tvrerank.extract.reader import DecodeQueue
+from tvrerank.extract.writer import ExtractionError, PartWriter
 from tvrerank.files import exclusive_lock
 
 log = logging.getLogger(__name__)
-
-
-class ExtractionError(TvrerankError, RuntimeError):
-    """A run that cannot start or finish; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -118,262 +110,6 @@ def shard_path(out: str | Path, index: int, count: int) -> Path:
 
 def part_bounds(num_videos: int, part_videos: int) -> list[tuple[int, int]]:
     return [(s, min(s + part_videos, num_videos)) for s in range(0, num_videos, part_videos)]
-
-
-# --------------------------------------------------------------------------- reader
-def _decode_worker_setup(threads: int) -> None:
-    """A decoding process resizes frames with torch on its share of the cores, not on all of them.
-
-    Importing torch here, as the pool starts, overlaps its ~1.5 s with the encoder's loading instead
-    of delaying the first decoded video."""
-    import torch
-
-    torch.set_num_threads(max(1, threads))
-
-
-class DecodeQueue:
-    """Frames of videos in order, sampled ahead in ``workers`` processes (0: in this process).
-
-    The pool starts on construction, so workers boot while the encoder loads.
-    """
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self._threads = max(1, (os.cpu_count() or 1) // max(1, workers)) if workers else 0
-        self._pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_decode_worker_setup, initargs=(self._threads,)) if workers else None
-
-    def run(
-        self, items: Iterator[tuple[int, Path]], *, look_ahead: int, **sample_options
-    ) -> Iterator[tuple[int, SampledFrames | None, str]]:
-        """Yield (row, frames or None, error) for each (row, path) in order, with up to ``look_ahead``
-        videos handed to the workers before the one yielded.
-
-        New videos are handed out only as results are taken, so while the caller encodes a part the
-        workers decode what is already queued: a look-ahead above a part's videos keeps the whole next
-        part decoding meanwhile (a smaller one left the encoder waiting at every part's start).
-        """
-        look_ahead = max(1, look_ahead)
-        sample = partial(sample_or_error, threads=self._threads, **sample_options)
-        if self._pool is None:
-            for row, path in items:
-                yield (row, *sample(path))
-            return
-        pending: collections.deque = collections.deque()
-        for row, path in items:
-            pending.append((row, self._pool.apply_async(sample, (path,))))
-            if len(pending) >= look_ahead:
-                done_row, result = pending.popleft()
-                yield (done_row, *result.get())
-        while pending:
-            done_row, result = pending.popleft()
-            yield (done_row, *result.get())
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-
-
-# --------------------------------------------------------------------------- mapper
-def _batched(count: int, size: int) -> Iterator[slice]:
-    for start in range(0, count, size):
-        yield slice(start, min(start + size, count))
-
-
-class _OpenPart:
-    """One part being encoded: its arrays, filled batch by batch as its videos arrive, and its captions'
-    queued encoding. Batches are consecutive runs of ``batch_size`` of the part's valid frames in row
-    order, whatever the order of arrival, so a batch is ready as soon as its last frame is."""
-
-    def __init__(self, key, encoder, video_rows, text_rows, texts, *, frames: int, batch_size: int):
-        layout = encoder.layout
-        n, t, p, d, e = len(video_rows), frames, layout.tokens_per_frame, layout.token_dim, layout.embed_dim
-        self.key, self.batch_size = key, batch_size
-        self.video_rows, self.text_rows = np.asarray(video_rows, dtype=np.int64), np.asarray(text_rows, dtype=np.int64)
-        self.decoded: list[tuple[SampledFrames | None, str]] = []
-        self.mask = np.zeros((n, t), dtype=bool)
-        self.frame_emb = np.zeros((n, t, e), dtype=np.float16)
-        self.tokens = np.zeros((n, t, p, d), dtype=np.float16)
-        self.where = np.zeros((0, 2), dtype=np.int64)  # (F, 2) (video, slot) of every valid frame so far, in order
-        self.submitted = self.unstored = 0  # frames handed to the encoder; batches not yet stored
-        self.complete = False  # every video has arrived
-        # queued first: the captions are small, and their result is only read when the part is done
-        self.texts = [(window, encoder.submit_texts(texts[window], dtype=np.float16))
-                      for window in _batched(len(texts), batch_size)]
-        self.num_texts, self.text_shape = len(texts), (layout.text_tokens, layout.text_token_dim)
-
-    def add(self, sample: SampledFrames | None, error: str) -> None:
-        video = len(self.decoded)
-        self.decoded.append((sample, error))
-        if sample is not None:
-            self.mask[video] = sample.mask
-            slots = np.flatnonzero(sample.mask)
-            self.where = np.concatenate([self.where, np.stack([np.full_like(slots, video), slots], axis=1)])
-
-    def ready_windows(self) -> Iterator[slice]:
-        """The batches whose frames have all arrived and that were not handed out yet (each once)."""
-        while len(self.where) - self.submitted >= self.batch_size or (self.complete and self.submitted < len(self.where)):
-            window = slice(self.submitted, min(self.submitted + self.batch_size, len(self.where)))
-            self.submitted, self.unstored = window.stop, self.unstored + 1
-            yield window
-
-    @property
-    def done(self) -> bool:
-        return self.complete and self.submitted == len(self.where) and self.unstored == 0
-
-    def pixels(self, window: slice) -> np.ndarray:
-        return np.stack([self.decoded[v][0].frames[s] for v, s in self.where[window]])  # (N, S, S, 3)
-
-    def store(self, window: slice, pending) -> None:
-        emb, tokens = pending.result()
-        self.frame_emb[self.where[window, 0], self.where[window, 1]] = emb
-        self.tokens[self.where[window, 0], self.where[window, 1]] = tokens
-        self.unstored -= 1
-
-    def finish(self) -> PartData:
-        mask = self.mask
-        counts = np.maximum(mask.sum(1, keepdims=True), 1)
-        mean = (self.frame_emb.astype(np.float32) * mask[..., None]).sum(1) / counts
-        norms = np.linalg.norm(mean, axis=1, keepdims=True)
-        video_emb = np.where(norms > 0, mean / np.maximum(norms, 1e-12), 0).astype(np.float16)
-        text_emb = np.zeros((self.num_texts, self.frame_emb.shape[-1]), dtype=np.float16)
-        text_tokens = np.zeros((self.num_texts, *self.text_shape), dtype=np.float16)
-        lengths = np.zeros(self.num_texts, dtype=np.int16)
-        for window, pending in self.texts:
-            text_emb[window], text_tokens[window], lengths[window] = pending.result()
-        return PartData(
-            video_rows=self.video_rows,
-            videos={
-                "status": np.array([OK if sample is not None else FAILED for sample, _ in self.decoded], dtype=np.uint8),
-                "error": np.array([error for _, error in self.decoded], dtype=object),
-                "frame_mask": mask,
-                "frame_emb": self.frame_emb,
-                "video_emb": video_emb,
-                "tokens": self.tokens,
-            },
-            text_rows=self.text_rows,
-            texts={"emb": text_emb, "tokens": text_tokens, "length": lengths},
-        )
-
-
-class PartEncoder:
-    """Encodes parts in order, their frames in batches as the videos arrive, with the next batch always
-    queued on the device before the last one is stored, across parts too: on a GPU the host's work
-    (stacking frames, copying tokens into the part, finishing a part and handing it on) overlaps the next
-    forward pass, and the first batch of a part starts before the part's last video is decoded.
-
-    ``open`` a part, ``add`` its videos in row order, ``close`` it; each gives back the parts it
-    finished (often the previous one), ``flush`` the rest, in order. ``encode`` is all three at once.
-    """
-
-    def __init__(self, encoder, *, frames: int, batch_size: int):
-        self.encoder, self.frames, self.batch_size = encoder, frames, batch_size
-        self._open: collections.deque[_OpenPart] = collections.deque()
-        self._queued = None  # (part, window, pending) of the batch on the device
-        self.device_seconds = 0.0  # the device's time on the frame batches stored so far (CUDA only)
-
-    def open(self, key, video_rows: np.ndarray, text_rows: np.ndarray, texts: Sequence[str]) -> None:
-        """A new part (its captions are queued on the encoder now); its videos follow with ``add``."""
-        self._open.append(_OpenPart(key, self.encoder, video_rows, text_rows, texts, frames=self.frames,
-                                    batch_size=self.batch_size))
-
-    def add(self, sample: SampledFrames | None, error: str) -> list[tuple[object, PartData]]:
-        """The next video of the part opened last."""
-        self._open[-1].add(sample, error)
-        return self._submit_ready()
-
-    def close(self) -> list[tuple[object, PartData]]:
-        """The part opened last has all its videos."""
-        self._open[-1].complete = True
-        return self._submit_ready() + self._finished()
-
-    def encode(self, key, video_rows: np.ndarray, decoded: Sequence[tuple[SampledFrames | None, str]],
-               text_rows: np.ndarray, texts: Sequence[str]) -> list[tuple[object, PartData]]:
-        """A whole part at once: ``open``, ``add`` each video, ``close``."""
-        self.open(key, video_rows, text_rows, texts)
-        finished = []
-        for sample, error in decoded:
-            finished += self.add(sample, error)
-        return finished + self.close()
-
-    def flush(self) -> list[tuple[object, PartData]]:
-        return self._store_queued() + self._finished()
-
-    def _submit_ready(self) -> list[tuple[object, PartData]]:
-        part, finished = self._open[-1], []
-        for window in part.ready_windows():
-            submitted = part, window, self.encoder.submit_frames(part.pixels(window), dtype=np.float16)
-            finished += self._store_queued()
-            self._queued = submitted
-        return finished
-
-    def _store_queued(self) -> list[tuple[object, PartData]]:
-        if self._queued is None:
-            return []
-        part, window, pending = self._queued
-        self._queued = None
-        part.store(window, pending)
-        self.device_seconds += pending.device_seconds() or 0.0
-        return self._finished()
-
-    def _finished(self) -> list[tuple[object, PartData]]:
-        done = []
-        while self._open and self._open[0].done:
-            part = self._open.popleft()
-            done.append((part.key, part.finish()))
-        return done
-
-
-def encode_part(
-    encoder,
-    video_rows: np.ndarray,
-    decoded: Sequence[tuple[SampledFrames | None, str]],
-    text_rows: np.ndarray,
-    texts: Sequence[str],
-    *,
-    frames: int,
-    batch_size: int,
-) -> PartData:
-    """Encode one part: the valid frames of all its videos in batches, and its captions."""
-    encoding = PartEncoder(encoder, frames=frames, batch_size=batch_size)
-    (_, part), = encoding.encode(None, video_rows, decoded, text_rows, texts) + encoding.flush()
-    return part
-
-
-# --------------------------------------------------------------------------- writer
-class PartWriter:
-    """Writes parts on a background thread so encoding goes on; re-raises its errors."""
-
-    def __init__(self, store: PartStore):
-        self.store = store
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            try:
-                if self._error is None:
-                    self.store.write(*item)
-            except BaseException as exc:  # noqa: BLE001
-                self._error = exc
-
-    def put(self, index: int, part: PartData) -> None:
-        self._check()
-        self._queue.put((index, part))
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._check()
-
-    def _check(self) -> None:
-        if isinstance(self._error, OSError):  # a full disk or an unwritable folder: the CLI words it
-            raise self._error
-        if self._error is not None:
-            raise ExtractionError(f"writing a cache part failed: {self._error}") from self._error
 
 
 # --------------------------------------------------------------------------- the run
@@ -446,8 +182,7 @@ def run_extraction(config: ExtractConfig, *, progress: bool = True) -> Extractio
 
 def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: DecodeQueue, started: float,
              progress: bool) -> ExtractionSummary:
-    from tqdm.auto import tqdm
-
+    """reader → mapper → writer over the parts not done yet, then the final file."""
     from tvrerank.extract.encoder import FrozenClipEncoder
 
     encoder = FrozenClipEncoder(
@@ -455,16 +190,45 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
         token_pool=config.token_pool, text_tokens=config.text_tokens, precision=config.precision,
         device=config.device,
     )
-    layout = encoder.layout
     sampling = SamplingConfig(frames=config.frames, resize=config.resize)
     frame_options = resize_options(encoder.config, sampling)  # refuses a resize it cannot do, before any part
-    bytes_per_video = config.frames * layout.tokens_per_frame * layout.token_dim * 2
+    bytes_per_video = frame_token_bytes(encoder.layout) * config.frames
     part_videos = config.part_videos or auto_part_videos(config.frames, config.batch_size, bytes_per_video)
     table, video_offset, caption_offset = table.shard(config.shard_index, config.shard_count, part_videos)
-    header = CacheHeader(
-        encoder=encoder.config,
-        sampling=sampling,
-        layout=layout,
+    header = cache_header(config, encoder.config, sampling, encoder.layout, video_offset, caption_offset)
+    if out.exists():
+        return _finished_already(out, header, table, started)
+    parts = PartStore(out)
+    parts.start(json.loads(json.dumps({"fingerprint": header.fingerprint(), "table": table.digest(),
+                                       "part_videos": part_videos, "shard": [config.shard_index, config.shard_count]})))
+    bounds = part_bounds(len(table.video_ids), part_videos)
+    done = parts.finished(len(bounds))
+    todo = [i for i in range(len(bounds)) if i not in done]
+    if done:
+        log.info("resuming %s: %d of %d parts already done", out, len(done), len(bounds))
+    videos_root = Path(config.videos)
+    items = ((row, videos_root / table.video_paths[row]) for i in todo for row in range(*bounds[i]))
+    decoded = decode.run(items, look_ahead=part_videos + 2 * config.workers, num_frames=config.frames,
+                         **frame_options)
+    mapper = PartEncoder(encoder, frames=config.frames, batch_size=config.batch_size)
+    timings = _pipeline(decoded, mapper, PartWriter(parts), [(i, bounds[i]) for i in todo], table,
+                        desc=f"extract {out.name}", progress=progress)
+    assemble(parts, len(bounds), out, header, video_ids=table.video_ids, video_paths=table.video_paths,
+             captions=table.captions, caption_video=table.caption_video)
+    parts.remove()
+    return _summarise(out, time.perf_counter() - started, resumed_parts=len(done), **timings)
+
+
+def frame_token_bytes(layout) -> int:
+    """Bytes of one frame's cached patch tokens (from the cache's dataset specs)."""
+    return spec_bytes(*dataset_specs(1, 0, layout, 1)["videos/tokens"])
+
+
+def cache_header(config: ExtractConfig, encoder, sampling: SamplingConfig, layout, video_offset: int,
+                 caption_offset: int) -> CacheHeader:
+    """The header of the cache (or shard) this run writes: the encoder, sampling, layout and dataset."""
+    return CacheHeader(
+        encoder=encoder, sampling=sampling, layout=layout,
         dataset={
             "annotations": [str(Path(a)) for a in config.annotations],
             "format": config.format,
@@ -474,30 +238,16 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
         },
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    if out.exists():
-        return _finished_already(out, header, table, started)
-    parts = PartStore(out)
-    parts.start(json.loads(json.dumps({
-        "fingerprint": header.fingerprint(),
-        "table": table.digest(),
-        "part_videos": part_videos,
-        "shard": [config.shard_index, config.shard_count],
-    })))
 
-    bounds = part_bounds(len(table.video_ids), part_videos)
-    done = parts.finished(len(bounds))
-    todo = [i for i in range(len(bounds)) if i not in done]
-    if done:
-        log.info("resuming %s: %d of %d parts already done", out, len(done), len(bounds))
-    videos_root = Path(config.videos)
-    items = ((row, videos_root / table.video_paths[row]) for i in todo for row in range(*bounds[i]))
-    results = decode.run(items, look_ahead=part_videos + 2 * config.workers, num_frames=config.frames,
-                         **frame_options)
-    writer = PartWriter(parts)
-    parts_encoder = PartEncoder(encoder, frames=config.frames, batch_size=config.batch_size)
+
+def _pipeline(decoded, mapper: PartEncoder, writer: PartWriter, todo: list[tuple[int, tuple[int, int]]],
+              table: VideoTable, *, desc: str, progress: bool) -> dict:
+    """Each part of ``todo`` ((index, (first row, end row))) through the mapper, its videos as the reader
+    decodes them, finished parts to the writer → where the time went (``ExtractionSummary``'s timings)."""
+    from tqdm.auto import tqdm
+
     waits, encode_seconds, pipeline_start = [], 0.0, time.perf_counter()
-    bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="video", desc=f"extract {out.name}",
-               disable=not progress)
+    bar = tqdm(total=sum(stop - start for _, (start, stop) in todo), unit="video", desc=desc, disable=not progress)
 
     def hand_on(finished: list) -> None:  # parts the encoder finished, to the writer
         for done_index, part in finished:
@@ -512,39 +262,30 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
         hand_on(finished or [])
 
     try:
-        for index in todo:
-            start, stop = bounds[index]
+        for index, (start, stop) in todo:
             first, last = np.searchsorted(table.caption_video, [start, stop])
-            timed_step(parts_encoder.open, index, np.arange(start, stop), np.arange(first, last),
-                       table.captions[first:last])
+            timed_step(mapper.open, index, np.arange(start, stop), np.arange(first, last), table.captions[first:last])
             for row in range(start, stop):
                 waited = time.perf_counter()
-                done_row, frames, error = next(results)
+                done_row, frames, error = next(decoded)
                 waits.append(time.perf_counter() - waited)
                 if done_row != row:  # never attribute one video's frames to another
                     raise RuntimeError(f"decoded video {done_row} arrived for row {row}")
-                timed_step(parts_encoder.add, frames, error)  # a batch goes to the encoder as soon as it is whole
-            timed_step(parts_encoder.close)
-        timed_step(parts_encoder.flush)
+                timed_step(mapper.add, frames, error)  # a batch goes to the encoder as soon as it is whole
+            timed_step(mapper.close)
+        timed_step(mapper.flush)
     except BaseException:
         # a failing batch (e.g. out of GPU memory) leaves the part before it with its last batch queued:
         # store and write that part, so a rerun resumes after it
         with contextlib.suppress(Exception):
-            hand_on(parts_encoder.flush())
+            hand_on(mapper.flush())
         raise
     finally:
         bar.close()
         writer.close()
-    timings = {"pipeline_seconds": time.perf_counter() - pipeline_start, "decode_wait_seconds": sum(waits),
-               "first_wait_seconds": waits[0] if waits else 0.0, "encode_seconds": encode_seconds,
-               "device_seconds": parts_encoder.device_seconds}
-
-    assemble(
-        parts, len(bounds), out, header, video_ids=table.video_ids, video_paths=table.video_paths,
-        captions=table.captions, caption_video=table.caption_video,
-    )
-    parts.remove()
-    return _summarise(out, time.perf_counter() - started, resumed_parts=len(done), **timings)
+    return {"pipeline_seconds": time.perf_counter() - pipeline_start, "decode_wait_seconds": sum(waits),
+            "first_wait_seconds": waits[0] if waits else 0.0, "encode_seconds": encode_seconds,
+            "device_seconds": mapper.device_seconds}
 
 
 def _finished_already(out: Path, header: CacheHeader, table: VideoTable, started: float) -> ExtractionSummary:
