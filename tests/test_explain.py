@@ -12,11 +12,12 @@ from test_model import CONFIG, inputs
 
 from tvrerank.rerank.explain import explain_pair
 from tvrerank.rerank.model import Reranker, split_heads
+from tvrerank.rerank.variants import build_reranker
 
 
 def model_of(**changes) -> Reranker:
     torch.manual_seed(0)
-    return Reranker(config=dataclasses.replace(CONFIG, **changes)).eval()
+    return build_reranker(dataclasses.replace(CONFIG, **changes)).eval()
 
 
 def one_pair(video: int = 1, caption: int = 2):

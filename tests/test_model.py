@@ -13,8 +13,9 @@ from conftest import without_host_values
 
 from tvrerank.errors import InputError
 from tvrerank.rerank.checkpoint import MODEL_FILE, load_reranker, save_reranker
-from tvrerank.rerank.model import (CrossBlock, FrameTokenSelector, Reranker, RerankerConfig, SelectedVideos,
+from tvrerank.rerank.model import (CrossBlock, FrameTokenSelector, RerankerConfig, SelectedVideos,
                                    SelfAttention, _PerturbedTopK, split_heads, top_k_weights)
+from tvrerank.rerank.variants import build_reranker
 
 CONFIG = RerankerConfig(frames=4, tokens_per_frame=6, token_dim=12, embed_dim=10, text_token_dim=8, text_tokens=7,
                         width=16, heads=2, layers=1, queries=3, frame_keep=2, video_keep=5, dropout=0.0,
@@ -40,7 +41,7 @@ def inputs(videos=3, pairs=5, seed=0):
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return Reranker(config=CONFIG).eval()
+    return build_reranker(CONFIG).eval()
 
 
 def test_shapes_and_masks(model):
@@ -86,7 +87,7 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(variant):
     """timm's test_model_backward, for every variant: no parameter is dead weight (the selectors'
     scorers included), so DDP never meets an unused parameter."""
     torch.manual_seed(0)
-    model = Reranker(config=dataclasses.replace(CONFIG, layers=2, **variant)).train()
+    model = build_reranker(dataclasses.replace(CONFIG, layers=2, **variant)).train()
     scores = model(*inputs())
     assert scores.shape == (5,) and torch.isfinite(scores).all()
     scores.sum().backward()
@@ -144,7 +145,7 @@ def test_the_frame_results_feed_the_video_level(model):
     assert not torch.allclose(model.score(text, length, changed, pair_video),
                               model.score(text, length, selected, pair_video))
     torch.manual_seed(0)
-    video_only = Reranker(config=dataclasses.replace(CONFIG, frame_level=False)).eval()
+    video_only = build_reranker(dataclasses.replace(CONFIG, frame_level=False)).eval()
     selected = video_only.select(tokens, frame_emb, frame_mask)
     changed = SelectedVideos(selected.frame_tokens + torch.randn_like(selected.frame_tokens), *selected.fields()[1:])
     assert torch.equal(video_only.score(text, length, changed, pair_video),
@@ -209,7 +210,7 @@ def test_a_checkpoint_from_before_the_switches_loads_as_the_earlier_design(tmp_p
     """reranker.pt files written before the ablation switches existed hold the joint design with the
     word-to-patch term: they load as that, with the same scores."""
     torch.manual_seed(0)
-    earlier = Reranker(config=dataclasses.replace(CONFIG, combine="joint", token_match=True)).eval()
+    earlier = build_reranker(dataclasses.replace(CONFIG, combine="joint", token_match=True)).eval()
     save_reranker(tmp_path, earlier, fusion_alpha=0.3, fingerprint={}, step=1, train_config={})
     saved = torch.load(tmp_path / MODEL_FILE, weights_only=True)
     for name in ("combine", "token_match", "frame_level", "video_level", "share_weights", "frame_tokens",
@@ -236,7 +237,7 @@ def test_captions_shared_by_pairs_score_as_repeated_captions(model):
 
 def test_the_last_block_skips_only_rows_nobody_reads(monkeypatch):
     torch.manual_seed(0)
-    deep = Reranker(config=dataclasses.replace(CONFIG, layers=2)).eval()
+    deep = build_reranker(dataclasses.replace(CONFIG, layers=2)).eval()
     trimmed = deep(*inputs())
     full_forward = CrossBlock.forward  # reference: every block computes every row, then the rows are cut
 
@@ -285,7 +286,7 @@ def test_any_caption_columns_past_the_longest_caption_give_the_same_scores(model
 def test_scoring_with_fixed_columns_never_needs_a_value_on_the_host(variant):
     # what lets retrieve/query_scorer.py capture a query's re-rank as one CUDA graph
     torch.manual_seed(0)
-    model = Reranker(config=dataclasses.replace(CONFIG, **variant)).eval()
+    model = build_reranker(dataclasses.replace(CONFIG, **variant)).eval()
     text, length, tokens, frame_emb, frame_mask, pair_video = inputs()
     with torch.inference_mode():
         videos = model.select(tokens, frame_emb, frame_mask)

@@ -20,6 +20,7 @@ from tvrerank.config import from_dict
 from tvrerank.errors import CorruptFile, MissingInput
 from tvrerank.files import atomic_save, read_torch_file
 from tvrerank.rerank.model import Reranker, RerankerConfig
+from tvrerank.rerank.variants import build_reranker
 
 MODEL_FILE = "reranker.pt"
 #: model options a checkpoint written before they existed was trained with (the earlier design)
@@ -71,7 +72,7 @@ def load_reranker(run_dir: str | Path, device: str | torch.device = "cpu") -> Tr
                             remedy=f"train it again with `tvrerank train ... --out {run_dir}` (or use another run)")
     if not isinstance(saved, dict) or not {"model_config", "state_dict"} <= set(saved):
         raise CorruptFile(f"{path}: not a tvrerank re-ranker checkpoint; train one with `tvrerank train`")
-    model = Reranker(config=from_dict(RerankerConfig, {**LEGACY_MODEL, **saved["model_config"]}))
+    model = build_reranker(from_dict(RerankerConfig, {**LEGACY_MODEL, **saved["model_config"]}))
     model.load_state_dict(saved["state_dict"])
     model.to(device).eval()
     return TrainedReranker(model=model, fusion_alpha=saved["fusion_alpha"], fingerprint=saved["fingerprint"],

@@ -17,10 +17,10 @@ Read top to bottom:
      (weight sharing) unless the config says otherwise.
    - A head turns the mean of the learnable queries' outputs into one score per pair.
    The config's switches (``frame_level``, ``video_level``, ``combine``, ``share_weights``,
-   ``frame_tokens``, ``video_selector``, ``token_match``) turn each part off for the ablation
-   table in docs/ablation.md; ``combine = "joint"`` is the earlier design (one attention over
-   all frames' tokens, then the video tokens, per layer) and ``"sum"`` adds a frame-level and a
-   video-level score instead of feeding one into the other.
+   ``frame_tokens``, ``video_selector``) turn each part off for the ablation table in
+   docs/ablation.md; ``combine = "sum"`` adds a frame-level and a video-level score instead of
+   feeding one into the other. Variants that are not the method (``combine = "joint"``, the earlier
+   design, and the word-to-patch term ``token_match``) live beside it in ``variants.py``.
 
 The selectors depend on the video only: ``select(...)`` runs once per video (and can be
 precomputed for a gallery); ``score(...)`` pairs captions with selected videos by index.
@@ -380,18 +380,6 @@ def masked_mean(x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
     return (x * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
-def token_match(text, text_pad, visual, visual_pad, pair_video) -> torch.Tensor:
-    """Mean over real caption tokens of their best cosine match among the pair's visual tokens.
-
-    text (C, L, d), text_pad (C, L); visual (B, Lv, d), visual_pad (B, Lv); pair_video (C,) or None → (C,)
-    """
-    similarity = torch.einsum("cld,cvd->clv", F.normalize(text, dim=-1),
-                              per_pair(F.normalize(visual, dim=-1), pair_video))  # (C, L, Lv)
-    similarity = similarity.masked_fill(per_pair(visual_pad, pair_video)[:, None, :], -1.0)
-    best = similarity.max(dim=-1).values.masked_fill(text_pad, 0.0)  # (C, L)
-    return best.sum(-1) / (~text_pad).sum(-1).clamp(min=1)
-
-
 # --------------------------------------------------------------------------- 5. the re-ranker
 @dataclass
 class SelectedVideos:
@@ -423,9 +411,19 @@ class SelectedVideos:
 
 
 class Reranker(nn.Module):
+    """The method. Variants that are not the method (``combine = "joint"``, the word-to-patch term) are
+    ``rerank.variants.VariantReranker``; ``rerank.variants.build_reranker(config)`` builds either."""
+
+    #: the config switches a subclass handles beyond the method (see rerank/variants.py)
+    variants: tuple[str, ...] = ()
+
     def __init__(self, *, config: RerankerConfig):
         super().__init__()
         c = self.config = config
+        asked = tuple(name for name, on in (("joint", c.combine == "joint"), ("token_match", c.token_match)) if on)
+        if set(asked) - set(self.variants):
+            raise InputError(f"model options {list(asked)} are variants beside the method: build the model with "
+                             "tvrerank.rerank.variants.build_reranker(config)")
         # patch tokens are not read at all when each frame keeps its global token only
         self.token_in = nn.Sequential(nn.LayerNorm(c.token_dim), nn.Linear(c.token_dim, c.width)) \
             if c.frame_tokens != "global" else None
@@ -451,16 +449,18 @@ class Reranker(nn.Module):
             return nn.ModuleList(CrossBlock(width=c.width, heads=c.heads, dropout=c.dropout) for _ in range(n))
 
         self.blocks = blocks(c.layers if c.video_level else 0)  # the video level
-        # the frame level: the video level's blocks when shared, else its own (one per layer in "joint")
+        # the frame level: the video level's blocks when shared, else its own
         own = c.frame_level and not (c.share_weights and c.video_level)
-        self.frame_blocks = blocks(c.layers if c.combine == "joint" else 1) if own else None
+        self.frame_blocks = blocks(self.frame_block_count()) if own else None
         self.head = nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, c.width), nn.GELU(),
                                   nn.Linear(c.width, 1))
-        # the word-to-patch term starts at 0 by default, so it cannot dominate the attention path at first
-        self.token_match_scale = nn.Parameter(torch.tensor(float(c.token_match_init))) if c.token_match else None
         nn.init.normal_(self.queries, std=0.02)
         nn.init.normal_(self.temporal, std=0.02)
         nn.init.normal_(self.text_position, std=0.02)
+
+    def frame_block_count(self) -> int:
+        """Blocks of the frame level's own (unshared) weights: one, applied to each frame."""
+        return 1
 
     def frame_block(self, layer: int = 0) -> CrossBlock:
         return (self.frame_blocks if self.frame_blocks is not None else self.blocks)[layer]
@@ -494,25 +494,24 @@ class Reranker(nn.Module):
         # text_tokens (U, L, Dt), text_length (U,); videos: B selected videos; pair_video (C,) into the B
         # videos (None: C = B, pair i is video i), pair_text (C,) into the U captions (None: U = C) → scores (C,)
         # trace: a dict that receives the attention weights, "frame" (C, T, h, Q, F) and "video" (one
-        # (C, h, Q+L, Lv) per video-level block), for rerank/explain.py; the joint design records none
+        # (C, h, Q+L, Lv) per video-level block), for rerank/explain.py
         # columns: the caption columns read (padding beyond text_length is masked, so any columns >= the
         # longest caption give the same scores); None: the longest caption's, found with one host sync
-        c, q = self.config, self.config.queries
+        text, text_pad = self.caption(text_tokens, text_length, columns)
+        queries, query_pad = self.query_tokens(text, text_pad)
+        return self._levels(queries, query_pad, videos, pair_video, pair_text, trace)
+
+    def caption(self, text_tokens: torch.Tensor, text_length: torch.Tensor, columns: int | None):
+        """The caption's tokens in the model's width, once per caption: (U, L, Dt), (U,) → (U, L, d), pad (U, L)."""
         length = int(text_length.max()) if columns is None else columns
-        text = self.text_in(text_tokens[:, :length]) + self.text_position[:length]  # (U, L, d), once per caption
-        text_pad = torch.arange(length, device=text.device)[None, :] >= text_length[:, None]  # (U, L)
-        u = text.shape[0]
-        queries = torch.cat([self.queries.expand(u, -1, -1), text], dim=1)  # (U, Q+L, d)
-        query_pad = torch.cat([torch.zeros(u, q, dtype=torch.bool, device=text.device), text_pad], dim=1)
-        if c.combine == "joint":
-            score = self._joint(per_pair(queries, pair_text), per_pair(query_pad, pair_text), videos, pair_video)
-        else:
-            score = self._levels(queries, query_pad, videos, pair_video, pair_text, trace)
-        if self.token_match_scale is not None:
-            frame_tokens, frame_pad = videos.flat_frame_tokens()
-            score = score + self.token_match_scale * token_match(
-                per_pair(text, pair_text), per_pair(text_pad, pair_text), frame_tokens, frame_pad, pair_video)
-        return score
+        text = self.text_in(text_tokens[:, :length]) + self.text_position[:length]  # (U, L, d)
+        return text, torch.arange(length, device=text.device)[None, :] >= text_length[:, None]
+
+    def query_tokens(self, text: torch.Tensor, text_pad: torch.Tensor):
+        """The queries: N_Q learnable tokens + the caption's tokens → (U, Q+L, d) and their padding (U, Q+L)."""
+        u, q = text.shape[0], self.config.queries
+        queries = torch.cat([self.queries.expand(u, -1, -1), text], dim=1)
+        return queries, torch.cat([torch.zeros(u, q, dtype=torch.bool, device=text.device), text_pad], dim=1)
 
     def _levels(self, queries, query_pad, videos: SelectedVideos, pair_video, pair_text, trace=None) -> torch.Tensor:
         """Frame level → video level ("hierarchical"), or the two levels' scores added ("sum")."""
@@ -543,24 +542,6 @@ class Reranker(nn.Module):
         if frames is not None:  # "sum", or the frame level alone
             score = score + self.head(masked_mean(frames, frame_pad)).squeeze(-1)
         return score
-
-    def _joint(self, queries, query_pad, videos: SelectedVideos, pair_video) -> torch.Tensor:
-        """The earlier design: per layer, one attention over all frames' tokens, then the video tokens."""
-        c, q = self.config, self.config.queries
-        frame_tokens, frame_pad = videos.flat_frame_tokens()
-        levels = []
-        if c.frame_level:
-            levels.append(("frame", frame_tokens, per_pair(frame_pad, pair_video)))
-        if c.video_level:
-            levels.append(("video", videos.video_tokens, per_pair(videos.video_pad, pair_video)))
-        for i in range(c.layers):
-            for j, (level, tokens, pad) in enumerate(levels):
-                block = self.frame_block(i) if level == "frame" else self.blocks[i]
-                keys, values = block.keys_values(tokens)  # once per video
-                last = i == c.layers - 1 and j == len(levels) - 1  # only the learnable queries are read
-                queries = block(queries, query_pad, per_pair(keys, pair_video), per_pair(values, pair_video), pad,
-                                rows=q if last else None)
-        return self.head(queries[:, :q].mean(dim=1)).squeeze(-1)
 
     def forward(self, text_tokens, text_length, tokens, frame_emb, frame_mask, pair_video, pair_text=None):
         # pair_video (C,) into the B videos, pair_text (C,) into the captions (see score) → scores (C,)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from tvrerank.errors import NonFiniteScores
-from tvrerank.metrics import retrieval_metrics
+from tvrerank.metrics import retrieval_metrics, selection_key
 
 FUSIONS = ("tuned", "sum")
 ALPHA_GRID = tuple(np.round(np.linspace(0, 1, 21), 2))
@@ -126,8 +126,3 @@ def tune_alpha(stage1: np.ndarray, rerank: np.ndarray, candidate_video: np.ndarr
         table[float(alpha)] = retrieval_metrics(ranks[valid])
     best = max(table, key=lambda a: (selection_key(table[a]), a))
     return best, table
-
-
-def selection_key(metrics: dict[str, float]) -> tuple[float, float, float]:
-    """How two results are compared (alpha, best checkpoint): higher R@1, then R@5, then lower mean rank."""
-    return metrics["R1"], metrics["R5"], -metrics["MnR"]
