@@ -81,7 +81,8 @@ def training_config(row: str, seed: int, steps: int | None) -> TrainConfig:
     model, training, _ = ROWS[row]
     options = dict(DEMO_TRAINING, **training, model=dict(DEMO_TRAINING["model"], **model), seed=seed, device="cpu")
     if steps is not None:
-        options.update(steps=steps, warmup=min(DEMO_TRAINING["warmup"], steps // 4),
+        options.update(optim=dict(DEMO_TRAINING["optim"], steps=steps, warmup=min(DEMO_TRAINING["optim"]["warmup"],
+                                                                                   steps // 4)),
                        eval_every=max(1, steps // 3), checkpoint_every=steps)
     return TrainConfig(**options)
 
@@ -118,7 +119,7 @@ def selector_gradient_noise(caches: dict, candidates: dict, run: Path, samples=(
     trained model in ``run``, per perturbation sigma and sample count S: {"sigma=..., S=...": cosine}."""
     from tvrerank.cache.reader import CacheReader
     from tvrerank.index.candidates import read_candidates
-    from tvrerank.rerank.model import Reranker
+    from tvrerank.rerank.variants import build_reranker
     from tvrerank.train.loop import pair_loss
 
     with CacheReader(caches["train"]) as cache:
@@ -131,7 +132,7 @@ def selector_gradient_noise(caches: dict, candidates: dict, run: Path, samples=(
     result = {}
     for sigma, s in itertools.product(sigmas, samples):
         torch.manual_seed(0)
-        model = Reranker(config=dataclasses.replace(trained.config, perturb_samples=s, perturb_sigma=sigma,
+        model = build_reranker(dataclasses.replace(trained.config, perturb_samples=s, perturb_sigma=sigma,
                                                     dropout=0.0))
         model.load_state_dict(trained.state_dict())
         model.train()

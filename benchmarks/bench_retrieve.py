@@ -88,7 +88,8 @@ from tvrerank.retrieve.retriever import Retriever, set_cpu_threads
 from tvrerank.toy.demo import DEMO_TRAINING
 from tvrerank.toy.world import captions_for, random_script
 from tvrerank.rerank.checkpoint import load_reranker, save_reranker
-from tvrerank.rerank.model import Reranker, RerankerConfig
+from tvrerank.rerank.model import RerankerConfig
+from tvrerank.rerank.variants import build_reranker
 
 TOP, WARMUP, BANK_FRAMES = 10, 5, 4096
 MSRVTT_TEST = Path(__file__).resolve().parents[1] / "tests/data/annotations/msrvtt/MSRVTT_JSFUSION_test.csv"
@@ -149,7 +150,7 @@ def build_cache(path: Path, encoder: FrozenClipEncoder, videos: int, frames: int
         return cache.header.fingerprint()
 
 
-def build_reranker(run_dir: Path, encoder: FrozenClipEncoder, frames: int, fingerprint: dict, size: str) -> None:
+def save_random_reranker(run_dir: Path, encoder: FrozenClipEncoder, frames: int, fingerprint: dict, size: str) -> None:
     """A randomly initialised re-ranker of ``size`` (RERANKER_SIZES), saved as a run folder."""
     layout = encoder.layout
     torch.manual_seed(0)
@@ -159,7 +160,7 @@ def build_reranker(run_dir: Path, encoder: FrozenClipEncoder, frames: int, finge
     print(f"re-ranker ({size}): " + ", ".join(f"{k} {getattr(config, k)}" for k in
                                               ("width", "layers", "heads", "queries", "frame_keep", "video_keep")))
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_reranker(run_dir, Reranker(config=config), fusion_alpha=0.3, fingerprint=fingerprint, step=0,
+    save_reranker(run_dir, build_reranker(config), fusion_alpha=0.3, fingerprint=fingerprint, step=0,
                   train_config={})
 
 
@@ -345,7 +346,7 @@ def main() -> None:
               f"({work}{', kept' if args.keep else ', removed at the end'})")
         config, seconds = timed(build_index_dir, cache_path, index_dir, args.factory)
         print(f"index: {config.factory} {config.search_params} ({config.reason}) in {seconds:.1f}s")
-        build_reranker(run_dir, encoder, args.frames, fingerprint, args.reranker_size)
+        save_random_reranker(run_dir, encoder, args.frames, fingerprint, args.reranker_size)
         build_store(cache_path, run_dir, device, args.videos)
 
         if args.cold:

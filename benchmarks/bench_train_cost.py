@@ -123,8 +123,8 @@ def one_step(model, optimizer, videos: dict, texts: dict, pair_video, device) ->
     from tvrerank.train.loop import TrainConfig, train_step
 
     config = TrainConfig()
-    train_step(model, optimizer, iter([{**videos, **texts, "pair_video": pair_video}]), config=config, lr=config.lr,
-               device=device, step=0)
+    train_step(model, optimizer, iter([{**videos, **texts, "pair_video": pair_video}]), config=config,
+               lr=config.optim.lr, device=device, step=0)
 
 
 def tower_features(encoder, frames: np.ndarray, chunk: int) -> dict:
@@ -159,10 +159,11 @@ def measure_steps(args, cache: Path, encoder, model, device, groups) -> tuple[di
 
     from tvrerank.cache.rows import CacheRows
 
-    from tvrerank.train.loop import TrainConfig, build_optimizer
+    from tvrerank.train.loop import TrainConfig
+    from tvrerank.training import build_optimizer
 
     rows_reader = CacheRows(cache, memory_budget=0)  # read from the file, as for a cache over the budget
-    optimizer = build_optimizer(model, TrainConfig())
+    optimizer = build_optimizer(model, TrainConfig().optim)
     rng = np.random.default_rng(1)
     u, b = args.videos_per_step, args.captions
     pair_video = torch.from_numpy(groups).to(device)
@@ -302,7 +303,8 @@ def main() -> None:
     from tvrerank.devices import resolve_device
     from tvrerank.extract.encoder import FrozenClipEncoder
     from tvrerank.extract.plan import measure_layout
-    from tvrerank.rerank.model import Reranker, RerankerConfig
+    from tvrerank.rerank.model import RerankerConfig
+    from tvrerank.rerank.variants import build_reranker
 
     layout = measure_layout(args.model, "joint", "none")
     device = resolve_device(args.device)
@@ -321,7 +323,7 @@ def main() -> None:
                                                                            layout["token_dim"]):
             raise SystemExit(f"measure_layout {layout} disagrees with the encoder's layout {encoder.layout}")
         torch.manual_seed(0)
-        model = Reranker(config=RerankerConfig(
+        model = build_reranker(RerankerConfig(
             frames=args.frames, tokens_per_frame=layout["tokens_per_frame"], token_dim=layout["token_dim"],
             embed_dim=layout["embed_dim"], text_token_dim=layout["text_token_dim"], text_tokens=TEXT_TOKENS,
             width=args.width, layers=args.layers)).to(device)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +71,20 @@ BROKEN = {
     "truncated": "truncated.mp4",
     "audio": "audio.m4a",
 }
+
+
+def kill_at_first_checkpoint(command: list[str], out: Path, result_file: str) -> None:
+    """Start a training command and SIGKILL it as soon as out/checkpoint.pt exists: it must die before
+    writing its result file."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (out / "checkpoint.pt").exists():
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not (out / result_file).exists()
 
 
 def make_dataset(root: Path, num_videos: int = 6, *, broken: bool = True, captions_per_video: int = 2) -> Path:

@@ -161,8 +161,8 @@ def test_plan_for_vit_bigg_raw_matches_the_design_figures():
     plan = json.loads(invoke("plan", "--model", "ViT-bigG-14", "--videos", "10000", "--token-space", "raw",
                              "--json").output)
     assert (plan["tokens_per_frame"], plan["token_dim"]) == (256, 1664)
-    per_frame_mib = plan["tokens_per_frame"] * plan["token_dim"] * 2 / 2**20
-    assert round(per_frame_mib, 2) == 0.81  # docs/design.md: ~0.82 MiB per frame, ~100 GB for 10k videos
+    per_frame = plan["bytes_tokens"] / (10000 * 12)  # the cache's float16 tokens, from the schema's specs
+    assert per_frame == 851_968  # 0.81 MiB per frame; docs/design.md: ~100 GB for 10k videos
     assert 95e9 < plan["bytes_total"] < 110e9
 
 

@@ -17,6 +17,7 @@ from tvrerank.index.store import build_index_dir
 from tvrerank.metrics import retrieval_metrics
 from tvrerank.rerank.checkpoint import save_reranker
 from tvrerank.rerank.model import Reranker
+from tvrerank.rerank.variants import build_reranker
 from tvrerank.train.loop import model_config_for
 
 
@@ -56,11 +57,11 @@ SMALL = {"width": 16, "heads": 2, "layers": 1, "queries": 2, "frame_keep": 2, "v
 def _constant_reranker(cache, value: float = 0.7) -> Reranker:
     """A re-ranker whose every score is ``value`` (its head outputs its bias; token matching off)."""
     with CacheReader(cache) as reader:
-        model = Reranker(config=model_config_for(reader, SMALL))
+        model = build_reranker(model_config_for(reader, SMALL))
     with torch.no_grad():
         model.head[-1].weight.zero_()
         model.head[-1].bias.fill_(value)
-        if model.token_match_scale is not None:
+        if getattr(model, "token_match_scale", None) is not None:
             model.token_match_scale.zero_()
     return model
 

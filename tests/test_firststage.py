@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import synthetic_cache
+from conftest import kill_at_first_checkpoint, synthetic_cache
 
 from tvrerank.cli import main
 from tvrerank.errors import CacheMismatch
@@ -21,7 +21,7 @@ from tvrerank.firststage.store import embed_cache, load_first_stage
 from tvrerank.firststage.train import FirstStageTrainConfig, train_first_stage
 from tvrerank.index.candidates import build_candidates
 
-SMALL = {"steps": 12, "batch": 8, "eval_every": 4, "checkpoint_every": 4, "warmup": 2, "device": "cpu",
+SMALL = {"optim": {"steps": 12, "warmup": 2}, "batch": 8, "eval_every": 4, "checkpoint_every": 4, "device": "cpu",
          "model": {"layers": 1, "heads": 2}}
 
 
@@ -70,20 +70,19 @@ def test_training_is_deterministic_and_resumes_exactly(caches, tmp_path, monkeyp
     weights = [load_first_stage(tmp_path / name).model.state_dict() for name in ("a", "b")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
-    real_save, saves = train_module.atomic_save, []
+    real_save = train_module.save_checkpoint
 
     class Killed(Exception):
         pass
 
-    def killed_after_first_checkpoint(obj, path):
-        real_save(obj, path)
-        saves.append(path)
+    def killed_after_first_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
         raise Killed
 
-    monkeypatch.setattr(train_module, "atomic_save", killed_after_first_checkpoint)
+    monkeypatch.setattr(train_module, "save_checkpoint", killed_after_first_checkpoint)
     with pytest.raises(Killed):
         train_first_stage(caches["train"], tmp_path / "c", config, val_cache=caches["val"], progress=False)
-    monkeypatch.setattr(train_module, "atomic_save", real_save)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     c = train_first_stage(caches["train"], tmp_path / "c", config, val_cache=caches["val"], resume=True,
                           progress=False)
     assert c == a
@@ -92,7 +91,7 @@ def test_training_is_deterministic_and_resumes_exactly(caches, tmp_path, monkeyp
 
 
 def test_embeddings_belong_to_one_cache_and_one_encoder(caches, tmp_path):
-    config = FirstStageTrainConfig(**dict(SMALL, steps=2))
+    config = FirstStageTrainConfig(**dict(SMALL, optim={"steps": 2}))
     train_first_stage(caches["train"], tmp_path / "run", config, progress=False)
     record = embed_cache(tmp_path / "run", caches["test"], tmp_path / "emb")
     assert np.load(tmp_path / "emb" / "text_emb.npy").shape == (record["captions"], 16)
@@ -193,5 +192,35 @@ def test_torchrun_trains_a_first_stage_on_two_processes(caches, tmp_path):
                                                                                           OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    assert metrics["steps"] == SMALL["steps"] and len(metrics["history"]) == 3
+    assert metrics["steps"] == SMALL["optim"]["steps"] and len(metrics["history"]) == 3
     assert load_first_stage(tmp_path / "ddp").model.config.layers == 1
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(caches, tmp_path):
+    """A first stage killed mid-run and resumed ends bit-identical to one that ran through (dropout included:
+    the checkpoint carries the torch RNG), with every step in log.csv."""
+    import subprocess
+    import sys
+
+    options = dict(SMALL, optim={"steps": 300, "warmup": 2}, eval_every=50, checkpoint_every=5,
+                   model={"layers": 1, "heads": 2, "dropout": 0.1})
+    (tmp_path / "fs.json").write_text(json.dumps(options))
+
+    def command(out):
+        return [sys.executable, "-m", "tvrerank.cli", "firststage", "train", "--cache", str(caches["train"]),
+                "--val-cache", str(caches["val"]), "--out", str(out), "--config", str(tmp_path / "fs.json")]
+
+    reference = subprocess.run(command(tmp_path / "ref"), capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "killed"
+    kill_at_first_checkpoint(command(out), out, "firststage.pt")
+    resumed = subprocess.run(command(out) + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_first_stage(tmp_path / "ref").model.state_dict(), load_first_stage(out).model.state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    steps = [int(line.split(",")[0]) for line in (out / "log.csv").read_text().splitlines()[1:]]
+    assert steps[-1] == 300 and set(steps) == set(range(1, 301))
+    assert json.loads((out / "metrics.json").read_text())["validation"] == \
+        json.loads((tmp_path / "ref" / "metrics.json").read_text())["validation"]

@@ -6,18 +6,16 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_cache
+from conftest import kill_at_first_checkpoint, synthetic_cache
 
 from tvrerank.cache.reader import CacheReader
 from tvrerank.errors import CacheMismatch, InputError, NonFiniteScores
@@ -25,9 +23,9 @@ from tvrerank.evaluation import evaluate_run
 from tvrerank.index.candidates import build_candidates, write_candidates
 from tvrerank.index.store import build_index_dir
 from tvrerank.rerank.checkpoint import load_reranker
-from tvrerank.rerank.model import Reranker
+from tvrerank.rerank.variants import build_reranker
 from tvrerank.train.data import BatchSpec, TrainingBatches
-from tvrerank.train.loop import TrainConfig, lr_at, model_config_for, train, train_step
+from tvrerank.train.loop import TrainConfig, model_config_for, train, train_step
 
 # The synthetic cache's captions copy a frame's patch tokens: a word-to-patch signal, which the
 # earlier design's term (scale 5 at the start) reads in a few steps, so the loop's tests stay short.
@@ -52,23 +50,10 @@ def data(tmp_path_factory):
     return root, split(root, "train", 0, failed=(5,), videos=120), split(root, "val", 1)
 
 
-def test_lr_schedule_is_a_pure_function_of_the_step():
-    config = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
-    assert lr_at(0, config) == pytest.approx(1e-4)
-    assert lr_at(9, config) == pytest.approx(1e-3)
-    assert lr_at(99, config) == pytest.approx(1e-4, rel=1e-2)
-    low = 1e-4  # halfway through the cosine: the mean of lr and lr * min_lr_ratio
-    assert lr_at(55, config) == pytest.approx(low + 0.5 * (1e-3 - low))
-    after_warmup = [lr_at(step, config) for step in range(10, 100)]
-    assert after_warmup == sorted(after_warmup, reverse=True)  # never rises after the warmup
-    forwards = [lr_at(step, config) for step in range(100)]
-    assert forwards[::-1] == [lr_at(step, config) for step in reversed(range(100))]  # no hidden state
-
-
 def test_training_from_the_cache_beats_stage_one(data, caplog):
     root, (cache, candidates), (val_cache, val_candidates) = data
-    config = TrainConfig(steps=80, captions=16, negatives=5, in_batch=2, lr=2e-3, warmup=10, model=SMALL_MODEL,
-                         checkpoint_every=40, eval_every=20)
+    config = TrainConfig(optim={"steps": 80, "lr": 2e-3, "warmup": 10}, captions=16, negatives=5, in_batch=2,
+                         model=SMALL_MODEL, checkpoint_every=40, eval_every=20)
     metrics = train(cache, candidates, root / "run", config, val_cache=val_cache, val_candidates=val_candidates,
                     progress=False)
     val = metrics["val"]
@@ -87,7 +72,7 @@ def test_two_runs_with_one_seed_are_identical_at_the_default_thread_count(data, 
     """On the CPU, deterministic algorithms make the per-pair gather's backward add in a fixed order."""
     root, (cache, candidates), _ = data
     torch.set_num_threads(max(2, torch.get_num_threads()))
-    config = TrainConfig(steps=30, captions=16, negatives=5, in_batch=2, checkpoint_every=30,
+    config = TrainConfig(optim={"steps": 30}, captions=16, negatives=5, in_batch=2, checkpoint_every=30,
                          model=dict(SMALL_MODEL, combine="hierarchical"))
     metrics = [train(cache, candidates, tmp_path / name, config, progress=False) for name in ("a", "b")]
     assert metrics[0]["deterministic"] and not torch.are_deterministic_algorithms_enabled()  # restored
@@ -98,7 +83,7 @@ def test_two_runs_with_one_seed_are_identical_at_the_default_thread_count(data, 
 
 def test_refusals(data, tmp_path):
     root, (cache, candidates), (val_cache, val_candidates) = data
-    config = TrainConfig(steps=2, model=SMALL_MODEL)
+    config = TrainConfig(optim={"steps": 2}, model=SMALL_MODEL)
     with pytest.raises(CacheMismatch):  # candidates of another cache
         train(cache, val_candidates, tmp_path / "a", config, progress=False)
     other = synthetic_cache(tmp_path / "other.h5", videos=10, model="another-encoder")
@@ -127,16 +112,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data, tmp_path):
                                capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-2000:]
     out = tmp_path / "killed"
-    process = subprocess.Popen(_train_command(cache, candidates, out, config_path),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if (out / "checkpoint.pt").exists():
-            os.kill(process.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL and not (out / "reranker.pt").exists()
+    kill_at_first_checkpoint(_train_command(cache, candidates, out, config_path), out, "reranker.pt")
     resumed = subprocess.run(_train_command(cache, candidates, out, config_path) + ["--resume"],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -202,11 +178,11 @@ def test_gradient_accumulation_equals_one_batch_twice_as_large(data):
                               grad_accum=2)
     first, second = batches[0], batches[1]
     torch.manual_seed(0)
-    initial = Reranker(config=model_config).state_dict()
+    initial = build_reranker(model_config).state_dict()
     weights = []
     for grad_accum, micro_batches in ((2, [first, second]), (1, [_merge(first, second)])):
         torch.manual_seed(0)
-        model = Reranker(config=model_config).eval()  # hard top-k, no dropout: deterministic
+        model = build_reranker(model_config).eval()  # hard top-k, no dropout: deterministic
         config = TrainConfig(captions=4, grad_accum=grad_accum, model=SMALL_MODEL)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the step is the (clipped) gradient itself
         loss = train_step(model, optimizer, iter(micro_batches), config=config, lr=1.0, device=torch.device("cpu"),
@@ -223,7 +199,8 @@ def test_gradient_accumulation_equals_one_batch_twice_as_large(data):
 
 def test_training_with_worker_processes_and_accumulation_runs(data, tmp_path):
     root, (cache, candidates), _ = data
-    config = TrainConfig(steps=2, captions=4, negatives=2, in_batch=1, grad_accum=2, workers=1, model=SMALL_MODEL)
+    config = TrainConfig(optim={"steps": 2}, captions=4, negatives=2, in_batch=1, grad_accum=2, workers=1,
+                         model=SMALL_MODEL)
     metrics = train(cache, candidates, tmp_path / "accum", config, progress=False)
     assert metrics["steps"] == 2 and metrics["final_loss"] > 0
     assert load_reranker(tmp_path / "accum").step == 2
@@ -235,7 +212,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_checkpoint(tmp_path
         tokens = f["videos/tokens"][()]
         tokens[:] = np.nan  # every video: the first step's loss is NaN
         f["videos/tokens"][:] = tokens
-    config = TrainConfig(steps=3, captions=4, negatives=2, in_batch=1, model=SMALL_MODEL)
+    config = TrainConfig(optim={"steps": 3}, captions=4, negatives=2, in_batch=1, model=SMALL_MODEL)
     with pytest.raises(NonFiniteScores, match="training step 1: the loss is nan"):
         train(cache, candidates, tmp_path / "run", config, progress=False)
     assert not (tmp_path / "run" / "reranker.pt").exists()
@@ -243,8 +220,8 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_checkpoint(tmp_path
 
 def test_validation_held_out_of_the_training_cache(data, tmp_path):
     root, (cache, candidates), _ = data
-    config = TrainConfig(steps=4, captions=8, negatives=3, in_batch=1, eval_every=2, val_fraction=0.2, seed=5,
-                         model=SMALL_MODEL)
+    config = TrainConfig(optim={"steps": 4}, captions=8, negatives=3, in_batch=1, eval_every=2, val_fraction=0.2,
+                         seed=5, model=SMALL_MODEL)
     metrics = train(cache, candidates, tmp_path / "run", config, progress=False)
     validation = metrics["splits"]["validation"]
     assert len(validation["videos"]) == round(0.2 * 119)  # 120 videos, one failed
@@ -265,7 +242,7 @@ def test_paper_recipe_binary_loss_similarity_negatives_negative_captions_plain_s
     """The method's own recipe runs end to end and the run keeps its fusion: eval's "reranked" is the
     plain sum, with no tuned weight."""
     root, (cache, candidates), (val_cache, val_candidates) = data
-    config = TrainConfig(steps=4, captions=8, negatives=1, in_batch=1, negative_captions=1, loss="binary",
+    config = TrainConfig(optim={"steps": 4}, captions=8, negatives=1, in_batch=1, negative_captions=1, loss="binary",
                          negative_sampling="similarity", fusion="sum", eval_every=2, model=SMALL_MODEL)
     metrics = train(cache, candidates, tmp_path / "run", config, val_cache=val_cache, val_candidates=val_candidates,
                     progress=False)
@@ -292,7 +269,7 @@ def test_accumulation_skips_the_gradient_all_reduce_on_all_but_the_last_micro_ba
     """A DDP-like wrapper: ``no_sync`` must cover micro-batches 1..N-1 and never the last one."""
     root, (cache, candidates), _ = data
     with CacheReader(cache) as reader:
-        model = Reranker(config=model_config_for(reader, SMALL_MODEL))
+        model = build_reranker(model_config_for(reader, SMALL_MODEL))
     lists = build_candidates(cache, k=10, index_dir=root / "train-index")
     batches = TrainingBatches(cache, lists.video, spec=BatchSpec(captions=4, negatives=2, in_batch=1), steps=1,
                               grad_accum=3)

@@ -9,8 +9,8 @@ import pytest
 
 from tvrerank.metrics import (
     METRIC_KEYS,
-    blockwise_ranks,
     dual_softmax,
+    exact_ranks,
     format_table,
     ranks_from_scores,
     ranks_from_true_scores,
@@ -102,34 +102,36 @@ def test_ranks_from_true_scores_on_row_blocks_equals_full_matrix():
 
 
 @pytest.mark.parametrize("block", [1, 7, 64])
-def test_blockwise_ranks_equals_text_to_video_ranks(block):
+def test_exact_ranks_in_blocks_equal_text_to_video_ranks(block):
     rng = np.random.default_rng(11)
     num_queries, num_items, width = 50, 20, 6
     # Integer-valued embeddings in a small range: exact float32 products with many ties.
-    query_emb = rng.integers(-2, 3, size=(num_queries, width)).astype(np.float64)
+    query_emb = rng.integers(-2, 3, size=(num_queries, width)).astype(np.float32)
     gallery_emb = rng.integers(-2, 3, size=(num_items, width)).astype(np.float32)
     true_columns = rng.integers(0, num_items, size=num_queries)
     true_columns[[3, 17, 49]] = -1
-    ranks = blockwise_ranks(query_emb, gallery_emb, true_columns, block=block)
+    ranks, truth = exact_ranks(lambda w: query_emb[w] @ gallery_emb.T, num_queries, true_columns, block=block)
     valid = true_columns >= 0
     np.testing.assert_array_equal(ranks[~valid], -1)
-    full = text_to_video_ranks(query_emb.astype(np.float32) @ gallery_emb.T,
-                               np.where(valid, true_columns, 0))
-    np.testing.assert_array_equal(ranks[valid], full[valid])
-    np.testing.assert_array_equal(
-        ranks[valid], brute_ranks(query_emb[valid] @ gallery_emb.T, true_columns[valid]))
+    assert np.isnan(truth[~valid]).all()
+    full = query_emb @ gallery_emb.T
+    np.testing.assert_array_equal(ranks[valid], text_to_video_ranks(full, np.where(valid, true_columns, 0))[valid])
+    np.testing.assert_array_equal(ranks[valid], brute_ranks(full[valid], true_columns[valid]))
+    np.testing.assert_array_equal(truth[valid], full[valid, true_columns[valid]])
 
 
-def test_blockwise_ranks_rejects_bad_input():
-    query_emb, gallery_emb = np.zeros((3, 4)), np.zeros((5, 4))
+def test_exact_ranks_reject_bad_input():
+    def scores_of(window):
+        return np.zeros((window.stop - window.start, 5))
+
     with pytest.raises(ValueError, match="true_columns"):
-        blockwise_ranks(query_emb, gallery_emb, np.array([0, 5, 1]))
+        exact_ranks(scores_of, 3, np.array([0, 5, 1]))
     with pytest.raises(ValueError, match="true_columns"):
-        blockwise_ranks(query_emb, gallery_emb, np.array([0, -2, 1]))
-    with pytest.raises(ValueError, match="share E"):
-        blockwise_ranks(query_emb, np.zeros((5, 3)), np.array([0, 1, 2]))
+        exact_ranks(scores_of, 3, np.array([0, -2, 1]))
+    with pytest.raises(ValueError, match="true_columns"):
+        exact_ranks(scores_of, 3, np.array([0, 1]))
     with pytest.raises(ValueError, match="block"):
-        blockwise_ranks(query_emb, gallery_emb, np.array([0, 1, 2]), block=0)
+        exact_ranks(scores_of, 3, np.array([0, 1, 2]), block=0)
 
 
 def test_ranks_reject_bad_shapes_and_indices():

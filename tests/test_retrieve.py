@@ -15,7 +15,8 @@ from tvrerank.cache.reader import CacheReader
 from tvrerank.cli import main
 from tvrerank.retrieve.gallery_store import FIELDS, FORMAT, GalleryStore, StoreFormatError, build_gallery_store
 from tvrerank.retrieve.retriever import Retriever
-from tvrerank.rerank.model import Reranker, RerankerConfig
+from tvrerank.rerank.model import RerankerConfig
+from tvrerank.rerank.variants import build_reranker
 
 SMALL = {"captions": 4, "negatives": 2, "in_batch": 1, "eval_every": 2,
          "model": {"width": 16, "heads": 2, "layers": 1, "queries": 2, "video_keep": 4, "perturb_samples": 4}}
@@ -169,7 +170,7 @@ def test_a_reranker_that_outputs_nan_is_refused(setup, tmp_path):
 def test_a_gallery_without_ok_videos_has_no_store(tmp_path):
     cache = synthetic_cache(tmp_path / "failed.h5", videos=3, failed=(0, 1, 2))
     with pytest.raises(ValueError, match="no video extracted ok"):
-        build_gallery_store(cache, tmp_path / "run", Reranker(config=RerankerConfig()), device=torch.device("cpu"))
+        build_gallery_store(cache, tmp_path / "run", build_reranker(RerankerConfig()), device=torch.device("cpu"))
 
 
 def test_an_index_or_reranker_for_another_gallery_is_refused(setup, tmp_path):

@@ -296,3 +296,36 @@ def test_the_demo_run_reads_global_tokens_and_the_explain_view_says_so(served_de
     assert data["kept_patches"] == [[]] * 12 and all(pick["patch"] is None for pick in data["video_picks"])
     assert sum(data["frame_weight"]) == pytest.approx(1, abs=1e-3)  # what the page tints each frame by
     assert data["score"] == pytest.approx(hit["rerank"], abs=1e-6)  # float16 store vs cache: ~1e-5 apart
+
+
+def test_video_duration_reads_the_stream_time_base_as_the_sampler_does(tmp_path, monkeypatch):
+    """With no container duration, the stream's duration in its time base (``frames.seconds_per_tick``: an
+    ``av.AVRational`` without ``__float__`` from PyAV 19 on) gives the seconds."""
+    import av
+    from conftest import make_video
+
+    from tvrerank.serve import service
+
+    path = make_video(tmp_path / "v.mp4", num_frames=30, fps=10)
+    assert service.video_duration(path) == pytest.approx(3.0, abs=0.11)
+
+    class Rational:  # PyAV 19's time base: numerator and denominator, no float()
+        numerator, denominator = 1, 10
+
+    class Stream:
+        duration, time_base = 30, Rational()
+
+    class Container:
+        duration = None
+
+        class streams:  # noqa: N801
+            video = [Stream()]
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(av, "open", lambda *args, **kwargs: Container())
+    assert service.video_duration(path) == 3.0

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-FORMATS = ("jsonl", "csv", "msrvtt", "msvd", "didemo", "lsmdc", "activitynet")
+from tvrerank.extract.annotations import FORMATS  # standard library only: --help stays instant
+
 
 
 def _human(num_bytes: float) -> str:
@@ -352,7 +353,7 @@ def train(cache_path, candidates_path, val_fraction, val_cache, val_candidates, 
     config = load_train_config(config_path, steps=steps, device=device, workers=workers, val_fraction=val_fraction)
     metrics = run_training(cache_path, candidates_path, out, config, val_cache=val_cache,
                            val_candidates=val_candidates, resume=resume)
-    line = f"{out}: {config.steps} steps, final loss {metrics['final_loss']:.3f}"
+    line = f"{out}: {config.optim.steps} steps, final loss {metrics['final_loss']:.3f}"
     if "val" in metrics:
         val = metrics["val"]
         line += (f"; validation R@1 {val['stage1']['R1']:.1f} -> {val['reranked']['R1']:.1f} "
@@ -566,7 +567,8 @@ def toy_pretrain(out: str, steps: int, batch_size: int, lr: float, seed: int, th
     from tvrerank.extract.encoder import FrozenClipEncoder
     from tvrerank.toy.pretrain import PretrainConfig, pretrain, zero_shot_accuracy
 
-    result = pretrain(PretrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads), out)
+    config = PretrainConfig(optim={"steps": steps, "lr": lr}, batch_size=batch_size, seed=seed, threads=threads)
+    result = pretrain(config, out)
     encoder = FrozenClipEncoder(model="tvr-toy", pretrained=out, device="cpu")
     accuracy = zero_shot_accuracy(encoder)
     click.echo(f"{out}: {result['bytes'] / 2**20:.1f} MiB, final loss {result['final_loss']:.3f}, "

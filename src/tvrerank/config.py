@@ -1,4 +1,7 @@
-"""Frozen configuration dataclasses, one per stage, with JSON load/save.
+"""The cache header's frozen configs (encoder, sampling, token layout, an extraction run) and what every
+config uses: JSON load/save, field checks, options files with command-line overrides. The trainers' and
+the models' configs live beside their code (``train/loop.py``, ``firststage/``, ``rerank/model.py``,
+``training.OptimConfig``).
 
 Every artifact stores the resolved config it was made with (HDF5 root attributes or a
 ``config.json`` next to it), so a later stage can check that its inputs are compatible and
@@ -108,7 +111,7 @@ class SamplingConfig:
     duration; each takes the frame on screen at that time (largest pts <= t). Videos with
     fewer distinct frames are padded and masked.
 
-    ``resize``: how a frame became the encoder's input (``extract.frames.RESIZE_METHODS``);
+    ``resize``: how a frame became the encoder's input (``extract.preprocess.RESIZE_METHODS``);
     ``extract`` writes ``torchvision``. The default is what caches written before the field
     existed used, so they (and what was made from them) read as what they are.
     """
@@ -178,9 +181,10 @@ def check_model_options(options: Any, cls: type, *, owner: str, what: str, deriv
     cls(**options)
 
 
-def load_options(cls: type[T], path: str | Path | None, what: str, **overrides) -> T:
+def load_options(cls: type[T], path: str | Path | None, what: str, *, normalise=None, **overrides) -> T:
     """A frozen config ``cls`` from a JSON file of options (optional), with command-line overrides
-    (None: not given) on top; every error names the file and says what is wrong."""
+    (None: not given) on top; every error names the file and says what is wrong. ``normalise``: a
+    function of the options dict applied before they are checked (e.g. ``training.nest_optim_options``)."""
     from tvrerank.errors import InputError
 
     where = path or "the command line"
@@ -190,9 +194,14 @@ def load_options(cls: type[T], path: str | Path | None, what: str, **overrides) 
         raise InputError(f"{path}: not a readable JSON file of {what} ({exc})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object of {what}, got {type(data).__name__}")
-    if unknown := set(data) - {f.name for f in dataclasses.fields(cls)}:
-        raise InputError(f"{path}: unknown {what} {sorted(unknown)}")
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if normalise is not None:
+        try:
+            data = normalise(data)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+    if unknown := set(data) - {f.name for f in dataclasses.fields(cls)}:
+        raise InputError(f"{where}: unknown {what} {sorted(unknown)}")
     try:
         return from_dict(cls, data)
     except InputError as exc:

@@ -107,7 +107,7 @@ def retrieval_metrics(ranks: np.ndarray) -> dict[str, float]:
     "MdR": median rank, "MnR": mean rank}, keys in METRIC_KEYS order, python floats.
 
     Raises ValueError on empty input or on ranks < 1 (drop the -1 rows of
-    :func:`blockwise_ranks` first).
+    :func:`exact_ranks` first).
     """
     ranks = np.asarray(ranks)
     if ranks.ndim != 1:
@@ -194,39 +194,42 @@ def dual_softmax(similarity: np.ndarray, temperature: float = 100.0, axis: int =
     return similarity * weights
 
 
-def blockwise_ranks(query_emb: np.ndarray, gallery_emb: np.ndarray, true_columns: np.ndarray,
-                    block: int = 4096) -> np.ndarray:
-    """Exact text→video ranks without materialising the full (M, N) similarity matrix.
+def exact_ranks(scores_of, num_queries: int, true_columns: np.ndarray,
+                block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ranks over a whole gallery without materialising the (M, N) score matrix.
 
-    query_emb (M, E), gallery_emb (N, E), scored by inner product; true_columns (M,) int in
-    [0, N), or -1 when the query's true item is not in the gallery → ranks (M,) int64,
-    -1 on those rows. Processes ``block`` queries at a time with a float32 matmul, so peak
-    extra memory is about block * N * 4 bytes.
-
-    For the valid rows the ranks equal ``text_to_video_ranks(q @ g.T, true_columns)``
-    with ``q, g`` the float32 casts of the inputs, exactly whenever the matmul is
-    row-consistent (always when the products are exactly representable, as with
-    integer-valued embeddings); ties and NaN follow the module's rank rule.
+    ``scores_of(window)`` → (b, N) scores of the queries in ``window`` (a slice) against every item, e.g.
+    ``lambda w: query_emb[w] @ gallery_emb.T``; true_columns (M,) the true item's column in [0, N), or -1
+    when it is not in the gallery → (ranks (M,) int32, -1 on those rows; true scores (M,) float32, NaN on
+    those rows). ``block`` queries at a time, so peak extra memory is about block * N * 4 bytes; ties
+    and NaN follow the module's rank rule (the ranks equal ``ranks_from_scores`` of the full matrix).
     """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    query_emb = np.asarray(query_emb, dtype=np.float32)
-    gallery_emb = np.asarray(gallery_emb, dtype=np.float32)
-    if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
-        raise ValueError(f"query_emb (M, E) and gallery_emb (N, E) must share E, got "
-                         f"{query_emb.shape} and {gallery_emb.shape}")
-    num_queries, num_items = query_emb.shape[0], gallery_emb.shape[0]
     true_columns = _as_index_vector(true_columns, num_queries, "true_columns")
-    if true_columns.size and (true_columns.min() < -1 or true_columns.max() >= num_items):
-        raise ValueError(f"true_columns must lie in [0, {num_items}) or be -1, got values in "
-                         f"[{true_columns.min()}, {true_columns.max()}]")
-    ranks = np.full(num_queries, -1, dtype=np.int64)
-    valid_rows = np.flatnonzero(true_columns >= 0)
-    for start in range(0, valid_rows.size, block):
-        rows = valid_rows[start:start + block]
-        block_scores = query_emb[rows] @ gallery_emb.T
-        ranks[rows] = ranks_from_scores(block_scores, true_columns[rows])
-    return ranks
+    if true_columns.size and true_columns.min() < -1:
+        raise ValueError(f"true_columns must be a gallery column or -1, got {true_columns.min()}")
+    ranks = np.full(num_queries, -1, dtype=np.int32)
+    true_score = np.full(num_queries, np.nan, dtype=np.float32)
+    for start in range(0, num_queries, block):
+        window = slice(start, min(start + block, num_queries))
+        columns = true_columns[window]
+        valid = np.flatnonzero(columns >= 0)
+        if len(valid) == 0:
+            continue
+        scores = _as_score_matrix(scores_of(window))[valid]
+        if columns[valid].max() >= scores.shape[1]:
+            raise ValueError(f"true_columns must lie in [0, {scores.shape[1]}) or be -1, got {columns[valid].max()}")
+        others, truth = without_true_items(scores, columns[valid])  # (b, N), (b,)
+        ranks[start + valid] = ranks_from_true_scores(others, truth)
+        true_score[start + valid] = truth
+    return ranks, true_score
+
+
+def selection_key(metrics: dict[str, float]) -> tuple[float, float, float]:
+    """How two validations are compared (the fusion weight, the kept checkpoint of every trainer):
+    higher R@1, then higher R@5, then lower mean rank."""
+    return metrics["R1"], metrics["R5"], -metrics["MnR"]
 
 
 def format_table(columns: dict[str, dict[str, float]]) -> str:

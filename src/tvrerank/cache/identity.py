@@ -37,6 +37,18 @@ def split_identity(cache, videos: list[str] | None = None) -> dict:
     return {"cache": str(cache.path), "video_ids_sha256": cache_video_ids_digest(cache), "videos": videos}
 
 
+def held_out_record(splits: dict | None) -> dict:
+    """What a run's ``splits`` ({"train": identity, "validation": identity or None}, as ``split_identity``
+    gives them) say about the videos it held out of its training cache, in a few fields: the training
+    cache's video-ids digest, the number of held-out videos and the digest of their ids (0 and "" when
+    none were held out of it: no validation, or a validation cache of its own)."""
+    splits = splits or {}
+    train, validation = splits.get("train") or {}, splits.get("validation") or {}
+    videos = validation.get("videos") if validation.get("video_ids_sha256") == train.get("video_ids_sha256") else None
+    return {"train_video_ids_sha256": train.get("video_ids_sha256", ""), "held_out": len(videos or []),
+            "held_out_sha256": video_ids_digest(videos) if videos else ""}
+
+
 def as_read_today(fingerprint: dict) -> dict:
     """A recorded fingerprint with the sampling fields it predates filled in with their defaults, as
     the cache it was made from reads today (``SamplingConfig.resize`` arrived after the first caches)."""

@@ -5,7 +5,9 @@ trained on; ``load_first_stage`` needs no flags and refuses a cache from another
 sampling or layout. ``embed_cache`` writes ``text_emb.npy`` (M, E) and ``video_emb.npy`` (N, E),
 float32, unit length, one row per caption and per video of the cache (zeros for videos that failed
 extraction), and ``first_stage.json`` recording which cache (its video-ids digest and caption
-count) and which run made them: ``candidates --text-emb/--video-emb`` checks it.
+count) and which run made them, and which videos that run held out of its training cache
+(``cache.identity.held_out_record``): ``candidates --text-emb/--video-emb`` checks it and keeps it, so
+``train`` can refuse a validation split the first stage was trained on.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
+from tvrerank.cache.identity import cache_video_ids_digest, held_out_record, require_same_cache
 from tvrerank.cache.reader import CacheReader, read_rows
 from tvrerank.config import from_dict, to_dict
 from tvrerank.errors import CacheMismatch, CorruptFile, MissingInput
@@ -32,7 +34,7 @@ RECORD = "first_stage.json"
 
 def save_first_stage(run_dir: str | Path, model: FirstStage, *, fingerprint: dict, cache: str, metrics: dict) -> None:
     atomic_save({"format": "tvrerank.firststage/1", "config": to_dict(model.config), "model": model.state_dict(),
-                 "fingerprint": fingerprint, "cache": cache,
+                 "fingerprint": fingerprint, "cache": cache, "splits": metrics.get("splits") or {},
                  "validation": metrics.get("validation")}, Path(run_dir) / MODEL_FILE)
 
 
@@ -41,6 +43,7 @@ class TrainedFirstStage:
     model: FirstStage
     fingerprint: dict
     path: Path
+    splits: dict  # the identities of the splits it was trained and validated on (empty: written before)
 
     def require_cache(self, cache: CacheReader) -> None:
         require_same_cache(cache, f"first stage {self.path} (trained on another cache)", fingerprint=self.fingerprint,
@@ -60,7 +63,8 @@ def load_first_stage(run_dir: str | Path, device: str | torch.device = "cpu") ->
         raise CorruptFile(f"{path}: not a tvrerank first-stage checkpoint; train one with `tvrerank firststage train`")
     model = FirstStage(config=from_dict(FirstStageConfig, saved["config"])).to(device)
     model.load_state_dict(saved["model"])
-    return TrainedFirstStage(model=model.eval(), fingerprint=saved["fingerprint"], path=path)
+    return TrainedFirstStage(model=model.eval(), fingerprint=saved["fingerprint"], path=path,
+                             splits=saved.get("splits", {}))
 
 
 @torch.no_grad()
@@ -82,7 +86,8 @@ def embed_cache(run_dir: str | Path, cache_path: str | Path, out: str | Path, *,
             captions = cache["texts/emb"][start : start + batch].astype(np.float32)
             text_emb[start : start + batch] = model.texts(torch.from_numpy(captions).to(device)).cpu().numpy()
         record = {"cache": str(cache_path), "video_ids_sha256": cache_video_ids_digest(cache), "videos": int(n),
-                  "captions": int(m), "run": str(run_dir), "first_stage_sha256": first_stage.digest()}
+                  "captions": int(m), "run": str(run_dir), "first_stage_sha256": first_stage.digest(),
+                  "trained": held_out_record(first_stage.splits)}
     with replaced_folder(out, owned=set(EMBEDDING_FILES)) as tmp:
         np.save(tmp / "text_emb.npy", text_emb)
         np.save(tmp / "video_emb.npy", video_emb)

@@ -17,7 +17,8 @@ File (HDF5, schema ``tvrerank.candidates/1``)::
     candidates/score  (M, K) float32  stage-1 scores
     true_rank         (M,)   int32    stage-1 rank of the caption's video (-1: not in the gallery)
     true_score        (M,)   float32
-    attrs: schema, k, source, cache path, the cache's fingerprint and video-id digest
+    attrs: schema, k, source, cache path, the cache's fingerprint and video-id digest, and for a trained
+           first stage's embeddings its record (``first_stage``, JSON: run, checkpoint digest, held-out videos)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from tvrerank.files import replaced_file, require_space
 from tvrerank.firststage.store import check_embeddings_record
 from tvrerank.index.faiss_index import build_index, search, to_gpu_if_available
 from tvrerank.index.store import check_index_matches, load_index_dir, read_gallery
-from tvrerank.metrics import ranks_from_true_scores, without_true_items
+from tvrerank.metrics import exact_ranks
 
 log = logging.getLogger(__name__)
 
@@ -51,30 +52,14 @@ class CandidateLists:
     true_rank: np.ndarray  # (M,) int32, -1 when the caption's video is not in the gallery
     true_score: np.ndarray  # (M,) float32 (NaN when not in the gallery)
     source: str
+    # the trained first stage whose embeddings made the lists (its first_stage.json record: run, checkpoint digest,
+    # ``trained``: the videos it held out, see cache.identity.held_out_record); None for any other first stage
+    first_stage: dict | None = None
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def true_ranks(scores_of, num_queries: int, true_columns: np.ndarray, block: int = 2048):
-    """Exact ranks from a block function ``scores_of(slice) -> (b, N)`` of stage-1 scores.
-
-    true_columns (M,) gallery column of each query's true item, -1 if absent → (ranks, true scores).
-    """
-    ranks = np.full(num_queries, -1, dtype=np.int32)
-    true_score = np.full(num_queries, np.nan, dtype=np.float32)
-    for start in range(0, num_queries, block):
-        window = slice(start, min(start + block, num_queries))
-        columns = true_columns[window]
-        valid = np.flatnonzero(columns >= 0)
-        if len(valid) == 0:
-            continue
-        others, truth = without_true_items(scores_of(window)[valid], columns[valid])  # (b, N), (b,)
-        ranks[start + valid] = ranks_from_true_scores(others, truth)
-        true_score[start + valid] = truth
-    return ranks, true_score
 
 
 def ranks_as_listed(video: np.ndarray, score: np.ndarray, true_video: np.ndarray, exact_rank: np.ndarray,
@@ -143,6 +128,7 @@ def build_candidates(
 ) -> CandidateLists:
     """Top-K lists and exact true ranks for every caption of a cache, from one first stage."""
     given = [index_dir is not None, text_emb is not None or video_emb is not None, similarity is not None]
+    first_stage = None
     if sum(given) != 1:
         raise InputError("give exactly one first stage: --index DIR, --text-emb/--video-emb, or --similarity")
     if (text_emb is None) != (video_emb is None):
@@ -169,17 +155,18 @@ def build_candidates(
             _, gallery = read_gallery(cache)
             scores, positions = search(index, queries, k)
             source = f"faiss:{config.factory}"
-            ranks, truth = true_ranks(lambda w: queries[w] @ gallery.T, m, true_columns)
+            ranks, truth = exact_ranks(lambda w: queries[w] @ gallery.T, m, true_columns)
         elif text_emb is not None:
-            for given in (text_emb, video_emb):  # a trained first stage's record says which cache they belong to
-                check_embeddings_record(given, cache)
+            # a trained first stage's record says which cache they belong to (and which videos it held out)
+            records = [check_embeddings_record(given, cache) for given in (text_emb, video_emb)]
+            first_stage = records[1] or records[0]
             queries = _normalise(_load_matrix(text_emb, "--text-emb", m, "caption of the cache"))
             gallery = _normalise(_load_matrix(video_emb, "--video-emb", n, "video of the cache"))[rows]
             if queries.shape[1] != gallery.shape[1]:
                 raise InputError(f"--text-emb has {queries.shape[1]} columns, --video-emb {gallery.shape[1]}")
             scores, positions = search(build_index(gallery, "Flat"), queries, k)
             source = "external-embeddings"
-            ranks, truth = true_ranks(lambda w: queries[w] @ gallery.T, m, true_columns)
+            ranks, truth = exact_ranks(lambda w: queries[w] @ gallery.T, m, true_columns)
         else:
             matrix = _load_matrix(similarity, "--similarity", m, "caption of the cache")
             if matrix.shape[1] != n:
@@ -189,13 +176,13 @@ def build_candidates(
 
             positions, scores = top_k_from_scores(scores_of, m, k)
             source = "external-similarity"
-            ranks, truth = true_ranks(scores_of, m, true_columns)
+            ranks, truth = exact_ranks(scores_of, m, true_columns)
     video = np.where(positions >= 0, rows[np.clip(positions, 0, None)], -1).astype(np.int32)
     ranks, truth = ranks_as_listed(video, scores, caption_video, ranks, truth)
     if (missing := int((ranks < 0).sum())):
         log.warning("%d captions belong to videos that failed extraction: they get rank -1", missing)
     return CandidateLists(video=video, score=scores.astype(np.float32), true_rank=ranks, true_score=truth,
-                          source=source)
+                          source=source, first_stage=first_stage)
 
 
 def write_candidates(path: str | Path, lists: CandidateLists, cache_path: str | Path) -> None:
@@ -210,6 +197,8 @@ def write_candidates(path: str | Path, lists: CandidateLists, cache_path: str | 
         f.attrs.update({"schema": SCHEMA, "k": lists.video.shape[1], "source": lists.source,
                         "cache": str(cache_path), "fingerprint": json.dumps(fingerprint, sort_keys=True),
                         "video_ids_sha256": digest})
+        if lists.first_stage is not None:
+            f.attrs["first_stage"] = json.dumps(lists.first_stage, sort_keys=True)
 
 
 def read_candidates(path: str | Path, cache: CacheReader) -> CandidateLists:
@@ -228,4 +217,5 @@ def read_candidates(path: str | Path, cache: CacheReader) -> CandidateLists:
             raise CacheMismatch(f"{path} has {f['true_rank'].shape[0]} captions, {cache.path} {cache.num_captions}")
         return CandidateLists(video=f["candidates/video"][()], score=f["candidates/score"][()],
                               true_rank=f["true_rank"][()], true_score=f["true_score"][()],
-                              source=str(f.attrs["source"]))
+                              source=str(f.attrs["source"]),
+                              first_stage=json.loads(f.attrs["first_stage"]) if "first_stage" in f.attrs else None)

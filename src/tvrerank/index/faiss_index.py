@@ -119,20 +119,3 @@ def search(index, queries: np.ndarray, k: int, batch: int = 16384) -> tuple[np.n
         stop = start + batch
         scores[start:stop], positions[start:stop] = index.search(queries[start:stop], k)
     return scores, positions
-
-
-def exact_search(gallery: np.ndarray, queries: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force reference top-k by inner product: (N, E), (M, E) → (scores, positions), each (M, k).
-
-    Ties are broken by the lower position first (stable), like FAISS's flat index.
-    """
-    gallery = np.asarray(gallery, dtype=np.float32)
-    k = min(k, len(gallery))
-    scores = np.empty((len(queries), k), dtype=np.float32)
-    positions = np.empty((len(queries), k), dtype=np.int64)
-    for start in range(0, len(queries), block):
-        sim = np.asarray(queries[start : start + block], dtype=np.float32) @ gallery.T  # (b, N)
-        order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-        positions[start : start + block] = order
-        scores[start : start + block] = np.take_along_axis(sim, order, axis=1)
-    return scores, positions

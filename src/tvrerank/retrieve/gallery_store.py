@@ -62,7 +62,8 @@ def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Rera
     source = CacheRows(cache_path, memory_budget=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     c = model.config  # float16 tokens and boolean pads per video, plus the row numbers
-    per_video = 2 * c.width * (c.frames * c.kept_per_frame + c.video_keep) + c.frames + c.video_keep + 8
+    per_video = np.dtype(STORED_FLOAT).itemsize * c.width * (c.frames * c.kept_per_frame + c.video_keep) + \
+        c.frames + c.video_keep + 8
     require_space(path, len(rows) * per_video + (1 << 20), "the gallery store")
     with replaced_file(path) as tmp, h5py.File(tmp, "w") as f:
         f["rows"] = rows

@@ -31,7 +31,8 @@ import torch
 from tvrerank.errors import InputError, MissingInput, TvrerankError, reason_of
 from tvrerank.cache.identity import cache_video_ids_digest
 from tvrerank.cache.schema import FAILED, OK, PENDING
-from tvrerank.extract.frames import VideoDecodeError, resize_options, sample_frames
+from tvrerank.extract.frames import VideoDecodeError, sample_frames, seconds_per_tick
+from tvrerank.extract.preprocess import resize_options
 from tvrerank.rerank.explain import explain_pair
 from tvrerank.retrieve.retriever import QueryError, Retriever, check_queries
 
@@ -288,7 +289,7 @@ def video_duration(path: Path) -> float | None:
                 return round(container.duration / av.time_base, 3)
             stream = container.streams.video[0] if container.streams.video else None
             if stream is not None and stream.duration is not None and stream.time_base is not None:
-                return round(float(stream.duration * stream.time_base), 3)
+                return round(stream.duration * seconds_per_tick(stream), 3)
     except (av.error.FFmpegError, OSError, IndexError) as exc:
         log.debug("%s: no duration (%s)", path, exc)
     return None

@@ -38,14 +38,14 @@ SPLITS = ("train", "val", "test")
 #: ablation (docs/ablation.md) trains this budget with one change per row; the demo itself uses the
 #: row that is best on the toy world, each frame's global token only (DEMO_MODEL).
 DEMO_TRAINING = {
-    "steps": 240, "captions": 16, "negatives": 7, "in_batch": 4, "lr": 1e-3, "warmup": 20, "eval_every": 60,
-    "checkpoint_every": 120,
+    "optim": {"steps": 240, "lr": 1e-3, "warmup": 20},
+    "captions": 16, "negatives": 7, "in_batch": 4, "eval_every": 60, "checkpoint_every": 120,
     "model": {"width": 96, "heads": 4, "layers": 1, "queries": 8, "frame_keep": 4, "video_keep": 16,
               "dropout": 0.1, "perturb_samples": 16},
 }
 DEMO_MODEL = {"frame_tokens": "global"}
 #: The trained first stage (tvrerank firststage train) the demo also re-ranks: ~13 s on two cores.
-DEMO_FIRST_STAGE = {"steps": 600, "batch": 128, "eval_every": 100, "checkpoint_every": 600}
+DEMO_FIRST_STAGE = {"optim": {"steps": 600}, "batch": 128, "eval_every": 100, "checkpoint_every": 600}
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class DemoConfig:
     text_tokens: int = 48  # toy captions run up to ~40 tokens
     workers: int = 2
     k: int = 15
-    steps: int = DEMO_TRAINING["steps"]
+    steps: int = DEMO_TRAINING["optim"]["steps"]
 
 
 def toy_pretrained() -> str | None:
@@ -126,8 +126,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
     data, caches, by_k = prepare_world(out, config, clock=clock, progress=progress)
     candidates = by_k[config.k]
 
-    training = TrainConfig(**dict(DEMO_TRAINING, steps=config.steps, seed=config.seed, device="cpu",
-                                  model=dict(DEMO_TRAINING["model"], **DEMO_MODEL)))
+    training = TrainConfig(**dict(DEMO_TRAINING, optim=dict(DEMO_TRAINING["optim"], steps=config.steps),
+                                  seed=config.seed, device="cpu", model=dict(DEMO_TRAINING["model"], **DEMO_MODEL)))
     run = out / "run"
     _clear_run(run)
     clock.time("train", train, caches["train"], candidates["train"], run, training, val_cache=caches["val"],

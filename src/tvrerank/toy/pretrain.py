@@ -15,6 +15,7 @@ safetensors, which open_clip loads like any checkpoint::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -25,29 +26,26 @@ from pathlib import Path
 import numpy as np
 
 from tvrerank.toy.world import Event, frame_caption, random_event, render_still
+from tvrerank.training import OptimConfig, build_optimizer, lr_at, resolve_optim, set_lr
 
 log = logging.getLogger(__name__)
 
 
+#: the toy encoder's optimisation defaults (``PretrainConfig.optim``): cosine to 0, no clipping
+PRETRAIN_OPTIM = OptimConfig(steps=1500, lr=1e-3, min_lr_ratio=0.0, warmup=100, weight_decay=0.1, grad_clip=0.0)
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 1500
+    optim: OptimConfig = PRETRAIN_OPTIM  # steps, lr, schedule, weight decay (tvrerank.training)
     batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup: int = 100
     seed: int = 0
     render_size: int = 96  # toy videos are 96 px
     bank_size: int = 20000  # distinct frames rendered up front and reused
     threads: int = 0  # torch threads (0: torch's default)
 
-
-def lr_at(step: int, config: PretrainConfig) -> float:
-    """Linear warmup, then cosine decay to 0 (a pure function of the step)."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    def __post_init__(self):
+        resolve_optim(self, PRETRAIN_OPTIM)
 
 
 def random_frame_scene(rng: random.Random) -> tuple[list[tuple[Event, float]], str]:
@@ -104,16 +102,12 @@ def pretrain(config: PretrainConfig, out: str | Path, *, progress: bool = True) 
     log.info("rendered %d frames in %.0fs", len(frames), time.perf_counter() - start)
     tokens = encoder.tokenizer(captions)
     loss_fn = open_clip.ClipLoss()
-    decay = [p for n, p in clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    optimizer = build_optimizer(clip, config.optim)
     generator = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(range(config.steps), desc="toy pretrain", disable=not progress)
+    bar = tqdm(range(config.optim.steps), desc="toy pretrain", disable=not progress)
     history = []
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
+        set_lr(optimizer, lr_at(step, config.optim))
         batch = torch.randint(0, len(frames), (config.batch_size,), generator=generator)
         images = encoder.preprocess(frames[batch.numpy()])
         image_features, text_features, logit_scale = clip(images, tokens[batch])
@@ -130,7 +124,7 @@ def pretrain(config: PretrainConfig, out: str | Path, *, progress: bool = True) 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in clip.state_dict().items()}
-    metadata = {k: str(v) for k, v in asdict(config).items()}
+    metadata = {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in asdict(config).items()}
     save_file(state, str(out), metadata=metadata)
     return {"final_loss": float(np.mean(history[-50:])), "seconds": time.perf_counter() - start,
             "bytes": out.stat().st_size}

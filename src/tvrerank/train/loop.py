@@ -1,8 +1,8 @@
 """``tvrerank train``: the re-ranker's training loop, from the cache and candidate lists alone.
 
-AdamW with warmup + cosine (``lr_at``, a pure function of the step), AMP (bf16) on GPU,
-gradient accumulation, checkpoints every N steps and at the end, ``--resume`` after a kill,
-and DistributedDataParallel under ``torchrun``.
+What every trainer shares (the optimisation config, ``lr_at``, AdamW's groups, the held-out split,
+DDP set-up, determinism, ``log.csv``, checkpoints and resume) is ``tvrerank.training``; this module
+adds the re-ranker's step (AMP (bf16) on GPU, gradient accumulation), its validation and its run files.
 
 Validation (stage 1 vs re-ranked by the ranking rule of ``rerank.ranking``; the fusion weight
 tuned) runs each epoch when a validation split is given, and ``reranker.pt`` is then the best
@@ -23,12 +23,10 @@ Only rank 0 writes RUN_DIR: ``reranker.pt``, ``checkpoint.pt``, ``config.json``,
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,40 +35,45 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tvrerank.cache.identity import require_same_cache, split_identity
+from tvrerank.cache.identity import held_out_record, require_same_cache, split_identity
 from tvrerank.cache.reader import CacheReader
 from tvrerank.config import check_fields, check_model_options, load_options, to_dict
-from tvrerank.devices import resolve_device
 from tvrerank.errors import InputError, NonFiniteScores
 from tvrerank.evaluation import load_lists, stage_metrics
 from tvrerank.files import write_text_atomic
 from tvrerank.index.candidates import CandidateLists, read_candidates
-from tvrerank.files import atomic_save, read_torch_file
+from tvrerank.metrics import selection_key
 from tvrerank.rerank.checkpoint import MODEL_FILE, save_reranker
 from tvrerank.rerank.inference import rerank_scores
 from tvrerank.rerank.model import Reranker, RerankerConfig
-from tvrerank.rerank.ranking import FUSIONS, selection_key
+from tvrerank.rerank.variants import build_reranker
+from tvrerank.rerank.ranking import FUSIONS
 from tvrerank.train.data import BatchSpec, TrainingBatches, collate_single
+from tvrerank.training import (OptimConfig, RunLog, build_optimizer, clip_gradients, close_distributed,
+                               deterministic_on, held_out_videos, init_distributed, is_due, load_checkpoint, lr_at,
+                               nest_optim_options, refuse_finished, resolve_optim, restore_rng, save_checkpoint,
+                               set_lr)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "checkpoint.pt"
+#: log.csv's columns
+LOG_HEADER = ["step", "lr", "loss", "seconds", "val_stage1_R1", "val_reranked_R1"]
 
 
 #: RerankerConfig fields that model_config_for takes from the cache, never from the training config
 CACHE_LAYOUT = ("frames", "tokens_per_frame", "token_dim", "embed_dim", "text_token_dim", "text_tokens")
 
 
+#: the re-ranker's optimisation defaults (``TrainConfig.optim``)
+RERANKER_OPTIM = OptimConfig(steps=2000, lr=5e-4, min_lr_ratio=0.1, warmup=100, weight_decay=0.05, grad_clip=1.0)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2000
+    optim: OptimConfig = RERANKER_OPTIM  # steps, lr, schedule, weight decay, clipping (a dict in JSON)
     captions: int = 32  # captions per step (B)
     negatives: int = 7  # hard negatives per caption from its top-K
     in_batch: int = 4  # other captions' videos per caption
-    lr: float = 5e-4
-    min_lr_ratio: float = 0.1
-    warmup: int = 100
-    weight_decay: float = 0.05
     grad_accum: int = 1
     loss: str = "listwise"  # listwise | binary | both
     negative_sampling: str = "uniform"  # uniform | similarity (ALBEF: softmax of the stage-1 similarity)
@@ -88,12 +91,12 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # RerankerConfig overrides: width, layers, heads, ...
 
     def __post_init__(self):
+        resolve_optim(self, RERANKER_OPTIM)
         check_fields(
             self, "training",
-            integers={"steps": 1, "captions": 2, "negatives": 0, "in_batch": 0, "warmup": 0, "grad_accum": 1,
+            integers={"captions": 2, "negatives": 0, "in_batch": 0, "grad_accum": 1,
                       "checkpoint_every": 1, "eval_every": 0, "seed": 0, "workers": 0, "negative_captions": 0},
-            numbers={"lr": (0.0, math.inf), "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, math.inf),
-                     "fusion_alpha": (0.0, 1.0), "val_fraction": (0.0, 0.9), "negative_temperature": (1e-4, 100.0),
+            numbers={"fusion_alpha": (0.0, 1.0), "val_fraction": (0.0, 0.9), "negative_temperature": (1e-4, 100.0),
                      "memory_budget_gb": (0.0, math.inf)},
             choices={"loss": ("listwise", "binary", "both"), "negative_sampling": ("uniform", "similarity"),
                      "fusion": FUSIONS})
@@ -101,18 +104,9 @@ class TrainConfig:
         check_model_options(self.model, RerankerConfig, owner="training", what="model", derived=CACHE_LAYOUT)
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
-    low = config.lr * config.min_lr_ratio
-    return low + 0.5 * (config.lr - low) * (1 + math.cos(math.pi * progress))
-
-
 def load_train_config(path: str | Path | None, **overrides) -> TrainConfig:
     """A TrainConfig from a JSON file (optional) with command-line overrides on top."""
-    return load_options(TrainConfig, path, "training options", **overrides)
+    return load_options(TrainConfig, path, "training options", normalise=nest_optim_options, **overrides)
 
 
 def model_config_for(cache: CacheReader, overrides: dict) -> RerankerConfig:
@@ -144,14 +138,6 @@ def pair_loss(scores: torch.Tensor, kind: str, text_scores: torch.Tensor | None 
     return sum(losses)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on biases, norms, queries or scalars)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-
-
 def autocast_for(device: torch.device):
     """bf16 autocast on CUDA, nothing elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -165,8 +151,7 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro
     the last micro-batch only. A non-finite loss (on any rank) raises NonFiniteScores naming the
     step, before the weights are touched.
     """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     total = torch.zeros((), device=device)
     for i in range(config.grad_accum):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(micro_batches).items()}
@@ -194,7 +179,7 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro
     if not math.isfinite(total):
         raise NonFiniteScores(f"training step {step + 1}: the loss is {total}; the model diverged. The last "
                               f"checkpoint is kept: lower 'lr' in --config and train again")
-    torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
+    clip_gradients(trained, config.optim)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
@@ -228,14 +213,33 @@ def validation_split(config: TrainConfig, cache_path: Path, lists: CandidateList
         return None
     with CacheReader(cache_path) as cache:
         ok_rows, true_video = cache.ok_rows(), cache["texts/video"][()]
-        rng = np.random.default_rng([config.seed, 0x5A1])  # the split depends on the seed alone
-        count = max(1, round(config.val_fraction * len(ok_rows)))
-        held_out = np.sort(rng.choice(ok_rows, count, replace=False))
+        held_out = held_out_videos(config.seed, config.val_fraction, ok_rows)  # the rule of every trainer
         identity = split_identity(cache, videos=cache.strings("videos/id")[held_out].tolist())
     captions = np.flatnonzero(np.isin(true_video, held_out))
-    log.info("validation: %d of %d videos held out of %s (%d captions)", count, len(ok_rows), cache_path,
+    log.info("validation: %d of %d videos held out of %s (%d captions)", len(held_out), len(ok_rows), cache_path,
              len(captions))
     return Validation(Path(cache_path), lists, true_video, captions, held_out, identity)
+
+
+def refuse_leaked_validation(lists: CandidateLists, splits: dict, candidates_path, out: Path) -> None:
+    """Refuse candidates of a trained first stage that held out other videos of this cache than this run's
+    validation split: that first stage was trained on videos this run validates on, so alpha and the kept
+    checkpoint would be tuned on candidates it has seen (a first stage trained on another cache is fine)."""
+    ours = held_out_record(splits)
+    if lists.first_stage is None or not ours["held_out"]:
+        return
+    theirs, run = lists.first_stage.get("trained"), lists.first_stage.get("run", "?")
+    if theirs is None:
+        log.warning("candidates %s come from the first stage %s, whose record predates held-out splits: it cannot "
+                    "be checked that it was not trained on this run's validation videos", candidates_path, run)
+        return
+    if theirs["train_video_ids_sha256"] == ours["train_video_ids_sha256"] and \
+            theirs["held_out_sha256"] != ours["held_out_sha256"]:
+        raise InputError(
+            f"candidates {candidates_path} come from the first stage {run}, which held out {theirs['held_out']} "
+            f"videos of this cache, not the {ours['held_out']} that this run ({out}) validates on, so it was trained "
+            "on validation videos; train the first stage with the same --val-fraction and seed (both hold out by "
+            "one rule), or validate on a --val-cache")
 
 
 def validate(model: Reranker, validation: Validation, *, device: torch.device, rank: int, world: int,
@@ -257,45 +261,6 @@ def validate(model: Reranker, validation: Validation, *, device: torch.device, r
                          captions=validation.captions)
 
 
-# --------------------------------------------------------------------------- run files
-class RunLog:
-    """``RUN_DIR/log.csv``: one row per step. Only rank 0 opens the file; other ranks write nothing."""
-
-    HEADER = ["step", "lr", "loss", "seconds", "val_stage1_R1", "val_reranked_R1"]
-
-    def __init__(self, path: Path, *, append: bool, enabled: bool):
-        self.file = None
-        if enabled:
-            append = append and path.exists()
-            self.file = open(path, "a" if append else "w", newline="")
-            self.writer = csv.writer(self.file)
-            if not append:
-                self.writer.writerow(self.HEADER)
-
-    def row(self, values: list) -> None:
-        if self.file is not None:
-            self.writer.writerow(values)
-
-    def flush(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def _distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, this rank's device); joins the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(device_name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # before NCCL: each rank on its own GPU
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return int(os.environ.get("RANK", 0)), world, device
-
-
 # --------------------------------------------------------------------------- the loop
 def train(
     cache_path: str | Path,
@@ -310,23 +275,11 @@ def train(
 ) -> dict:
     """Train a re-ranker into ``out``; returns the final metrics (also in ``out/metrics.json``)."""
     out, cache_path = Path(out), Path(cache_path)
-    if (out / MODEL_FILE).exists() and not resume:  # every rank refuses, before any collective
-        raise InputError(f"{out} already holds a trained re-ranker; pass --resume to continue or another --out")
-    rank, world, device = _distributed(config.device)
+    refuse_finished(out, MODEL_FILE, "re-ranker", resume)  # every rank refuses, before any collective
+    rank, world, device = init_distributed(config.device)
     with deterministic_on(device):
         return _train(cache_path, candidates_path, out, config, rank=rank, world=world, device=device,
                       val_cache=val_cache, val_candidates=val_candidates, resume=resume, progress=progress)
-
-
-@contextlib.contextmanager
-def deterministic_on(device: torch.device):
-    """Deterministic algorithms while training on the CPU (restored afterwards)."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(device.type == "cpu" or before)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)
 
 
 def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *, rank: int, world: int,
@@ -344,30 +297,22 @@ def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *,
                                remedy="validate on a cache extracted with the same settings")
     validation = validation_split(config, cache_path, lists, val_cache=val_cache, val_candidates=val_candidates)
     splits = {"train": train_identity, "validation": validation.identity if validation else None}
+    refuse_leaked_validation(lists, splits, candidates_path, out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
-    model = Reranker(config=model_config).to(device)
-    optimizer = build_optimizer(model, config)
-    state = read_torch_file(out / STATE_FILE, weights_only=False,
-                            remedy=f"delete it to train {out} from the start (or from its last good copy)") \
-        if resume and (out / STATE_FILE).is_file() else None
-    start_step, history, best = 0, [], None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, history, best = state["step"], state["history"], state.get("best")
-        log.info("resuming %s at step %d", out, start_step)
-    elif resume:
-        log.warning("%s has no checkpoint to resume from: starting at step 0", out)
+    model = build_reranker(model_config).to(device)
+    optimizer = build_optimizer(model, config.optim)
+    state = load_checkpoint(out, model, optimizer, resume=resume)
+    start_step, history, best = (0, [], None) if state is None else (state["step"], state["history"], state.get("best"))
     trained = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
 
     spec = BatchSpec(captions=config.captions, negatives=config.negatives, in_batch=config.in_batch,
                      negative_captions=config.negative_captions, sampling=config.negative_sampling,
                      temperature=config.negative_temperature)
-    batches = TrainingBatches(cache_path, lists.video, spec=spec, steps=config.steps, seed=config.seed, rank=rank,
+    batches = TrainingBatches(cache_path, lists.video, spec=spec, steps=config.optim.steps, seed=config.seed, rank=rank,
                               world=world, grad_accum=config.grad_accum,
                               memory_budget=int(config.memory_budget_gb * 2**30),
                               held_out=validation.held_out if validation else None, candidate_score=lists.score)
@@ -376,22 +321,21 @@ def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *,
     loader = iter(torch.utils.data.DataLoader(items, batch_size=1, collate_fn=collate_single,
                                               num_workers=config.workers, persistent_workers=config.workers > 0,
                                               pin_memory=device.type == "cuda"))
-    if state is not None:  # restored last: building the DataLoader above draws from the generator
-        torch.set_rng_state(state["torch_rng"])
-    run_log = RunLog(out / "log.csv", append=state is not None, enabled=rank == 0)
+    restore_rng(state)  # restored last: building the DataLoader above draws from the generator
+    run_log = RunLog(out / "log.csv", LOG_HEADER, append=state is not None, enabled=rank == 0)
     started, final_val = time.perf_counter(), None  # the validation of the last step
     try:
-        bar = tqdm(range(start_step, config.steps), desc="train", disable=not progress or rank != 0,
-                   initial=start_step, total=config.steps)
+        bar = tqdm(range(start_step, config.optim.steps), desc="train", disable=not progress or rank != 0,
+                   initial=start_step, total=config.optim.steps)
         for step in bar:
             model.train()
-            loss = train_step(trained, optimizer, loader, config=config, lr=lr_at(step, config), device=device,
-                              step=step)
+            lr = lr_at(step, config.optim)
+            loss = train_step(trained, optimizer, loader, config=config, lr=lr, device=device, step=step)
             history.append(loss)
             bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}")
             done = step + 1
-            row = [done, f"{lr_at(step, config):.3e}", f"{loss:.4f}", f"{time.perf_counter() - started:.1f}", "", ""]
-            if validation is not None and (done % eval_every == 0 or done == config.steps):
+            row = [done, f"{lr:.3e}", f"{loss:.4f}", f"{time.perf_counter() - started:.1f}", "", ""]
+            if validation is not None and is_due(done, eval_every, config.optim.steps):
                 result = final_val = validate(model, validation, device=device, rank=rank, world=world,
                                          fusion=config.fusion)
                 row[4:] = [f"{result['stage1']['R1']:.2f}", f"{result['reranked']['R1']:.2f}"]
@@ -403,11 +347,9 @@ def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *,
                         save_reranker(out, model, fusion_alpha=result["alpha"], fingerprint=fingerprint, step=done,
                                       train_config=to_dict(config), splits=splits, fusion=config.fusion)
             run_log.row(row)
-            if rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
+            if rank == 0 and is_due(done, config.checkpoint_every, config.optim.steps):
                 run_log.flush()
-                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "torch_rng": torch.get_rng_state(), "step": done, "history": history, "best": best},
-                            out / STATE_FILE)
+                save_checkpoint(out, model, optimizer, step=done, history=history, best=best)
     finally:
         run_log.close()
     gap = None if validation is None else selection_gap(model, validation, final_val, device=device, rank=rank,
@@ -426,7 +368,7 @@ def selection_gap(model: Reranker, validation: Validation, final_val: dict | Non
 
 def _finish(model, out, config, fingerprint, splits, best, history, rank, world, gap) -> dict:
     """reranker.pt (the best validated model, else the last), config.json, metrics.json (rank 0)."""
-    metrics = {"steps": config.steps, "final_loss": float(np.mean(history[-20:])) if history else None,
+    metrics = {"steps": config.optim.steps, "final_loss": float(np.mean(history[-20:])) if history else None,
                "splits": splits, "fusion": config.fusion, "deterministic": torch.are_deterministic_algorithms_enabled()}
     alpha = config.fusion_alpha if config.fusion == "tuned" else None
     if best is not None:
@@ -434,7 +376,7 @@ def _finish(model, out, config, fingerprint, splits, best, history, rank, world,
         alpha = best["val"]["alpha"]
     if rank == 0:
         if best is None:
-            save_reranker(out, model, fusion_alpha=alpha, fingerprint=fingerprint, step=config.steps,
+            save_reranker(out, model, fusion_alpha=alpha, fingerprint=fingerprint, step=config.optim.steps,
                           train_config=to_dict(config), splits=splits, fusion=config.fusion)
         write_text_atomic(out / "config.json", json.dumps({"train": to_dict(config),
                                                      "model": dataclasses.asdict(model.config),
@@ -442,7 +384,5 @@ def _finish(model, out, config, fingerprint, splits, best, history, rank, world,
                                                      "splits": splits},
                                                     indent=2, sort_keys=True) + "\n")
         write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    close_distributed(world)
     return metrics
