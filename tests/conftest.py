@@ -115,19 +115,20 @@ def dataset(tmp_path: Path) -> Path:
 
 def synthetic_cache(path: Path, *, videos: int = 40, captions_per_video: int = 2, dim: int = 16,
                     failed: tuple[int, ...] = (), seed: int = 0, frames: int = 4, tokens: int = 4,
-                    model: str = "synthetic", stage1_noise: float = 0.6) -> Path:
+                    model: str = "synthetic", stage1_noise: float = 0.6, token_dtype: str = "float16") -> Path:
     """A cache with random unit embeddings (no videos or model needed); captions near their video.
 
     The caption token features repeat (noisily) the patch tokens of their video's first frame, so a
     re-ranker that compares tokens can find the right video where the embeddings are too noisy.
     """
+    from tvrerank.cache.encoding import encode_tokens
     from tvrerank.cache.schema import FAILED, OK, CacheHeader
     from tvrerank.cache.writer import create_cache
     from tvrerank.config import EncoderConfig, SamplingConfig, TokenLayout
 
     rng = np.random.default_rng(seed)
     layout = TokenLayout(grid=(2, tokens // 2), tokens_per_frame=tokens, token_dim=dim, text_token_dim=dim,
-                         embed_dim=dim, text_tokens=8)
+                         embed_dim=dim, text_tokens=8, token_dtype=token_dtype)
     header = CacheHeader(encoder=EncoderConfig(model=model, model_config={"embed_dim": dim}),
                          sampling=SamplingConfig(frames=frames), layout=layout, dataset={"format": "synthetic"})
     video_emb = rng.normal(size=(videos, dim))
@@ -150,10 +151,13 @@ def synthetic_cache(path: Path, *, videos: int = 40, captions_per_video: int = 2
         text_tokens = rng.normal(size=(len(caption_video), 8, dim))
         text_tokens[:, 1 : 1 + tokens] = video_tokens[caption_video, 0] + rng.normal(
             scale=0.3, size=(len(caption_video), tokens, dim))
-        f["videos/tokens"][:] = video_tokens
         f["texts/emb"][:] = text_emb
-        f["texts/tokens"][:] = text_tokens
         f["texts/length"][:] = 1 + tokens
+        for group, values in (("videos", video_tokens), ("texts", text_tokens)):
+            codes, scale = encode_tokens(values.astype(np.float16), token_dtype)
+            f[f"{group}/tokens"][:] = codes
+            if scale is not None:
+                f[f"{group}/token_scale"][:] = scale
     return path
 
 

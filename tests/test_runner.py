@@ -20,7 +20,7 @@ from conftest import BROKEN, TINY_VIT, make_dataset
 
 from tvrerank.cache.inspect import check_cache
 from tvrerank.cache.merge import merge_shards
-from tvrerank.cache.schema import FAILED, OK
+from tvrerank.cache.schema import FAILED, OK, CacheHeader
 from tvrerank.cache.writer import PartStore, PlanMismatch
 from tvrerank.config import ExtractConfig
 from tvrerank.extract.annotations import AnnotationError, Caption
@@ -310,7 +310,7 @@ def test_a_failing_batch_keeps_the_part_queued_before_it(reference, tmp_path, mo
 
 
 BEFORE_THE_SPLIT = Path(__file__).parent / "data" / "extraction"  # make_reference.py, run by the code of 3085ac9
-HEADER = ("schema", "encoder", "sampling", "token_layout")  # not the run's paths or date
+HEADER = ("schema", "encoder", "sampling")  # not the run's paths or date; the layout as read (a field since)
 
 
 @pytest.mark.parametrize("name, changes", [("default", {}),
@@ -332,6 +332,44 @@ def test_extraction_matches_the_code_before_it_was_split(name, changes, tmp_path
             np.testing.assert_array_equal(now[array], before[array], err_msg=array)
     with h5py.File(BEFORE_THE_SPLIT / f"{name}.h5", "r") as f, h5py.File(out, "r") as g:
         assert {key: f.attrs[key] for key in HEADER} == {key: g.attrs[key] for key in HEADER}
+        before_header, now_header = CacheHeader.from_attrs(f.attrs), CacheHeader.from_attrs(g.attrs)
+        assert (before_header.layout, before_header.fingerprint()) == (now_header.layout, now_header.fingerprint())
         strings_before, strings_now = (json.loads(h.attrs["strings_sha256"]) for h in (f, g))
         del strings_before["videos/error"], strings_now["videos/error"]  # the folder again, checked above
         assert strings_before == strings_now
+
+
+@pytest.mark.parametrize("token_dtype", ["int8", "float8"])
+def test_8bit_extraction_stores_codes_and_scales_that_decode_to_the_float16_tokens(reference, tmp_path, token_dtype):
+    """--token-dtype: the tokens as 8-bit codes with a scale per token (the rest of the cache unchanged),
+    sound for `cache check`, the same from two merged shards, and decoding close to the float16 run's."""
+    import torch
+
+    from tvrerank.cache.encoding import decode_tokens
+
+    annotations, ref_out, _ = reference
+    out = tmp_path / "c.h5"
+    run_extraction(config_for(annotations, out, token_dtype=token_dtype), progress=False)
+    assert check_cache(out) == []
+    before, now = read_arrays(ref_out), read_arrays(out)
+    for array in ARRAYS:
+        if array not in ("videos/tokens", "texts/tokens"):
+            np.testing.assert_array_equal(now[array], before[array], err_msg=array)
+    with h5py.File(out, "r") as f:
+        assert CacheHeader.from_attrs(f.attrs).layout.token_dtype == token_dtype
+        for group in ("videos", "texts"):
+            codes, scale = f[f"{group}/tokens"][()], f[f"{group}/token_scale"][()]
+            assert codes.dtype == (np.int8 if token_dtype == "int8" else np.uint8)
+            decoded = decode_tokens(torch.from_numpy(codes), torch.from_numpy(scale))
+            reference_tokens = torch.from_numpy(before[f"{group}/tokens"]).float()
+            real = reference_tokens.abs().amax(-1) > 0
+            cosine = torch.nn.functional.cosine_similarity(decoded[real], reference_tokens[real], dim=-1)
+            assert cosine.min() > 0.99 and not decoded[~real].any(), (group, cosine.min())
+    sharded = tmp_path / "sharded.h5"
+    for index in range(2):
+        run_extraction(config_for(annotations, sharded, shard_index=index, shard_count=2, token_dtype=token_dtype),
+                       progress=False)
+    merge_shards([shard_path(sharded, index, 2) for index in range(2)], sharded)
+    with h5py.File(out, "r") as f, h5py.File(sharded, "r") as g:
+        for name in ("videos/tokens", "videos/token_scale", "texts/tokens", "texts/token_scale"):
+            np.testing.assert_array_equal(f[name][()], g[name][()], err_msg=name)

@@ -26,6 +26,25 @@ def _human(num_bytes: float) -> str:
     return f"{num_bytes:.1f} TiB"
 
 
+#: --pool N (N x N average of the patch grid) as the cache layout names it; the older spelling --token-pool
+#: none|2x2 is accepted too
+POOLS = {"1": "none", "2": "2x2", "none": "none", "2x2": "2x2"}
+TOKEN_DTYPES = ("float16", "int8", "float8")  # cache.encoding.TOKEN_DTYPES, without importing numpy for --help
+
+
+def pool_option(function):
+    return click.option("--pool", "--token-pool", "token_pool", type=click.Choice(list(POOLS)), default="1",
+                        show_default=True, callback=lambda ctx, param, value: POOLS[value],
+                        help="Average N x N windows of the patch grid (2: bigG's 16x16 -> 8x8), a storage/accuracy "
+                             "trade; --token-pool none|2x2 is the older spelling.")(function)
+
+
+def token_dtype_option(function):
+    return click.option("--token-dtype", type=click.Choice(TOKEN_DTYPES), default="float16", show_default=True,
+                        help="How patch and caption tokens are stored: float16, or 8 bits with a scale per token "
+                             "(int8, float8 e4m3); embeddings stay float16.")(function)
+
+
 def _shard(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -100,7 +119,8 @@ def main(verbose: bool) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Cache file to write (.h5).")
 @click.option("--frames", default=12, show_default=True, type=click.IntRange(min=1), help="Frames sampled per video.")
 @click.option("--token-space", type=click.Choice(["joint", "raw"]), default="joint", show_default=True)
-@click.option("--token-pool", type=click.Choice(["none", "2x2"]), default="none", show_default=True)
+@pool_option
+@token_dtype_option
 @click.option("--text-tokens", default=32, show_default=True, type=click.IntRange(min=1),
               help="Caption token features kept (L).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
@@ -116,8 +136,8 @@ def main(verbose: bool) -> None:
               help="How frames reach the encoder's input size: open_clip's own preprocessing (torchvision's "
                    "resize), or libswscale's, as caches made before tvrerank recorded it (to continue them).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(annotations, fmt, videos, model, pretrained, out, frames, token_space, token_pool, text_tokens,
-            batch_size, workers, device, precision, shard, part_videos, overwrite, resize, quiet) -> None:
+def extract(annotations, fmt, videos, model, pretrained, out, frames, token_space, token_pool, token_dtype,
+            text_tokens, batch_size, workers, device, precision, shard, part_videos, overwrite, resize, quiet) -> None:
     """Decode videos, run the frozen encoder once, and write the HDF5 cache (resumable)."""
     from tvrerank.config import ExtractConfig
     from tvrerank.extract import runner
@@ -127,7 +147,7 @@ def extract(annotations, fmt, videos, model, pretrained, out, frames, token_spac
     config = ExtractConfig(
         annotations=tuple(annotations), format=fmt, videos=videos, out=out, model=model,
         pretrained=pretrained, frames=frames, token_space=token_space, token_pool=token_pool,
-        text_tokens=text_tokens, batch_size=batch_size, workers=workers, device=device,
+        token_dtype=token_dtype, text_tokens=text_tokens, batch_size=batch_size, workers=workers, device=device,
         precision=precision, shard_index=shard_index, shard_count=shard_count,
         part_videos=part_videos, overwrite=overwrite, resize=resize,
     )
@@ -338,9 +358,12 @@ def firststage_embed(run_dir, cache_path, out, device) -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the number of steps.")
 @click.option("--device", default=None, help="auto, cpu, cuda (overrides the config).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader worker processes.")
+@click.option("--in-memory", type=click.Choice(["auto", "on", "off"]), default=None,
+              help="Load the cache's tokens once (in their stored encoding) and gather every step from memory: auto "
+                   "when they fit memory_budget_gb (on CUDA: half the GPU's free memory, held there); default auto.")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR's last checkpoint.")
 def train(cache_path, candidates_path, val_fraction, val_cache, val_candidates, out, config_path, steps, device,
-          workers, resume) -> None:
+          workers, in_memory, resume) -> None:
     """Train the re-ranker from the cache and candidate lists alone (DDP under torchrun)."""
     from tvrerank.train.loop import load_train_config, train as run_training
 
@@ -350,7 +373,8 @@ def train(cache_path, candidates_path, val_fraction, val_cache, val_candidates, 
         raise click.UsageError("give --val-fraction or --val-cache/--val-candidates, not both")
     from tvrerank.evaluation import fusion_label
 
-    config = load_train_config(config_path, steps=steps, device=device, workers=workers, val_fraction=val_fraction)
+    config = load_train_config(config_path, steps=steps, device=device, workers=workers, val_fraction=val_fraction,
+                               in_memory=in_memory)
     metrics = run_training(cache_path, candidates_path, out, config, val_cache=val_cache,
                            val_candidates=val_candidates, resume=resume)
     line = f"{out}: {config.optim.steps} steps, final loss {metrics['final_loss']:.3f}"

@@ -127,10 +127,13 @@ class TokenLayout:
 
     space: ``joint`` (patch tokens through the visual projection, E-dim) or ``raw`` (tower width).
     pool: ``none`` or ``2x2`` (average pooling of the patch grid, partial windows at odd edges).
+    token_dtype: how patch and caption tokens are stored (``cache.encoding``): ``float16``, ``int8`` or
+    ``float8``; caches made before the field existed are float16.
     """
 
     space: str = "joint"
     pool: str = "none"
+    token_dtype: str = "float16"
     text_tokens: int = 32
     grid: tuple[int, int] = (0, 0)
     tokens_per_frame: int = 0
@@ -152,6 +155,7 @@ class ExtractConfig:
     frames: int = 12
     token_space: str = "joint"
     token_pool: str = "none"
+    token_dtype: str = "float16"  # TokenLayout.token_dtype
     text_tokens: int = 32
     batch_size: int = 64
     workers: int = 2

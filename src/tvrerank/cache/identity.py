@@ -50,13 +50,18 @@ def held_out_record(splits: dict | None) -> dict:
 
 
 def as_read_today(fingerprint: dict) -> dict:
-    """A recorded fingerprint with the sampling fields it predates filled in with their defaults, as
-    the cache it was made from reads today (``SamplingConfig.resize`` arrived after the first caches)."""
-    from tvrerank.config import SamplingConfig, to_dict
+    """A recorded fingerprint with the fields it predates filled in with their defaults, as the cache it was
+    made from reads today (``SamplingConfig.resize`` and ``TokenLayout.token_dtype`` arrived after the
+    first caches)."""
+    from tvrerank.config import SamplingConfig, TokenLayout, to_dict
 
-    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("sampling"), dict):
+    if not isinstance(fingerprint, dict):
         return fingerprint
-    return {**fingerprint, "sampling": {**to_dict(SamplingConfig()), **fingerprint["sampling"]}}
+    filled = dict(fingerprint)
+    for name, defaults in (("sampling", SamplingConfig()), ("layout", TokenLayout())):
+        if isinstance(fingerprint.get(name), dict):
+            filled[name] = {**to_dict(defaults), **fingerprint[name]}
+    return filled
 
 
 def cache_mismatch(cache, *, fingerprint: dict, video_ids_sha256: str | None = None) -> str | None:

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from tvrerank import __version__
+from tvrerank.cache.encoding import STORED_DTYPE, has_scale
 from tvrerank.config import EncoderConfig, SamplingConfig, TokenLayout, from_dict, to_dict
 
 SCHEMA = "tvrerank.cache/1"
@@ -68,9 +69,11 @@ class CacheHeader:
 
 
 def dataset_specs(n: int, m: int, layout: TokenLayout, frames: int) -> dict[str, tuple[tuple, Any]]:
-    """name → (shape, dtype) of every dataset of a cache with n videos and m captions."""
+    """name → (shape, dtype) of every dataset of a cache with n videos and m captions (the tokens in the
+    layout's encoding, with a scale per token for the 8-bit ones: ``cache.encoding``)."""
     t, p, d, e = frames, layout.tokens_per_frame, layout.token_dim, layout.embed_dim
-    return {
+    l, token = layout.text_tokens, STORED_DTYPE[layout.token_dtype]
+    specs = {
         "videos/id": ((n,), STR),
         "videos/path": ((n,), STR),
         "videos/status": ((n,), np.uint8),
@@ -78,20 +81,33 @@ def dataset_specs(n: int, m: int, layout: TokenLayout, frames: int) -> dict[str,
         "videos/frame_mask": ((n, t), np.bool_),
         "videos/frame_emb": ((n, t, e), np.float16),
         "videos/video_emb": ((n, e), np.float16),
-        "videos/tokens": ((n, t, p, d), np.float16),
+        "videos/tokens": ((n, t, p, d), token),
         "texts/caption": ((m,), STR),
         "texts/video": ((m,), np.int32),
         "texts/emb": ((m, e), np.float16),
-        "texts/tokens": ((m, layout.text_tokens, layout.text_token_dim), np.float16),
+        "texts/tokens": ((m, l, layout.text_token_dim), token),
         "texts/length": ((m,), np.int16),
     }
+    if has_scale(layout.token_dtype):
+        specs["videos/token_scale"] = ((n, t, p), np.float16)
+        specs["texts/token_scale"] = ((m, l), np.float16)
+    return specs
 
 
-#: Datasets written per video / per caption as extraction goes (the rest is known up front).
+#: Datasets written per video / per caption as extraction goes (the rest is known up front), and the
+#: scales beside the tokens of the 8-bit encodings.
 VIDEO_ARRAYS = ("status", "error", "frame_mask", "frame_emb", "video_emb", "tokens")
 TEXT_ARRAYS = ("emb", "tokens", "length")
+SCALE_ARRAY = "token_scale"
 #: Large arrays that a shard merge maps with virtual datasets instead of copying.
-VIRTUAL_ARRAYS = ("videos/frame_emb", "videos/video_emb", "videos/tokens", "texts/emb", "texts/tokens")
+VIRTUAL_ARRAYS = ("videos/frame_emb", "videos/video_emb", "videos/tokens", "videos/token_scale", "texts/emb",
+                  "texts/tokens", "texts/token_scale")
+
+
+def part_arrays(layout: TokenLayout) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(video arrays, text arrays) a part of a cache with this layout holds."""
+    scale = (SCALE_ARRAY,) if has_scale(layout.token_dtype) else ()
+    return VIDEO_ARRAYS + scale, TEXT_ARRAYS + scale
 
 
 def spec_bytes(shape: tuple, dtype) -> int:
@@ -104,7 +120,7 @@ def chunks_for(name: str, shape: tuple, dtype) -> tuple | None:
     numeric dataset is chunked, so that each chunk carries a checksum (cache/checksums.py)."""
     if not shape or shape[0] == 0:
         return None
-    if name == "videos/tokens":
+    if name in ("videos/tokens", "videos/token_scale"):
         return (1,) + tuple(shape[1:])
     if len(shape) > 1:
         rows = max(1, min(shape[0], (1 << 20) // max(1, spec_bytes(shape[1:], dtype))))

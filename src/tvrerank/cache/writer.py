@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -23,8 +23,9 @@ import h5py
 import numpy as np
 
 from tvrerank.cache.checksums import damaged_reads, seal
-from tvrerank.cache.identity import fingerprint_differences
-from tvrerank.cache.schema import STR, TEXT_ARRAYS, VIDEO_ARRAYS, CacheHeader, chunks_for, dataset_specs, spec_bytes
+from tvrerank.cache.encoding import encode_tokens, has_scale
+from tvrerank.cache.identity import as_read_today, fingerprint_differences
+from tvrerank.cache.schema import SCALE_ARRAY, STR, CacheHeader, chunks_for, dataset_specs, spec_bytes
 from tvrerank.errors import TvrerankError
 from tvrerank.files import replaced_file, require_space
 
@@ -36,9 +37,20 @@ class PartData:
     """Results for one part: rows are positions in the cache's videos/ and texts/ tables."""
 
     video_rows: np.ndarray  # (n,) int64
-    videos: dict[str, np.ndarray]  # VIDEO_ARRAYS, each (n, ...)
+    videos: dict[str, np.ndarray]  # schema.part_arrays' video arrays, each (n, ...)
     text_rows: np.ndarray  # (m,) int64
-    texts: dict[str, np.ndarray]  # TEXT_ARRAYS, each (m, ...)
+    texts: dict[str, np.ndarray]  # its text arrays, each (m, ...)
+
+
+def encoded_part(part: PartData, token_dtype: str) -> PartData:
+    """The part with its float16 tokens in ``token_dtype`` (``cache.encoding``; a scale per token beside
+    the codes); float16: the part itself."""
+    if not has_scale(token_dtype):
+        return part
+    videos, texts = dict(part.videos), dict(part.texts)
+    for arrays in (videos, texts):
+        arrays["tokens"], arrays[SCALE_ARRAY] = encode_tokens(arrays["tokens"], token_dtype)
+    return replace(part, videos=videos, texts=texts)
 
 
 class PlanMismatch(TvrerankError, ValueError):
@@ -60,6 +72,8 @@ class PartStore:
         plan_path = self.folder / "plan.json"
         if plan_path.exists():
             previous = json.loads(plan_path.read_text())
+            if "fingerprint" in previous:  # a run started before a field existed reads with its default
+                previous["fingerprint"] = json.loads(json.dumps(as_read_today(previous["fingerprint"])))
             if previous != plan:
                 changed = sorted(k for k in set(plan) | set(previous) if plan.get(k) != previous.get(k))
                 if "fingerprint" in changed:  # name the settings, e.g. sampling.resize (extract --resize)
@@ -98,9 +112,9 @@ class PartStore:
                                                       "same command again: the part is extracted again"):
             return PartData(
                 video_rows=f["video_rows"][()],
-                videos={k: _read(f[f"videos/{k}"]) for k in VIDEO_ARRAYS},
+                videos={k: _read(f[f"videos/{k}"]) for k in f["videos"]},
                 text_rows=f["text_rows"][()],
-                texts={k: f[f"texts/{k}"][()] for k in TEXT_ARRAYS},
+                texts={k: f[f"texts/{k}"][()] for k in f["texts"]},
             )
 
     def remove(self) -> None:

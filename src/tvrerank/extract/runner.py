@@ -20,6 +20,7 @@ number or length of videos.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -32,6 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
+from tvrerank.cache.encoding import check_token_dtype
 from tvrerank.cache.identity import cache_mismatch, fingerprint_differences, video_ids_digest
 from tvrerank.cache.schema import FAILED, OK, CacheHeader, dataset_specs, spec_bytes
 from tvrerank.cache.writer import PartStore, assemble
@@ -192,10 +194,11 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
     )
     sampling = SamplingConfig(frames=config.frames, resize=config.resize)
     frame_options = resize_options(encoder.config, sampling)  # refuses a resize it cannot do, before any part
-    bytes_per_video = frame_token_bytes(encoder.layout) * config.frames
+    layout = dataclasses.replace(encoder.layout, token_dtype=check_token_dtype(config.token_dtype, "--token-dtype"))
+    bytes_per_video = frame_token_bytes(layout) * config.frames
     part_videos = config.part_videos or auto_part_videos(config.frames, config.batch_size, bytes_per_video)
     table, video_offset, caption_offset = table.shard(config.shard_index, config.shard_count, part_videos)
-    header = cache_header(config, encoder.config, sampling, encoder.layout, video_offset, caption_offset)
+    header = cache_header(config, encoder.config, sampling, layout, video_offset, caption_offset)
     if out.exists():
         return _finished_already(out, header, table, started)
     parts = PartStore(out)
@@ -211,7 +214,7 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
     decoded = decode.run(items, look_ahead=part_videos + 2 * config.workers, num_frames=config.frames,
                          **frame_options)
     mapper = PartEncoder(encoder, frames=config.frames, batch_size=config.batch_size)
-    timings = _pipeline(decoded, mapper, PartWriter(parts), [(i, bounds[i]) for i in todo], table,
+    timings = _pipeline(decoded, mapper, PartWriter(parts, layout.token_dtype), [(i, bounds[i]) for i in todo], table,
                         desc=f"extract {out.name}", progress=progress)
     assemble(parts, len(bounds), out, header, video_ids=table.video_ids, video_paths=table.video_paths,
              captions=table.captions, caption_video=table.caption_video)
@@ -220,8 +223,9 @@ def _extract(config: ExtractConfig, table: VideoTable, out: Path, decode: Decode
 
 
 def frame_token_bytes(layout) -> int:
-    """Bytes of one frame's cached patch tokens (from the cache's dataset specs)."""
-    return spec_bytes(*dataset_specs(1, 0, layout, 1)["videos/tokens"])
+    """Bytes of one frame's cached patch tokens, their scales included (from the cache's dataset specs)."""
+    specs = dataset_specs(1, 0, layout, 1)
+    return sum(spec_bytes(*specs[name]) for name in ("videos/tokens", "videos/token_scale") if name in specs)
 
 
 def cache_header(config: ExtractConfig, encoder, sampling: SamplingConfig, layout, video_offset: int,

@@ -1,7 +1,7 @@
 """The extraction's writer: finished parts written to ``CACHE.h5.parts/`` on a background thread.
 
-``PartWriter`` takes each part the mapper finishes and writes it (``cache.writer.PartStore``) while
-encoding goes on; the run assembles the final file from the parts (``cache.writer.assemble``) when
+``PartWriter`` takes each part the mapper finishes, puts its tokens in the cache's encoding
+(``cache.writer.encoded_part``) and writes it (``cache.writer.PartStore``) while encoding goes on; the run assembles the final file from the parts (``cache.writer.assemble``) when
 every part is done.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from tvrerank.cache.writer import PartData, PartStore
+from tvrerank.cache.writer import PartData, PartStore, encoded_part
 from tvrerank.errors import TvrerankError
 
 
@@ -21,8 +21,8 @@ class ExtractionError(TvrerankError, RuntimeError):
 class PartWriter:
     """Writes parts on a background thread so encoding goes on; re-raises its errors."""
 
-    def __init__(self, store: PartStore):
-        self.store = store
+    def __init__(self, store: PartStore, token_dtype: str = "float16"):
+        self.store, self.token_dtype = store, token_dtype
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -32,7 +32,8 @@ class PartWriter:
         while (item := self._queue.get()) is not None:
             try:
                 if self._error is None:
-                    self.store.write(*item)
+                    index, part = item
+                    self.store.write(index, encoded_part(part, self.token_dtype))
             except BaseException as exc:  # noqa: BLE001
                 self._error = exc
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tvrerank.cache.rows import CacheRows
+from tvrerank.cache.rows import CacheRows, on_device
 from tvrerank.rerank.model import Reranker, SelectedVideos
 from tvrerank.rerank.ranking import check_finite
 
@@ -19,7 +19,7 @@ def select_videos(model: Reranker, rows_source: CacheRows, rows: np.ndarray, *, 
     """
     parts = []
     for start in range(0, len(rows), batch):
-        data = {k: v.to(device) for k, v in rows_source.videos(rows[start : start + batch]).items()}
+        data = on_device(rows_source.videos(rows[start : start + batch]), device)
         parts.append(model.select(data["tokens"], data["frame_emb"], data["frame_mask"], soft=soft))
     return SelectedVideos.concatenate(parts)
 
@@ -27,7 +27,8 @@ def select_videos(model: Reranker, rows_source: CacheRows, rows: np.ndarray, *, 
 @torch.no_grad()
 def rerank_scores(model: Reranker, cache_path, candidate_video: np.ndarray, *, device: torch.device,
                   captions: np.ndarray | None = None, caption_batch: int = 64,
-                  memory_budget: int = 2 << 30, soft_selection: bool = False) -> np.ndarray:
+                  memory_budget: int = 2 << 30, in_memory: str = "auto",
+                  soft_selection: bool = False) -> np.ndarray:
     """Re-ranker scores of the captions' candidates: candidate_video (M, K) rows → (M, K) float32.
 
     ``captions`` (sorted caption rows) limits the work to those rows (the others stay NaN; used to
@@ -36,7 +37,7 @@ def rerank_scores(model: Reranker, cache_path, candidate_video: np.ndarray, *, d
     scores -inf. Raises NonFiniteScores if the model outputs NaN or inf for a real candidate.
     """
     model.eval()
-    source = CacheRows(cache_path, memory_budget=memory_budget)
+    source = CacheRows(cache_path, memory_budget=memory_budget, in_memory=in_memory, device=device)
     m, k = candidate_video.shape
     captions = np.arange(m) if captions is None else np.asarray(captions)
     scores = np.full((m, k), np.nan, dtype=np.float32)
@@ -48,7 +49,7 @@ def rerank_scores(model: Reranker, cache_path, candidate_video: np.ndarray, *, d
     selected = select_videos(model, source, needed, device=device, soft=soft_selection)
     for start in range(0, len(captions), caption_batch):
         rows = captions[start : start + caption_batch]
-        text = {n: v.to(device) for n, v in source.texts(rows).items()}
+        text = on_device(source.texts(rows), device)
         lists = candidate_video[rows]  # (b, K)
         valid = lists >= 0
         pair_caption, pair_slot = np.nonzero(valid)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tvrerank.cache.reader import CacheReader
+from tvrerank.cache.encoding import roundtrip_tokens
 from tvrerank.cache.rows import CacheRows
 from tvrerank.devices import resolve_device
 from tvrerank.errors import CacheMismatch, InputError
@@ -201,7 +202,7 @@ class Retriever:
         results = []
         for start in range(0, len(queries), batch):
             chunk = list(queries[start : start + batch])
-            emb, tokens, lengths = self.encoder.encode_texts(chunk)
+            emb, tokens, lengths = self.encode_queries(chunk)
             scores, candidate_rows = self.stage1(self.query_embeddings(emb), depth)
             reranked = self.candidate_scores(tokens, lengths, candidate_rows[:, :k]) if rerank else None
             for i, query in enumerate(chunk):
@@ -212,6 +213,12 @@ class Retriever:
                     log.warning("query %d: %s", start + i + 1, warning)
                 results.append(result if warning is None else replace(result, warning=warning))
         return results
+
+    def encode_queries(self, queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Queries → the text encoder's emb (Q, E), token features (Q, L, Dt) as the cache's captions
+        read back (its 8-bit encoding, when it has one: what the re-ranker was trained on), lengths (Q,)."""
+        emb, tokens, lengths = self.encoder.encode_texts(list(queries))
+        return emb, roundtrip_tokens(tokens, self.cache.header.layout.token_dtype), lengths
 
     def truncation_warning(self, query: str) -> str | None:
         """Why the text encoder will not read all of ``query``, or None."""

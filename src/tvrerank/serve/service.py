@@ -31,6 +31,7 @@ import torch
 from tvrerank.errors import InputError, MissingInput, TvrerankError, reason_of
 from tvrerank.cache.identity import cache_video_ids_digest
 from tvrerank.cache.schema import FAILED, OK, PENDING
+from tvrerank.cache.rows import on_device
 from tvrerank.extract.frames import VideoDecodeError, sample_frames, seconds_per_tick
 from tvrerank.extract.preprocess import resize_options
 from tvrerank.rerank.explain import explain_pair
@@ -265,8 +266,8 @@ class SearchService:
             raise UnknownVideo(f"video {video_id!r} was not extracted ({STATUS_NAMES.get(int(self.status[row]))}): "
                                "nothing to explain")
         retriever, device = self.retriever, self.retriever.device
-        _, text_tokens, lengths = retriever.encoder.encode_texts([query])
-        video = {name: value.to(device) for name, value in retriever.rows.videos(np.array([row])).items()}
+        _, text_tokens, lengths = retriever.encode_queries([query])
+        video = on_device(retriever.rows.videos(np.array([row])), device)
         stored = None if retriever.store is None else retriever.store.read(np.array([row]), device)
         explanation = explain_pair(retriever.reranker.model, torch.from_numpy(text_tokens).to(device),
                                    torch.from_numpy(lengths.astype(np.int64)).to(device), video["tokens"],

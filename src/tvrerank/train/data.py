@@ -52,7 +52,7 @@ class TrainingBatches(torch.utils.data.Dataset):
 
     def __init__(self, cache_path: str | Path, candidate_video: np.ndarray, *, spec: BatchSpec, steps: int,
                  seed: int = 0, rank: int = 0, world: int = 1, grad_accum: int = 1, memory_budget: int = 2 << 30,
-                 held_out: np.ndarray | None = None, candidate_score: np.ndarray | None = None):
+                 in_memory: str = "auto", device=None, held_out: np.ndarray | None = None, candidate_score: np.ndarray | None = None):
         with CacheReader(cache_path) as cache:
             self.caption_video = cache["texts/video"][()]
             ok = cache["videos/status"][()] == OK
@@ -78,7 +78,7 @@ class TrainingBatches(torch.utils.data.Dataset):
             log.warning("%d captions belong to videos that failed extraction: skipped", skipped)
         self.spec, self.steps, self.seed, self.rank = spec, steps, seed, rank
         self.world, self.grad_accum = world, grad_accum
-        self.rows = CacheRows(cache_path, memory_budget=memory_budget)
+        self.rows = CacheRows(cache_path, memory_budget=memory_budget, in_memory=in_memory, device=device)
 
     def __len__(self) -> int:
         return self.steps * self.grad_accum

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from tvrerank.cache.identity import held_out_record, require_same_cache, split_identity
 from tvrerank.cache.reader import CacheReader
+from tvrerank.cache.rows import IN_MEMORY, on_device
 from tvrerank.config import check_fields, check_model_options, load_options, to_dict
 from tvrerank.errors import InputError, NonFiniteScores
 from tvrerank.evaluation import load_lists, stage_metrics
@@ -87,7 +88,8 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0  # DataLoader worker processes
     device: str = "auto"
-    memory_budget_gb: float = 2.0
+    memory_budget_gb: float = 2.0  # host memory the cache's arrays may fill (in_memory auto)
+    in_memory: str = "auto"  # auto | on | off: gather every step from arrays loaded once (cache.rows.CacheRows)
     model: dict = field(default_factory=dict)  # RerankerConfig overrides: width, layers, heads, ...
 
     def __post_init__(self):
@@ -99,7 +101,7 @@ class TrainConfig:
             numbers={"fusion_alpha": (0.0, 1.0), "val_fraction": (0.0, 0.9), "negative_temperature": (1e-4, 100.0),
                      "memory_budget_gb": (0.0, math.inf)},
             choices={"loss": ("listwise", "binary", "both"), "negative_sampling": ("uniform", "similarity"),
-                     "fusion": FUSIONS})
+                     "fusion": FUSIONS, "in_memory": IN_MEMORY})
         # types and ranges, before anything is read or written
         check_model_options(self.model, RerankerConfig, owner="training", what="model", derived=CACHE_LAYOUT)
 
@@ -154,7 +156,7 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro
     set_lr(optimizer, lr)
     total = torch.zeros((), device=device)
     for i in range(config.grad_accum):
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(micro_batches).items()}
+        batch = on_device(next(micro_batches), device, non_blocking=True)
         last = i == config.grad_accum - 1
         skip_sync = trained.no_sync() if hasattr(trained, "no_sync") and not last else contextlib.nullcontext()
         b, g = batch["pair_video"].shape
@@ -196,6 +198,7 @@ class Validation:
     captions: np.ndarray  # (m,) sorted caption rows of the cache that are validated
     held_out: np.ndarray  # (h,) video rows of the training cache kept out of training
     identity: dict  # split_identity(...), recorded in the run
+    reads: dict = field(default_factory=dict)  # CacheRows' memory_budget and in_memory (the training's)
 
 
 def validation_split(config: TrainConfig, cache_path: Path, lists: CandidateLists, *,
@@ -208,7 +211,7 @@ def validation_split(config: TrainConfig, cache_path: Path, lists: CandidateList
         with CacheReader(val_cache) as cache:
             identity = split_identity(cache)
         return Validation(Path(val_cache), val_lists, true_video, np.arange(len(true_video)),
-                          np.empty(0, np.int64), identity)
+                          np.empty(0, np.int64), identity, reads_of(config))
     if not config.val_fraction:
         return None
     with CacheReader(cache_path) as cache:
@@ -218,7 +221,12 @@ def validation_split(config: TrainConfig, cache_path: Path, lists: CandidateList
     captions = np.flatnonzero(np.isin(true_video, held_out))
     log.info("validation: %d of %d videos held out of %s (%d captions)", len(held_out), len(ok_rows), cache_path,
              len(captions))
-    return Validation(Path(cache_path), lists, true_video, captions, held_out, identity)
+    return Validation(Path(cache_path), lists, true_video, captions, held_out, identity, reads_of(config))
+
+
+def reads_of(config: TrainConfig) -> dict:
+    """How a run's cache is read (``CacheRows``' options), for training and validation alike."""
+    return {"memory_budget": int(config.memory_budget_gb * 2**30), "in_memory": config.in_memory}
 
 
 def refuse_leaked_validation(lists: CandidateLists, splits: dict, candidates_path, out: Path) -> None:
@@ -251,7 +259,7 @@ def validate(model: Reranker, validation: Validation, *, device: torch.device, r
     """
     mine = validation.captions[rank::world]
     scores = rerank_scores(model, validation.cache, validation.lists.video, device=device, captions=mine,
-                           soft_selection=soft_selection)
+                           soft_selection=soft_selection, **validation.reads)
     if world > 1:
         shares = [None] * world
         torch.distributed.all_gather_object(shares, (mine, scores[mine]))
@@ -314,13 +322,15 @@ def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *,
                      temperature=config.negative_temperature)
     batches = TrainingBatches(cache_path, lists.video, spec=spec, steps=config.optim.steps, seed=config.seed, rank=rank,
                               world=world, grad_accum=config.grad_accum,
-                              memory_budget=int(config.memory_budget_gb * 2**30),
-                              held_out=validation.held_out if validation else None, candidate_score=lists.score)
+                              **reads_of(config), device=device, held_out=validation.held_out if validation else None, candidate_score=lists.score)
     eval_every = config.eval_every or max(1, len(batches.trainable) // (config.captions * world))
     items = torch.utils.data.Subset(batches, range(start_step * config.grad_accum, len(batches)))
+    workers = 0 if batches.rows.on_device else config.workers  # batches gathered on the GPU need no workers
+    if workers != config.workers:
+        log.info("the cache is held on %s: batches are gathered there, without DataLoader workers", device)
     loader = iter(torch.utils.data.DataLoader(items, batch_size=1, collate_fn=collate_single,
-                                              num_workers=config.workers, persistent_workers=config.workers > 0,
-                                              pin_memory=device.type == "cuda"))
+                                              num_workers=workers, persistent_workers=workers > 0,
+                                              pin_memory=device.type == "cuda" and not batches.rows.on_device))
     restore_rng(state)  # restored last: building the DataLoader above draws from the generator
     run_log = RunLog(out / "log.csv", LOG_HEADER, append=state is not None, enabled=rank == 0)
     started, final_val = time.perf_counter(), None  # the validation of the last step

@@ -1,0 +1,96 @@
+"""How a cache stores its patch and caption tokens: ``float16``, or 8 bits with a scale per token.
+
+``TokenLayout.token_dtype`` names the encoding (``extract --token-dtype``, ``cache compact``):
+
+* ``float16``: the tokens as they are (2 bytes a value; caches made before the field existed);
+* ``int8``: ``codes = rint(token / scale)`` in [-127, 127] with ``scale = absmax(token) / 127``, one
+  float16 scale per token (one frame patch, one caption position) in ``videos/token_scale`` /
+  ``texts/token_scale``;
+* ``float8``: the same scaled token (``scale = absmax / 448``) as float8 e4m3 (torch's
+  ``float8_e4m3fn``; HDF5 has no 8-bit float, so the bytes are stored as uint8).
+
+The scale is the absmax of the token itself: a token's direction is what the model reads (its
+attention and the selectors' scores are dot products), and an absmax per token keeps every token's
+largest value exact whatever its norm. ``benchmarks/bench_cache.py`` measures the cosine to float16.
+
+Decoding happens where the tokens are used, on the device (``decode_tokens``): the host→device copy
+moves the 8-bit codes. The stored dtype says which encoding codes are in (int8, uint8 = float8 bytes),
+so a decoder needs no other argument.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where it is needed: the index and the cache tools read caches without it
+    import torch
+
+TOKEN_DTYPES = ("float16", "int8", "float8")
+#: the HDF5 dtype of the token datasets for each encoding
+STORED_DTYPE = {"float16": np.float16, "int8": np.int8, "float8": np.uint8}
+#: the largest code of each 8-bit encoding (the scale maps a token's absmax onto it)
+CODE_MAX = {"int8": 127.0, "float8": 448.0}
+
+
+def has_scale(token_dtype: str) -> bool:
+    """Whether the encoding stores a scale per token beside the codes."""
+    return token_dtype != "float16"
+
+
+def check_token_dtype(token_dtype: str, where: str = "token dtype") -> str:
+    import torch
+
+    from tvrerank.errors import InputError
+
+    if token_dtype not in TOKEN_DTYPES:
+        raise InputError(f"{where} must be one of {', '.join(TOKEN_DTYPES)}, got {token_dtype!r}")
+    if token_dtype == "float8" and not hasattr(torch, "float8_e4m3fn"):
+        raise InputError(f"{where} float8 needs torch's float8_e4m3fn (torch >= 2.1); use int8")
+    return token_dtype
+
+
+def encode_tokens(tokens: np.ndarray, token_dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """tokens (..., D) float → (codes (..., D) in ``STORED_DTYPE``, scale (...,) float16, or None for float16).
+
+    An all-zero token (a padded frame or caption position) gets scale 0 and zero codes."""
+    if not has_scale(token_dtype):
+        return np.asarray(tokens, dtype=np.float16), None
+    import torch
+
+    values = np.asarray(tokens, dtype=np.float32)
+    scale = (np.abs(values).max(axis=-1) / CODE_MAX[token_dtype]).astype(np.float16)  # (...,)
+    exact = scale.astype(np.float32)[..., None]  # the stored scale is the one the decoder multiplies by
+    scaled = np.divide(values, exact, out=np.zeros_like(values), where=exact > 0)
+    if token_dtype == "int8":
+        codes = np.clip(np.rint(scaled), -127, 127).astype(np.int8)
+    else:
+        codes = torch.from_numpy(np.clip(scaled, -448, 448)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    return codes, scale
+
+
+def decode_tokens(codes: torch.Tensor, scale: torch.Tensor | None, dtype=None) -> torch.Tensor:
+    """codes (..., D) as stored, scale (...,) or None → tokens (..., D) in ``dtype`` (float32 by default),
+    on the codes' device."""
+    import torch
+
+    dtype = dtype or torch.float32
+    if codes.dtype == torch.uint8:
+        values = codes.view(torch.float8_e4m3fn).to(torch.float32)
+    else:
+        values = codes.to(torch.float32)
+    if scale is not None:
+        values = values * scale.to(torch.float32).unsqueeze(-1)
+    return values.to(dtype)
+
+
+def roundtrip_tokens(tokens: np.ndarray, token_dtype: str) -> np.ndarray:
+    """tokens (..., D) → the float32 values a cache of this encoding would give back: what a re-ranker
+    trained on such a cache saw, for tokens computed at query time (float16: unchanged)."""
+    if not has_scale(token_dtype):
+        return tokens
+    import torch
+
+    codes, scale = encode_tokens(tokens, token_dtype)
+    return decode_tokens(torch.from_numpy(codes), torch.from_numpy(scale)).numpy()
