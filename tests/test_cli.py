@@ -153,8 +153,21 @@ def test_plan_gives_sizes_without_weights():
     plan = json.loads(result.output)
     assert (plan["tokens_per_frame"], plan["token_dim"], plan["embed_dim"]) == (49, 512, 512)
     assert plan["bytes_tokens"] == 1000 * 12 * 49 * 512 * 2
+    assert len(plan["options"]) == 6
     text = invoke("plan", "--model", "ViT-B-32", "--videos", "1000", "--token-pool", "2x2").output
     assert "16 tokens/frame (grid 4x4)" in text and "total" in text
+    assert text == invoke("plan", "--model", "ViT-B-32", "--videos", "1000", "--pool", "2").output
+
+
+def test_plan_prints_every_option_and_the_memory_fit():
+    result = invoke("plan", "--model", "ViT-bigG-14", "--videos", "10000", "--captions", "200000",
+                    "--token-dtype", "int8", "--pool", "2")
+    lines = result.output.splitlines()
+    assert "pretrained" not in result.output  # no model built with random weights
+    assert lines[-1] == "total      17.6 GiB for 10000 videos"
+    table = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("  ")}
+    assert table["float16"] == ["89.3", "GiB", "34.4", "GiB"] and table["int8"] == ["45.1", "GiB", "17.6", "GiB"]
+    assert any(line.startswith("in memory  training holds") and "fit" in line for line in lines)
 
 
 def test_plan_for_vit_bigg_raw_matches_the_design_figures():

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_TIMM, TINY_VIT, TINY_VIT_ODD
 
-from tvrerank.extract.encoder import FrozenClipEncoder, pad_token_id, pool_grid
+from tvrerank.cache.encoding import pool_grid
+from tvrerank.extract.encoder import FrozenClipEncoder, pad_token_id
 from tvrerank.extract.models import ModelError, resolve_model_config
 
 

@@ -165,7 +165,7 @@ def extract(annotations, fmt, videos, model, pretrained, out, frames, token_spac
 
 @main.group()
 def cache() -> None:
-    """Inspect, check and merge caches."""
+    """Inspect, check, merge and compact caches."""
 
 
 @cache.command("info")
@@ -212,6 +212,28 @@ def cache_check_cmd(path: str) -> None:
     click.echo(f"{path}: ok")
 
 
+@cache.command("compact")
+@click.argument("source", metavar="CACHE", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Compact cache to write (.h5).")
+@click.option("--token-dtype", type=click.Choice(TOKEN_DTYPES), default="int8", show_default=True,
+              help="Encoding of the tokens in OUT.")
+@click.option("--pool", "token_pool", type=click.Choice(list(POOLS)), default=None,
+              callback=lambda ctx, param, value: None if value is None else POOLS[value],
+              help="Also average 2x2 windows of the patch grid (default: keep CACHE's grid).")
+@click.option("--overwrite", is_flag=True, help="Start over, discarding an unfinished compaction.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def cache_compact_cmd(source: str, out: str, token_dtype: str, token_pool: str | None, overwrite: bool,
+                      quiet: bool) -> None:
+    """Convert CACHE's tokens to 8 bits (and/or pool them) without extracting again: part by part, resumable,
+    every chunk read checked against CACHE's checksums. Artifacts of CACHE (index, re-ranker) do not carry
+    over: build them on OUT."""
+    from tvrerank.cache.compact import compact_cache
+
+    compact_cache(source, out, token_dtype=token_dtype, pool=token_pool, overwrite=overwrite, progress=not quiet)
+    before, after = Path(source).stat().st_size, Path(out).stat().st_size
+    click.echo(f"{out}: {_human(before)} -> {_human(after)} ({after / max(1, before):.0%}), tokens {token_dtype}")
+
+
 @cache.command("merge")
 @click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
@@ -229,29 +251,43 @@ def cache_merge_cmd(shards, out: str) -> None:
 @click.option("--frames", default=12, show_default=True, type=click.IntRange(min=1))
 @click.option("--captions", "num_captions", type=click.IntRange(min=1), default=None, help="Number of captions (default: = videos).")
 @click.option("--token-space", type=click.Choice(["joint", "raw"]), default="joint", show_default=True)
-@click.option("--token-pool", type=click.Choice(["none", "2x2"]), default="none", show_default=True)
+@pool_option
+@token_dtype_option
 @click.option("--text-tokens", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True)
-def plan(model, num_videos, frames, num_captions, token_space, token_pool, text_tokens, as_json) -> None:
-    """Estimate a cache's size on disk from the model config, without loading weights."""
+def plan(model, num_videos, frames, num_captions, token_space, token_pool, token_dtype, text_tokens, as_json) -> None:
+    """Estimate a cache's size on disk from the model config (no weights built), for every token encoding and
+    pool, and whether training could hold it in memory here."""
     from dataclasses import asdict
 
-    from tvrerank.extract.plan import plan_cache
+    from tvrerank.cache.rows import available_memory, default_memory_budget
+    from tvrerank.extract.plan import plan_every_option
 
-    estimate = plan_cache(
-        model, num_videos, captions=num_captions, frames=frames, token_space=token_space,
-        token_pool=token_pool, text_tokens=text_tokens,
-    )
+    plans = plan_every_option(model, num_videos, captions=num_captions, frames=frames, token_space=token_space,
+                              text_tokens=text_tokens)
+    estimate = next(p for p in plans if (p.token_dtype, p.pool) == (token_dtype, token_pool))
+    budget = default_memory_budget()
     if as_json:
-        click.echo(json.dumps(dict(asdict(estimate), bytes_total=estimate.bytes_total)))
+        click.echo(json.dumps(dict(asdict(estimate), bytes_total=estimate.bytes_total, memory_budget=budget,
+                                   options=[dict(asdict(p), bytes_total=p.bytes_total) for p in plans])))
         return
     click.echo(f"{model}: {estimate.tokens_per_frame} tokens/frame (grid {estimate.grid[0]}x{estimate.grid[1]}) "
-               f"x {estimate.token_dim} ({token_space}, pool {token_pool}), embeddings {estimate.embed_dim}")
+               f"x {estimate.token_dim} ({token_space}, pool {token_pool}, {token_dtype}), "
+               f"embeddings {estimate.embed_dim}")
     click.echo(f"per frame  {_human(estimate.bytes_per_frame)}; per video ({frames} frames) "
                f"{_human(estimate.bytes_per_frame * frames)}")
     click.echo(f"tokens     {_human(estimate.bytes_tokens)}")
     click.echo(f"embeddings {_human(estimate.bytes_embeddings)}")
     click.echo(f"captions   {_human(estimate.bytes_text)} ({estimate.captions} captions)")
+    click.echo("every option (extract --token-dtype, --pool):")
+    click.echo(f"  {'':<9}{'pool 1':>12}{'pool 2':>12}")
+    for dtype in TOKEN_DTYPES:
+        row = {p.pool: p.bytes_total for p in plans if p.token_dtype == dtype}
+        click.echo(f"  {dtype:<9}{_human(row['none']):>12}{_human(row['2x2']):>12}")
+    fits = estimate.bytes_in_memory <= budget
+    click.echo(f"in memory  training holds {_human(estimate.bytes_in_memory)} (tokens as stored, frame embeddings); "
+               f"{'fits' if fits else 'does not fit'} half of this machine's {_human(available_memory())} available"
+               f"{'' if fits else ' (train --in-memory auto reads from the file; on a GPU it fits half its free memory)'}")
     click.echo(f"total      {_human(estimate.bytes_total)} for {num_videos} videos")
 
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # torch is imported where it is needed: the index and the cac
     import torch
 
 TOKEN_DTYPES = ("float16", "int8", "float8")
+POOLS = ("none", "2x2")  # TokenLayout.pool
 #: the HDF5 dtype of the token datasets for each encoding
 STORED_DTYPE = {"float16": np.float16, "int8": np.int8, "float8": np.uint8}
 #: the largest code of each 8-bit encoding (the scale maps a token's absmax onto it)
@@ -94,3 +95,34 @@ def roundtrip_tokens(tokens: np.ndarray, token_dtype: str) -> np.ndarray:
 
     codes, scale = encode_tokens(tokens, token_dtype)
     return decode_tokens(torch.from_numpy(codes), torch.from_numpy(scale)).numpy()
+
+
+def pool_grid(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """(N, C, H, W) → (N, C, H', W'); ``2x2`` averages 2×2 windows, a partial window at odd edges
+    (averaged over the cells it has). Extraction pools the tower's grid with it, ``cache compact``
+    the stored tokens (the same values: the joint-space projection is linear)."""
+    import torch.nn.functional as F
+
+    from tvrerank.errors import InputError
+
+    if pool == "none":
+        return tokens
+    if pool == "2x2":
+        return F.avg_pool2d(tokens, kernel_size=2, stride=2, ceil_mode=True)
+    raise InputError(f"token pool must be one of {', '.join(POOLS)}, got {pool!r}")
+
+
+def pooled_grid(grid: tuple[int, int], pool: str) -> tuple[int, int]:
+    """The grid ``pool_grid`` leaves of an (H, W) grid: (ceil(H/2), ceil(W/2)) for ``2x2``."""
+    return tuple(grid) if pool == "none" else tuple(-(-int(side) // 2) for side in grid)
+
+
+def pool_frame_tokens(tokens: torch.Tensor, grid: tuple[int, int], pool: str) -> torch.Tensor:
+    """tokens (..., P, D) of frames on an (H, W) grid (P = H·W, row-major) → (..., P', D) pooled."""
+    if pool == "none":
+        return tokens
+    *lead, p, d = tokens.shape
+    h, w = grid
+    frames = tokens.reshape(-1, h, w, d).permute(0, 3, 1, 2)  # (N, D, H, W)
+    pooled = pool_grid(frames, pool)  # (N, D, H', W')
+    return pooled.flatten(2).transpose(1, 2).reshape(*lead, -1, d)

@@ -34,6 +34,30 @@ VIDEO_FIELDS = ("tokens", "frame_emb", "frame_mask")
 TEXT_FIELDS = ("tokens", "length")
 IN_MEMORY = ("auto", "on", "off")
 GPU_SHARE = 0.5  # of the device's free memory that ``auto`` may fill with a cache's arrays
+HOST_SHARE = 0.5  # of the host's available memory that ``auto`` may fill when no budget is given
+
+
+def held_fields(scaled: bool) -> dict[str, tuple[str, ...]]:
+    """group → the datasets ``CacheRows`` reads (and holds in memory) for a cache with or without token scales."""
+    scale = (SCALE_ARRAY,) if scaled else ()
+    return {"videos": VIDEO_FIELDS + scale, "texts": TEXT_FIELDS + scale}
+
+
+def available_memory() -> int:
+    """Bytes of host memory available to a new allocation now (Linux's MemAvailable; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_memory_budget() -> int:
+    """What ``auto`` may fill when no budget is given: half of the host's available memory."""
+    return int(HOST_SHARE * available_memory())
 
 
 def _human(num_bytes: int) -> str:
@@ -45,11 +69,11 @@ class CacheRows:
     [, token_scale], length), from the file or from memory (see the module docstring).
 
     ``memory_budget``: bytes of host memory ``auto`` may fill (the video group first, then the
-    captions'); ``device``: where the training or evaluation runs (a CUDA device lets ``auto`` hold
+    captions'; None: ``default_memory_budget()``); ``device``: where the training or evaluation runs (a CUDA device lets ``auto`` hold
     the arrays there).
     """
 
-    def __init__(self, cache_path: str | Path, *, memory_budget: int = 2 << 30, in_memory: str = "auto",
+    def __init__(self, cache_path: str | Path, *, memory_budget: int | None = None, in_memory: str = "auto",
                  device: torch.device | str | None = None):
         if in_memory not in IN_MEMORY:
             raise InputError(f"in_memory must be one of {', '.join(IN_MEMORY)}, got {in_memory!r}")
@@ -59,15 +83,12 @@ class CacheRows:
         with CacheReader(cache_path) as cache:
             self.token_dtype = cache.header.layout.token_dtype
             self.scaled = SCALE_ARRAY in cache.file["videos"]
-            fields = {"videos": self._fields("videos"), "texts": self._fields("texts")}
+            fields = held_fields(self.scaled)
             sizes = {group: sum(cache[f"{group}/{k}"].nbytes for k in names) for group, names in fields.items()}
         self.fields = fields
-        self.place = self._choose_places(sizes, memory_budget, in_memory, device)
+        budget = default_memory_budget() if memory_budget is None else memory_budget
+        self.place = self._choose_places(sizes, budget, in_memory, device)
         self._arrays: dict[str, dict] = {}
-
-    def _fields(self, group: str) -> tuple[str, ...]:
-        base = VIDEO_FIELDS if group == "videos" else TEXT_FIELDS
-        return base + ((SCALE_ARRAY,) if self.scaled else ())
 
     def _choose_places(self, sizes: dict[str, int], budget: int, in_memory: str, device) -> dict[str, str]:
         """group → "file", "host" or "device", and a log line saying why."""

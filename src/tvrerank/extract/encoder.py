@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tvrerank.cache.encoding import pool_grid
 from tvrerank.config import EncoderConfig, TokenLayout
 from tvrerank.devices import resolve_device
 from tvrerank.errors import InputError
@@ -26,15 +27,6 @@ from tvrerank.extract.models import create_clip, hugging_face_parts, preprocess_
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def pool_grid(tokens: torch.Tensor, pool: str) -> torch.Tensor:
-    """(N, C, H, W) → (N, C, H', W'); ``2x2`` averages 2×2 windows, a partial window at odd edges."""
-    if pool == "none":
-        return tokens
-    if pool == "2x2":
-        return F.avg_pool2d(tokens, kernel_size=2, stride=2, ceil_mode=True)
-    raise InputError(f"token pool must be none or 2x2, got {pool!r}")
 
 
 def pad_token_id(tokenizer) -> int:

@@ -1,16 +1,21 @@
-"""``tvrerank plan``: the size of a cache on disk, from the model's config alone (no weights loaded).
+"""``tvrerank plan``: the size of a cache on disk, from the model's config alone (no weights built).
 
-The model is built on PyTorch's ``meta`` device and one meta forward gives the token grid and
-widths, so any open_clip architecture (timm towers included) is measured the same way.
+An open_clip ViT's config gives its token grid and widths directly (``layout_from_config``); any
+other tower (timm, ResNet, Hugging Face text) is built on PyTorch's ``meta`` device, which holds
+shapes but no memory or weights, and one meta forward measures it. The sizes are the cache's arrays
+as the schema specifies them (``cache.schema.dataset_specs``) for each token encoding and pool.
 """
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+from tvrerank.cache.encoding import POOLS, TOKEN_DTYPES, pooled_grid
+from tvrerank.cache.rows import held_fields
 from tvrerank.cache.schema import dataset_specs, spec_bytes
 from tvrerank.config import TokenLayout
-from tvrerank.extract.encoder import pool_grid
 
 
 @dataclass(frozen=True)
@@ -25,9 +30,12 @@ class CachePlan:
     embed_dim: int
     text_tokens: int
     text_token_dim: int
-    bytes_tokens: int
+    bytes_tokens: int  # patch tokens (and their scales, 8-bit encodings)
     bytes_embeddings: int
-    bytes_text: int
+    bytes_text: int  # caption embeddings, tokens (and scales), lengths
+    bytes_in_memory: int  # what training holds in memory (``train --in-memory``: cache.rows.held_fields)
+    token_dtype: str = "float16"
+    pool: str = "none"
 
     @property
     def bytes_total(self) -> int:
@@ -38,20 +46,64 @@ class CachePlan:
         return self.bytes_tokens // max(1, self.videos * self.frames)
 
 
+def layout_from_config(config: dict, token_space: str = "joint") -> dict | None:
+    """Grid, token width, embedding width and text token width of an open_clip ViT from its model config
+    (``vision_cfg``: image_size, patch_size, width); None for towers the config alone does not describe
+    (timm or Hugging Face towers, ResNets), which ``measure_layout`` measures instead."""
+    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    plain_vit = (isinstance(vision.get("layers"), int) and vision.get("patch_size") and "width" in vision
+                 and not vision.get("timm_model_name") and "width" in text and not text.get("hf_model_name"))
+    if not plain_vit:
+        return None
+    size = vision.get("image_size", 224)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    grid = (size[0] // vision["patch_size"], size[1] // vision["patch_size"])
+    joint = token_space == "joint"
+    embed_dim = config["embed_dim"]
+    return {"grid": grid, "tokens_per_frame": grid[0] * grid[1], "token_dim": embed_dim if joint else vision["width"],
+            "embed_dim": embed_dim, "text_token_dim": embed_dim if joint else text["width"]}
+
+
+@contextmanager
+def _quiet_random_weights():
+    """open_clip warns that a model built without weights is initialised randomly: true, and beside the
+    point for a meta-device model that only measures shapes."""
+    def drop(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def measure_layout(model: str, token_space: str = "joint", token_pool: str = "none") -> dict:
-    """Grid, token width, embedding width and text widths of ``model`` via a meta-device forward."""
+    """Grid, token width, embedding width and text widths of ``model`` (pooled by ``token_pool``): from its
+    config when it is an open_clip ViT, else via a meta-device forward (shapes only, no weights)."""
+    from tvrerank.extract.models import resolve_model_config
+
+    _, config = resolve_model_config(model)
+    dims = layout_from_config(config, token_space) or _meta_layout(model, token_space)
+    grid = pooled_grid(dims["grid"], token_pool)
+    return dict(dims, grid=grid, tokens_per_frame=grid[0] * grid[1])
+
+
+def _meta_layout(model: str, token_space: str) -> dict:
     import torch
 
     from tvrerank.extract.models import build_meta_model
 
-    clip = build_meta_model(model)
+    with _quiet_random_weights():
+        clip = build_meta_model(model)
     size = clip.visual.image_size
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     with torch.no_grad():
         out = clip.visual.forward_intermediates(
             torch.zeros(1, 3, *size, device="meta"), indices=1, output_fmt="NCHW"
         )
-        grid_tokens = pool_grid(out["image_intermediates"][-1], token_pool)
+        grid_tokens = out["image_intermediates"][-1]  # (1, C, H, W)
         text_width = clip.forward_intermediates(
             text=torch.zeros(1, clip.context_length, dtype=torch.long, device="meta"), text_indices=1
         )["text_intermediates"][-1].shape[-1]
@@ -74,26 +126,44 @@ def plan_cache(
     frames: int = 12,
     token_space: str = "joint",
     token_pool: str = "none",
+    token_dtype: str = "float16",
     text_tokens: int = 32,
+    dims: dict | None = None,
 ) -> CachePlan:
     """Estimated bytes of a cache: its arrays as the schema specifies them (``cache.schema.dataset_specs``;
-    strings and HDF5 overhead aside)."""
-    dims = measure_layout(model, token_space, token_pool)
+    strings and HDF5 overhead aside). ``dims``: ``measure_layout``'s result, when already measured."""
+    dims = dims or measure_layout(model, token_space, token_pool)
     captions = videos if captions is None else captions
-    layout = TokenLayout(space=token_space, pool=token_pool, text_tokens=text_tokens, **dims)
+    layout = TokenLayout(space=token_space, pool=token_pool, token_dtype=token_dtype, text_tokens=text_tokens, **dims)
     specs = dataset_specs(videos, captions, layout, frames)
 
     def total(*names: str) -> int:
-        return sum(spec_bytes(*specs[name]) for name in names)
+        return sum(spec_bytes(*specs[name]) for name in names if name in specs)
 
+    held = [f"{group}/{name}" for group, names in held_fields("videos/token_scale" in specs).items() for name in names]
     return CachePlan(
         model=model,
         videos=videos,
         captions=captions,
         frames=frames,
         text_tokens=text_tokens,
-        bytes_tokens=total("videos/tokens"),
+        token_dtype=token_dtype,
+        pool=token_pool,
+        bytes_tokens=total("videos/tokens", "videos/token_scale"),
         bytes_embeddings=total("videos/frame_emb", "videos/video_emb", "videos/frame_mask"),
-        bytes_text=total("texts/emb", "texts/tokens", "texts/length", "texts/video"),
+        bytes_text=total("texts/emb", "texts/tokens", "texts/token_scale", "texts/length", "texts/video"),
+        bytes_in_memory=total(*held),
         **{k: dims[k] for k in ("grid", "tokens_per_frame", "token_dim", "embed_dim", "text_token_dim")},
     )
+
+
+def plan_every_option(model: str, videos: int, **options) -> list[CachePlan]:
+    """``plan_cache`` for every token encoding and pool (float16, int8, float8 × pool none, 2x2), the model
+    measured once per pool."""
+    options = {k: v for k, v in options.items() if k not in ("token_dtype", "token_pool", "dims")}
+    plans = []
+    for pool in POOLS:
+        dims = measure_layout(model, options.get("token_space", "joint"), pool)
+        plans += [plan_cache(model, videos, token_pool=pool, token_dtype=dtype, dims=dims, **options)
+                  for dtype in TOKEN_DTYPES]
+    return plans

@@ -27,7 +27,7 @@ def select_videos(model: Reranker, rows_source: CacheRows, rows: np.ndarray, *, 
 @torch.no_grad()
 def rerank_scores(model: Reranker, cache_path, candidate_video: np.ndarray, *, device: torch.device,
                   captions: np.ndarray | None = None, caption_batch: int = 64,
-                  memory_budget: int = 2 << 30, in_memory: str = "auto",
+                  memory_budget: int | None = None, in_memory: str = "auto",
                   soft_selection: bool = False) -> np.ndarray:
     """Re-ranker scores of the captions' candidates: candidate_video (M, K) rows → (M, K) float32.
 

@@ -51,7 +51,7 @@ class TrainingBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, cache_path: str | Path, candidate_video: np.ndarray, *, spec: BatchSpec, steps: int,
-                 seed: int = 0, rank: int = 0, world: int = 1, grad_accum: int = 1, memory_budget: int = 2 << 30,
+                 seed: int = 0, rank: int = 0, world: int = 1, grad_accum: int = 1, memory_budget: int | None = None,
                  in_memory: str = "auto", device=None, held_out: np.ndarray | None = None, candidate_score: np.ndarray | None = None):
         with CacheReader(cache_path) as cache:
             self.caption_video = cache["texts/video"][()]

@@ -88,7 +88,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0  # DataLoader worker processes
     device: str = "auto"
-    memory_budget_gb: float = 2.0  # host memory the cache's arrays may fill (in_memory auto)
+    memory_budget_gb: float = 0.0  # host memory the cache's arrays may fill (in_memory auto); 0: half the available
     in_memory: str = "auto"  # auto | on | off: gather every step from arrays loaded once (cache.rows.CacheRows)
     model: dict = field(default_factory=dict)  # RerankerConfig overrides: width, layers, heads, ...
 
@@ -226,7 +226,8 @@ def validation_split(config: TrainConfig, cache_path: Path, lists: CandidateList
 
 def reads_of(config: TrainConfig) -> dict:
     """How a run's cache is read (``CacheRows``' options), for training and validation alike."""
-    return {"memory_budget": int(config.memory_budget_gb * 2**30), "in_memory": config.in_memory}
+    budget = int(config.memory_budget_gb * 2**30) if config.memory_budget_gb > 0 else None
+    return {"memory_budget": budget, "in_memory": config.in_memory}
 
 
 def refuse_leaked_validation(lists: CandidateLists, splits: dict, candidates_path, out: Path) -> None:
