@@ -169,7 +169,7 @@ TOP_M_RUN = {"captions": 4, "negatives": 3, "in_batch": 2, "eval_every": 0,
 
 @pytest.fixture(scope="session")
 def served_demo(tmp_path_factory) -> Path:
-    """A finished small demo (toy world, 48 videos: 12 test videos) plus DIR/run-top-m, a re-ranker that
+    """A finished small demo (toy world, 48 videos: 12 test videos; int8 tokens) plus DIR/run-top-m, a re-ranker that
     keeps patches, trained on the demo's train split."""
     from click.testing import CliRunner
 
@@ -177,7 +177,8 @@ def served_demo(tmp_path_factory) -> Path:
 
     demo = tmp_path_factory.mktemp("served") / "demo"
     runner = CliRunner()
-    result = runner.invoke(main, ["demo", "--out", str(demo), "--videos", "48", "--steps", "4", "--workers", "0"])
+    result = runner.invoke(main, ["demo", "--out", str(demo), "--videos", "48", "--steps", "4", "--workers", "0",
+                                  "--token-dtype", "int8"])  # the serving path reads 8-bit tokens
     assert result.exit_code == 0, result.output
     config = demo / "top-m.json"
     config.write_text(json.dumps(TOP_M_RUN))

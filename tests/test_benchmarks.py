@@ -14,6 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 #: the figure each script's last line carries
 LAST_LINE = {
     "bench_ablation.py": r"^ablation_seconds=\d",
+    "bench_cache.py": r"^int8_r1_delta=[-+]\d",
     "bench_decode.py": r"^decode_speedup=\d",
     "bench_extract.py": r"^videos_per_s_tiny=\d",
     "bench_index.py": r"^auto_recall_at_15_\d+=\d",

@@ -644,14 +644,17 @@ def toy_pretrain(out: str, steps: int, batch_size: int, lr: float, seed: int, th
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Re-ranker training steps (default: the demo's).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="Decoding processes for extraction.")
-def demo(out: str, seed: int, videos: int, steps: int | None, workers: int) -> None:
+@pool_option
+@token_dtype_option
+def demo(out: str, seed: int, videos: int, steps: int | None, workers: int, token_pool: str, token_dtype: str) -> None:
     """Run the whole pipeline on the toy world and print stage 1 vs re-ranked."""
     import dataclasses
 
     from tvrerank.metrics import format_table
     from tvrerank.toy.demo import DemoConfig, first_stage_table, format_examples, metric_columns, run_demo
 
-    config = DemoConfig(out=out, seed=seed, videos=videos, workers=workers)
+    config = DemoConfig(out=out, seed=seed, videos=videos, workers=workers, token_dtype=token_dtype,
+                        token_pool=token_pool)
     summary = run_demo(config if steps is None else dataclasses.replace(config, steps=steps))
     metrics = summary["metrics"]
     click.echo(f"test split, text->video ({metrics['evaluated']} captions; true video within top-{metrics['k']}: "

@@ -58,6 +58,8 @@ class DemoConfig:
     workers: int = 2
     k: int = 15
     steps: int = DEMO_TRAINING["optim"]["steps"]
+    token_dtype: str = "float16"  # extract --token-dtype of the demo's caches
+    token_pool: str = "none"  # extract --pool (none | 2x2)
 
 
 def toy_pretrained() -> str | None:
@@ -101,7 +103,8 @@ def prepare_world(out: Path, config: DemoConfig, *, ks: tuple[int, ...] = (), cl
                       progress=progress)
     base = ExtractConfig(annotations=(), format="jsonl", videos=str(data), out="", model=TOY_MODEL,
                          pretrained=toy_pretrained(), frames=config.frames, text_tokens=config.text_tokens,
-                         workers=config.workers, device="cpu", overwrite=True)
+                         token_dtype=config.token_dtype, token_pool=config.token_pool, workers=config.workers,
+                         device="cpu", overwrite=True)
     caches = {split: out / "cache" / f"{split}.h5" for split in SPLITS}
     every_k = sorted({config.k, *ks})
     by_k = {k: {split: candidates_path(out, split, k, config.k) for split in SPLITS} for k in every_k}
@@ -117,17 +120,24 @@ def prepare_world(out: Path, config: DemoConfig, *, ks: tuple[int, ...] = (), cl
     return data, caches, by_k
 
 
+def demo_training(config: DemoConfig):
+    """The re-ranker training the demo runs (``DEMO_TRAINING`` with ``DEMO_MODEL``, the config's steps and seed)."""
+    from tvrerank.train.loop import TrainConfig
+
+    return TrainConfig(**dict(DEMO_TRAINING, optim=dict(DEMO_TRAINING["optim"], steps=config.steps),
+                              seed=config.seed, device="cpu", model=dict(DEMO_TRAINING["model"], **DEMO_MODEL)))
+
+
 def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
     """Run every stage; returns the summary (also DIR/metrics.json, DIR/report.md, the plot)."""
     from tvrerank.evaluation import VARIANTS, evaluate_run
-    from tvrerank.train.loop import TrainConfig, train
+    from tvrerank.train.loop import train
 
     out, clock = Path(config.out), _Stopwatch()
     data, caches, by_k = prepare_world(out, config, clock=clock, progress=progress)
     candidates = by_k[config.k]
 
-    training = TrainConfig(**dict(DEMO_TRAINING, optim=dict(DEMO_TRAINING["optim"], steps=config.steps),
-                                  seed=config.seed, device="cpu", model=dict(DEMO_TRAINING["model"], **DEMO_MODEL)))
+    training = demo_training(config)
     run = out / "run"
     _clear_run(run)
     clock.time("train", train, caches["train"], candidates["train"], run, training, val_cache=caches["val"],
@@ -146,6 +156,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
     metrics["first_stages"] = {name: {"stage1": r["stage1"], "reranked": r["reranked"], "recall_at_k": r["recall_at_k"],
                                       "recall_curve": {k: r["recall_curve"][k] for k in ("stage1", "reranked")}}
                                for name, r in (("zero-shot", result), ("trained", on_trained))}
+    metrics["cache"] = {"token_dtype": config.token_dtype, "token_pool": config.token_pool}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_recall(metrics["recall_curve"], out / "recall_at_k.png", trained=metrics["first_stages"]["trained"])
     examples = clock.time("retrieve", example_queries, data, caches["test"], out / "index" / "test", run)
@@ -278,6 +289,8 @@ def report(summary: dict) -> str:
         "not a real dataset. The test split is made of confuser groups that differ only in event "
         "order, a direction or a small detail.", "",
         f"## Text→video on the test split ({metrics['evaluated']} captions, K = {metrics['k']})", "",
+        f"Cached tokens: {summary['config']['token_dtype']}, pool {summary['config']['token_pool']} "
+        "(`tvrerank demo --token-dtype`, `--pool`).", "",
         "```", format_table(metric_columns(metrics)), "```", "",
         f"R@1 gain of the fused ranking: {gain:+.1f} points. The true video is within the top {metrics['k']} for "
         f"{metrics['recall_at_k']:.1f}% of captions (the most re-ranking can reach). \"re-ranker alone\" orders "
