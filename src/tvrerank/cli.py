@@ -189,7 +189,7 @@ def cache_info_cmd(path: str, as_json: bool) -> None:
     click.echo(f"sampling   {info['frames']} frames ({info['sampling']['strategy']}), resized by "
                f"{info['sampling']['resize']} ({enc['interpolation']}, {enc['resize_mode']})")
     click.echo(f"tokens     {info['tokens_per_frame']} per frame x {info['token_dim']} "
-               f"({info['token_space']}, pool {info['token_pool']}); text {info['text_tokens']} x "
+               f"({info['token_space']}, pool {info['token_pool']}, {info['token_dtype']}); text {info['text_tokens']} x "
                f"{info['text_token_dim']}; embeddings {info['embed_dim']}")
     for name, (shape, dtype) in sorted(info["shapes"].items()):
         click.echo(f"  {name:<18} {str(tuple(shape)):<24} {dtype}")

@@ -82,7 +82,7 @@ def decode_tokens(codes: torch.Tensor, scale: torch.Tensor | None, dtype=None) -
     else:
         values = codes.to(torch.float32)
     if scale is not None:
-        values = values * scale.to(torch.float32).unsqueeze(-1)
+        values.mul_(scale.to(torch.float32).unsqueeze(-1))  # in place: one pass over the new float32 tensor
     return values.to(dtype)
 
 

@@ -47,6 +47,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
             "text_token_dim": header.layout.text_token_dim,
             "token_space": header.layout.space,
             "token_pool": header.layout.pool,
+            "token_dtype": header.layout.token_dtype,
             "encoder": {k: v for k, v in to_dict(header.encoder).items() if k != "model_config"},
             "sampling": to_dict(header.sampling),
             "dataset": header.dataset,
