@@ -81,6 +81,25 @@ def test_two_runs_with_one_seed_are_identical_at_the_default_thread_count(data, 
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.parametrize("token_dtype", ["float16", "int8"])
+def test_training_in_memory_equals_training_from_the_file(tmp_path, token_dtype, caplog):
+    """train --in-memory on/off: the same batches, so the same weights bit for bit; the run logs its choice."""
+    cache = synthetic_cache(tmp_path / "c.h5", videos=30, token_dtype=token_dtype, stage1_noise=1.2)
+    build_index_dir(cache, tmp_path / "index")
+    candidates = tmp_path / "k.h5"
+    write_candidates(candidates, build_candidates(cache, k=8, index_dir=tmp_path / "index"), cache)
+    states = {}
+    for mode in ("off", "on"):
+        config = TrainConfig(optim={"steps": 6}, captions=8, negatives=3, in_batch=1, val_fraction=0.2, eval_every=3,
+                             model=SMALL_MODEL, in_memory=mode)
+        with caplog.at_level("INFO", logger="tvrerank.cache.rows"):
+            train(cache, candidates, tmp_path / mode, config, progress=False)
+        states[mode] = load_reranker(tmp_path / mode).model.state_dict()
+        assert ("in memory" if mode == "on" else "reading every row from the file") in caplog.text
+    for name in states["off"]:
+        assert torch.equal(states["off"][name], states["on"][name]), name
+
+
 def test_refusals(data, tmp_path):
     root, (cache, candidates), (val_cache, val_candidates) = data
     config = TrainConfig(optim={"steps": 2}, model=SMALL_MODEL)
