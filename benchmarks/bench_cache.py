@@ -12,9 +12,11 @@
    rendered clips (mean and 1st percentile).
 4. **The demo's re-ranked R@1** per encoding and pool on ``--seeds`` seeds: the toy world and its float16
    caches are made once per seed (``toy.demo.prepare_world``), every other encoding is ``cache compact`` of
-   them (which gives what extracting with that encoding gives: tests/test_compact.py), the demo's
-   re-ranker is trained and evaluated on each. Also, for the 8-bit rows, the float16-trained re-ranker on
-   the 8-bit test cache: the fraction of test captions whose fused ranking of the top K is identical.
+   them (which gives what extracting with that encoding gives: tests/test_compact.py), and two re-rankers
+   are trained and evaluated on each with the demo's budget: the demo's own (each frame's global token)
+   and the method's default (global + top-M patches per frame, ``frame_tokens top_m``), which is the one
+   pooling can change. Also, for the 8-bit rows, the float16-trained re-ranker on the 8-bit test cache:
+   the fraction of test captions whose fused ranking of the top K is identical.
 
 Figures go to stdout; the last line is ``int8_r1_delta=<mean R@1 int8 - float16>``.
 
@@ -150,7 +152,16 @@ def candidates_of(cache: Path, k: int) -> Path:
     return out
 
 
+#: the re-rankers trained on each encoding: the demo's (each frame's global token only, which reads no patch,
+#: so pooling cannot change it) and the method's default (global + top-M patches per frame)
+MODELS = {"demo (global)": {}, "method (top-M patches)": {"frame_tokens": "top_m"}}
+
+
 def demo_rows(seeds: list[int], videos: int, steps: int | None, workers: int) -> dict:
+    """{"r1": {(model, dtype, pool): [(stage-1 R@1, re-ranked R@1) per seed]},
+    "agreement": {(model, dtype): [fraction of test captions ranked identically per seed]}}."""
+    import dataclasses
+
     import torch
 
     from tvrerank.cache.compact import compact_cache
@@ -161,59 +172,66 @@ def demo_rows(seeds: list[int], videos: int, steps: int | None, workers: int) ->
     from tvrerank.toy.demo import SPLITS, DemoConfig, demo_training, prepare_world
     from tvrerank.train.loop import train
 
-    results = {encoding: [] for encoding in ENCODINGS}
-    agreement = {dtype: [] for dtype in TOKEN_DTYPES[1:]}
-    cpu = torch.device("cpu")
+    results, agreement, cpu = {}, {}, torch.device("cpu")
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
             config = DemoConfig(out=tmp, seed=seed, videos=videos, workers=workers)
-            config = config if steps is None else DemoConfig(**{**config.__dict__, "steps": steps})
+            config = config if steps is None else dataclasses.replace(config, steps=steps)
             _, caches, by_k = prepare_world(Path(tmp), config, progress=False)
-            candidates = by_k[config.k]
-            runs = {}
-            for dtype, pool in ENCODINGS:
-                split_caches, split_candidates = caches, candidates
-                if (dtype, pool) != ("float16", "none"):
-                    split_caches = {split: compact_cache(caches[split], Path(tmp) / f"{split}-{dtype}-{pool}.h5",
-                                                         token_dtype=dtype, pool=pool, progress=False)
-                                    for split in SPLITS}
-                    split_candidates = {split: candidates_of(split_caches[split], config.k) for split in SPLITS}
-                run = Path(tmp) / f"run-{dtype}-{pool}"
-                train(split_caches["train"], split_candidates["train"], run, demo_training(config),
-                      val_cache=split_caches["val"], val_candidates=split_candidates["val"], progress=False)
-                metrics = evaluate_run(run, split_caches["test"], split_candidates["test"], device="cpu")
-                results[(dtype, pool)].append((metrics["stage1"]["R1"], metrics["reranked"]["R1"]))
-                runs[(dtype, pool)] = split_caches
-                print(f"  seed {seed} {dtype:<8} pool {'1' if pool == 'none' else '2'}: stage 1 "
-                      f"{metrics['stage1']['R1']:.1f} -> re-ranked {metrics['reranked']['R1']:.1f}")
-            # the float16-trained re-ranker on the 8-bit test caches: same candidates, tokens through the encoding
-            trained = load_reranker(Path(tmp) / "run-float16-none", cpu)
-            lists, true_video = load_lists(caches["test"], candidates["test"])
-            orders = {}
-            for dtype in TOKEN_DTYPES:
-                scores = rerank_scores(trained.model, runs[(dtype, "none")]["test"], lists.video, device=cpu)
-                fused = fused_scores(lists.score, scores, fusion=trained.fusion, alpha=trained.fusion_alpha,
-                                     present=lists.video >= 0)
-                orders[dtype] = order_candidates(fused, lists.score)
-            for dtype in TOKEN_DTYPES[1:]:
-                same = (orders[dtype] == orders["float16"]).all(axis=1).mean()
-                agreement[dtype].append(float(same))
+            encoded = {("float16", "none"): (caches, by_k[config.k])}
+            for dtype, pool in ENCODINGS[1:]:
+                split_caches = {split: compact_cache(caches[split], Path(tmp) / f"{split}-{dtype}-{pool}.h5",
+                                                     token_dtype=dtype, pool=pool, progress=False) for split in SPLITS}
+                encoded[(dtype, pool)] = split_caches, {split: candidates_of(split_caches[split], config.k)
+                                                        for split in SPLITS}
+            for model, changes in MODELS.items():
+                training = demo_training(config)
+                training = dataclasses.replace(training, model=dict(training.model, **changes))
+                for (dtype, pool), (split_caches, split_candidates) in encoded.items():
+                    if not changes and pool != "none":
+                        continue  # the global-token re-ranker reads no patch: pooling gives the same run
+                    run = Path(tmp) / f"run-{len(changes)}-{dtype}-{pool}"
+                    train(split_caches["train"], split_candidates["train"], run, training,
+                          val_cache=split_caches["val"], val_candidates=split_candidates["val"], progress=False)
+                    metrics = evaluate_run(run, split_caches["test"], split_candidates["test"], device="cpu")
+                    results.setdefault((model, dtype, pool), []).append((metrics["stage1"]["R1"],
+                                                                         metrics["reranked"]["R1"]))
+                    print(f"  seed {seed} {model:<24} {dtype:<8} pool {'1' if pool == 'none' else '2'}: stage 1 "
+                          f"{metrics['stage1']['R1']:.1f} -> re-ranked {metrics['reranked']['R1']:.1f}")
+                # the float16-trained re-ranker on the 8-bit test caches: same candidates, tokens through the encoding
+                trained = load_reranker(Path(tmp) / f"run-{len(changes)}-float16-none", cpu)
+                lists, _ = load_lists(caches["test"], by_k[config.k]["test"])
+                orders = {}
+                for dtype in TOKEN_DTYPES:
+                    scores = rerank_scores(trained.model, encoded[(dtype, "none")][0]["test"], lists.video, device=cpu)
+                    fused = fused_scores(lists.score, scores, fusion=trained.fusion, alpha=trained.fusion_alpha,
+                                         present=lists.video >= 0)
+                    orders[dtype] = order_candidates(fused, lists.score)
+                for dtype in TOKEN_DTYPES[1:]:
+                    same = float((orders[dtype] == orders["float16"]).all(axis=1).mean())
+                    agreement.setdefault((model, dtype), []).append(same)
     return {"r1": results, "agreement": agreement}
 
 
 def print_demo(rows: dict, seeds: list[int]) -> float:
+    """The table; returns the demo re-ranker's mean re-ranked R@1 of int8 minus float16."""
     def stats(values):
         return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
-    print(f"demo (toy world), test split, seeds {seeds}: mean ± sd")
-    print(f"  {'tokens':<9}{'pool':<6}{'stage-1 R@1':>14}{'re-ranked R@1':>16}{'vs float16':>12}{'same ranking':>14}")
-    base = stats([r for _, r in rows["r1"][("float16", "none")]])[0]
-    for (dtype, pool), values in rows["r1"].items():
+    print(f"demo (toy world), test split, seeds {seeds}: mean ± sd over seeds; 'same ranking': the float16-trained "
+          "re-ranker on the 8-bit test cache, captions whose fused top-K order is identical to float16's")
+    print(f"  {'re-ranker':<24}{'tokens':<9}{'pool':<6}{'stage-1 R@1':>14}{'re-ranked R@1':>16}{'vs float16':>12}"
+          f"{'same ranking':>14}")
+    for (model, dtype, pool), values in rows["r1"].items():
+        base = stats([r for _, r in rows["r1"][(model, "float16", "none")]])[0]
         s1, rr = stats([s for s, _ in values]), stats([r for _, r in values])
-        same = rows["agreement"].get(dtype) if pool == "none" else None
-        print(f"  {dtype:<9}{'1' if pool == 'none' else '2':<6}{s1[0]:>8.1f} ± {s1[1]:<4.1f}{rr[0]:>10.1f} ± "
-              f"{rr[1]:<4.1f}{rr[0] - base:>+10.1f}{'' if not same else f'{100 * statistics.mean(same):>13.1f}%'}")
-    return stats([r for _, r in rows["r1"][("int8", "none")]])[0] - base
+        same = rows["agreement"].get((model, dtype)) if pool == "none" else None
+        print(f"  {model:<24}{dtype:<9}{'1' if pool == 'none' else '2':<6}{s1[0]:>8.1f} ± {s1[1]:<4.1f}"
+              f"{rr[0]:>10.1f} ± {rr[1]:<4.1f}{rr[0] - base:>+10.1f}"
+              f"{'' if not same else f'{100 * statistics.mean(same):>13.1f}%'}")
+    model = next(iter(MODELS))
+    return (stats([r for _, r in rows["r1"][(model, "int8", "none")]])[0]
+            - stats([r for _, r in rows["r1"][(model, "float16", "none")]])[0])
 
 
 def main() -> None:
