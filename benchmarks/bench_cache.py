@@ -106,6 +106,24 @@ def read_rates(model: str, videos_per_step: int, cache_videos: int, frames: int,
 
 
 # --------------------------------------------------------------------------- 3. cosine
+def measured_bytes(cache: Path, folder: Path, mean_length: float) -> None:
+    """Bytes on disk per video (its datasets) and per caption of ``cache`` and of its compact forms."""
+    import h5py
+
+    from tvrerank.cache.compact import compact_cache
+
+    print(f"measured on disk, the toy world's test split (captions {mean_length:.1f} real tokens of 48 on average):")
+    for dtype, pool in ENCODINGS:
+        path = cache if (dtype, pool) == ("float16", "none") else compact_cache(
+            cache, folder / f"m-{dtype}-{pool}.h5", token_dtype=dtype, pool=pool, progress=False)
+        with h5py.File(path, "r") as f:
+            stored = {group: sum(f[group][name].id.get_storage_size() for name in f[group]
+                                 if not h5py.check_string_dtype(f[group][name].dtype)) for group in ("videos", "texts")}
+            videos, captions = len(f["videos/id"]), len(f["texts/video"])
+        print(f"  {dtype:<8} pool {'1' if pool == 'none' else '2'}: {human(stored['videos'] / videos):>10} per video, "
+              f"{human(stored['texts'] / captions):>10} per caption")
+
+
 def token_cosines(models: list[tuple[str, str | None]], videos: int, workers: int) -> None:
     import h5py
     import torch
@@ -125,6 +143,9 @@ def token_cosines(models: list[tuple[str, str | None]], videos: int, workers: in
                                          device="cpu", text_tokens=48, overwrite=True), progress=False)
             with h5py.File(out, "r") as f:
                 groups = {"frame patches": f["videos/tokens"][()], "caption tokens": f["texts/tokens"][()]}
+                mean_length = float(f["texts/length"][()].mean())
+            if pretrained is not None:  # the toy encoder's caches: their bytes on disk, per encoding
+                measured_bytes(out, Path(tmp), mean_length)
             for group, values in groups.items():
                 values = values.reshape(-1, values.shape[-1]).astype(np.float32)
                 values = values[np.abs(values).max(axis=1) > 0]

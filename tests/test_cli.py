@@ -168,6 +168,9 @@ def test_plan_prints_every_option_and_the_memory_fit():
     table = {line.split()[0]: line.split()[1:] for line in lines if line.startswith("  ")}
     assert table["float16"] == ["89.3", "GiB", "34.4", "GiB"] and table["int8"] == ["45.1", "GiB", "17.6", "GiB"]
     assert any(line.startswith("in memory  training holds") and "fit" in line for line in lines)
+    msrvtt = invoke("plan", "--model", "ViT-bigG-14", "--videos", "10000", "--captions", "200000", "--token-dtype",
+                    "int8", "--caption-tokens", "11.6").output  # MSR-VTT 1k-A's mean caption length
+    assert msrvtt.splitlines()[-1] == "total      40.2 GiB for 10000 videos" and "11.6 real tokens" in msrvtt
 
 
 def test_plan_for_vit_bigg_raw_matches_the_design_figures():

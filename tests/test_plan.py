@@ -43,3 +43,12 @@ def test_sizes_follow_the_schema_for_every_encoding():
     held = 1000 * 12 * (49 * (512 + 2) + 512 * 2 + 1) + 3000 * (32 * (512 + 2) + 2)
     assert i8.bytes_in_memory == held  # tokens, scales, frame embeddings, masks; caption tokens, scales, lengths
     assert plan_cache("ViT-B-32", 1000, captions=3000, token_dtype="int8") == i8
+
+
+def test_8bit_caption_tokens_cost_their_real_length():
+    full = plan_cache("ViT-B-32", 1000, captions=3000, token_dtype="int8")
+    short = plan_cache("ViT-B-32", 1000, captions=3000, token_dtype="int8", caption_tokens=8)
+    assert full.bytes_text - short.bytes_text == 3000 * (32 - 8) * 512  # the padding, compressed away
+    assert short.bytes_in_memory == full.bytes_in_memory  # held decompressed
+    f16 = plan_cache("ViT-B-32", 1000, captions=3000, caption_tokens=8)
+    assert f16 == plan_cache("ViT-B-32", 1000, captions=3000)  # float16 caches store every position

@@ -254,8 +254,12 @@ def cache_merge_cmd(shards, out: str) -> None:
 @pool_option
 @token_dtype_option
 @click.option("--text-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--caption-tokens", type=click.FloatRange(min=1), default=None,
+              help="Mean real tokens per caption (start and end included): 8-bit caches store no padding "
+                   "(default: all --text-tokens, an upper bound).")
 @click.option("--json", "as_json", is_flag=True)
-def plan(model, num_videos, frames, num_captions, token_space, token_pool, token_dtype, text_tokens, as_json) -> None:
+def plan(model, num_videos, frames, num_captions, token_space, token_pool, token_dtype, text_tokens, caption_tokens,
+         as_json) -> None:
     """Estimate a cache's size on disk from the model config (no weights built), for every token encoding and
     pool, and whether training could hold it in memory here."""
     from dataclasses import asdict
@@ -264,7 +268,7 @@ def plan(model, num_videos, frames, num_captions, token_space, token_pool, token
     from tvrerank.extract.plan import plan_every_option
 
     plans = plan_every_option(model, num_videos, captions=num_captions, frames=frames, token_space=token_space,
-                              text_tokens=text_tokens)
+                              text_tokens=text_tokens, caption_tokens=caption_tokens)
     estimate = next(p for p in plans if (p.token_dtype, p.pool) == (token_dtype, token_pool))
     budget = default_memory_budget()
     if as_json:
@@ -278,7 +282,9 @@ def plan(model, num_videos, frames, num_captions, token_space, token_pool, token
                f"{_human(estimate.bytes_per_frame * frames)}")
     click.echo(f"tokens     {_human(estimate.bytes_tokens)}")
     click.echo(f"embeddings {_human(estimate.bytes_embeddings)}")
-    click.echo(f"captions   {_human(estimate.bytes_text)} ({estimate.captions} captions)")
+    length = (f"{caption_tokens:g} real tokens each on average" if caption_tokens and token_dtype != "float16"
+              else f"{text_tokens} tokens each{'' if token_dtype == 'float16' else ', at most'}")
+    click.echo(f"captions   {_human(estimate.bytes_text)} ({estimate.captions} captions, {length})")
     click.echo("every option (extract --token-dtype, --pool):")
     click.echo(f"  {'':<9}{'pool 1':>12}{'pool 2':>12}")
     for dtype in TOKEN_DTYPES:

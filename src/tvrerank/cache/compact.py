@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from tvrerank.cache.checksums import verify_strings
 from tvrerank.cache.encoding import (POOLS, check_token_dtype, decode_tokens, encode_tokens, has_scale,
-                                     pool_frame_tokens, pooled_grid)
+                                     pool_frame_tokens, pooled_grid, without_padding)
 from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.schema import SCALE_ARRAY, CacheHeader, part_arrays
 from tvrerank.cache.writer import PartData, PartStore, assemble
@@ -70,7 +70,10 @@ def converted(arrays: dict, *, token_dtype: str, grid=None, pool: str = "none") 
     arrays.pop(SCALE_ARRAY, None)
     values = pool_frame_tokens(values, grid, pool)  # (n, T, P', D) when pooling
     if has_scale(token_dtype):
-        arrays["tokens"], arrays[SCALE_ARRAY] = encode_tokens(values.numpy(), token_dtype)
+        values = values.numpy()
+        if "length" in arrays:  # caption tokens: 8-bit caches hold zeros past each caption's length
+            values = without_padding(values, arrays["length"])
+        arrays["tokens"], arrays[SCALE_ARRAY] = encode_tokens(values, token_dtype)
     else:
         arrays["tokens"] = values.numpy().astype(np.float16)
     return arrays

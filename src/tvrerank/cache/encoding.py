@@ -71,6 +71,16 @@ def encode_tokens(tokens: np.ndarray, token_dtype: str) -> tuple[np.ndarray, np.
     return codes, scale
 
 
+def without_padding(text_tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """text_tokens (M, L, D), lengths (M,) → a copy with the positions past each caption's length zeroed.
+
+    The re-ranker masks those positions, so their values are never read; 8-bit caches store them as
+    zeros (scale 0), which their compressed caption tokens then hold in next to no bytes."""
+    positions = np.arange(text_tokens.shape[1])
+    return np.where((positions[None, :] < np.asarray(lengths)[:, None])[..., None], text_tokens, 0).astype(
+        text_tokens.dtype)
+
+
 def decode_tokens(codes: torch.Tensor, scale: torch.Tensor | None, dtype=None) -> torch.Tensor:
     """codes (..., D) as stored, scale (...,) or None → tokens (..., D) in ``dtype`` (float32 by default),
     on the codes' device."""
@@ -86,13 +96,16 @@ def decode_tokens(codes: torch.Tensor, scale: torch.Tensor | None, dtype=None) -
     return values.to(dtype)
 
 
-def roundtrip_tokens(tokens: np.ndarray, token_dtype: str) -> np.ndarray:
+def roundtrip_tokens(tokens: np.ndarray, token_dtype: str, lengths: np.ndarray | None = None) -> np.ndarray:
     """tokens (..., D) → the float32 values a cache of this encoding would give back: what a re-ranker
-    trained on such a cache saw, for tokens computed at query time (float16: unchanged)."""
+    trained on such a cache saw, for tokens computed at query time (float16: unchanged). ``lengths`` (M,):
+    caption tokens (M, L, D), whose padding an 8-bit cache holds as zeros."""
     if not has_scale(token_dtype):
         return tokens
     import torch
 
+    if lengths is not None:
+        tokens = without_padding(tokens, lengths)
     codes, scale = encode_tokens(tokens, token_dtype)
     return decode_tokens(torch.from_numpy(codes), torch.from_numpy(scale)).numpy()
 

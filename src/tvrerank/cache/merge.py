@@ -19,7 +19,7 @@ import numpy as np
 
 from tvrerank.cache.checksums import seal
 from tvrerank.cache.reader import CacheReader
-from tvrerank.cache.schema import STR, VIRTUAL_ARRAYS, CacheHeader, chunks_for, dataset_specs
+from tvrerank.cache.schema import STR, VIRTUAL_ARRAYS, CacheHeader, dataset_specs, storage_for
 from tvrerank.errors import CacheMismatch, InputError
 
 
@@ -96,8 +96,7 @@ def _concatenate(f, name, dtype, shards, sizes) -> None:
             arrays.append(np.asarray(data, dtype=object if dtype is STR else dtype))
         offset += videos
     data = np.concatenate(arrays)
-    chunks = None if dtype is STR else chunks_for(name, data.shape, dtype)
-    f.create_dataset(name, data=data, dtype=dtype, chunks=chunks, fletcher32=chunks is not None)
+    f.create_dataset(name, data=data, dtype=dtype, **storage_for(name, data.shape, dtype))
 
 
 def source_files(path: str | Path) -> list[Path]:

@@ -115,6 +115,23 @@ def spec_bytes(shape: tuple, dtype) -> int:
     return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
+#: 8-bit caption tokens are stored with zeros past each caption's length (``cache.encoding.without_padding``)
+#: and compressed (lzf, fast): the padding then costs next to nothing on disk
+COMPRESSED_ARRAYS = ("texts/tokens",)
+
+
+def storage_for(name: str, shape: tuple, dtype) -> dict:
+    """h5py ``create_dataset`` options of a cache (or part) dataset: ``chunks_for``'s chunks with a fletcher32
+    checksum each (numeric, non-empty), lzf compression for the 8-bit caption tokens; {} for strings."""
+    chunks = None if dtype is STR else chunks_for(name, shape, dtype)
+    if chunks is None:
+        return {}
+    options = {"chunks": chunks, "fletcher32": True}
+    if name in COMPRESSED_ARRAYS and np.dtype(dtype).itemsize == 1:
+        options["compression"] = "lzf"
+    return options
+
+
 def chunks_for(name: str, shape: tuple, dtype) -> tuple | None:
     """One video (or ~1 MiB of rows) per chunk, so a reader touches only what it needs; every non-empty
     numeric dataset is chunked, so that each chunk carries a checksum (cache/checksums.py)."""

@@ -23,9 +23,9 @@ import h5py
 import numpy as np
 
 from tvrerank.cache.checksums import damaged_reads, seal
-from tvrerank.cache.encoding import encode_tokens, has_scale
+from tvrerank.cache.encoding import encode_tokens, has_scale, without_padding
 from tvrerank.cache.identity import as_read_today, fingerprint_differences
-from tvrerank.cache.schema import SCALE_ARRAY, STR, CacheHeader, chunks_for, dataset_specs, spec_bytes
+from tvrerank.cache.schema import SCALE_ARRAY, STR, CacheHeader, dataset_specs, spec_bytes, storage_for
 from tvrerank.errors import TvrerankError
 from tvrerank.files import replaced_file, require_space
 
@@ -44,10 +44,11 @@ class PartData:
 
 def encoded_part(part: PartData, token_dtype: str) -> PartData:
     """The part with its float16 tokens in ``token_dtype`` (``cache.encoding``; a scale per token beside
-    the codes); float16: the part itself."""
+    the codes; caption positions past their length zero); float16: the part itself."""
     if not has_scale(token_dtype):
         return part
     videos, texts = dict(part.videos), dict(part.texts)
+    texts["tokens"] = without_padding(texts["tokens"], texts["length"])
     for arrays in (videos, texts):
         arrays["tokens"], arrays[SCALE_ARRAY] = encode_tokens(arrays["tokens"], token_dtype)
     return replace(part, videos=videos, texts=texts)
@@ -125,9 +126,8 @@ def _checked_dataset(f: h5py.File, name: str, array: np.ndarray, dtype) -> None:
     """A part's dataset; numeric ones chunked as in the cache (``chunks_for``: one video's tokens per
     chunk) with a checksum per chunk (strings cannot carry one). h5py's automatic chunks (64 KB,
     strided across frames) wrote and read parts ~1.4x slower."""
-    numeric = dtype is not STR and array.size > 0
-    chunks = chunks_for(name, array.shape, dtype) if numeric else None
-    f.create_dataset(name, data=array, dtype=dtype, chunks=chunks, fletcher32=numeric)
+    options = storage_for(name, array.shape, dtype) if array.size > 0 else {}
+    f.create_dataset(name, data=array, dtype=dtype, **options)
 
 
 class _CacheFile(h5py.File):
@@ -163,8 +163,7 @@ def create_cache(
     f.attrs.update(header.to_attrs())
     specs = dataset_specs(len(video_ids), len(captions), header.layout, header.sampling.frames)
     for name, (shape, dtype) in specs.items():
-        chunks = None if dtype is STR else chunks_for(name, shape, dtype)
-        f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, fletcher32=chunks is not None)
+        f.create_dataset(name, shape=shape, dtype=dtype, **storage_for(name, shape, dtype))
     f["videos/id"][:] = list(video_ids)
     f["videos/path"][:] = list(video_paths)
     f["texts/caption"][:] = list(captions)

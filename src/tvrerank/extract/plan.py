@@ -12,7 +12,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from tvrerank.cache.encoding import POOLS, TOKEN_DTYPES, pooled_grid
+from tvrerank.cache.encoding import POOLS, TOKEN_DTYPES, has_scale, pooled_grid
 from tvrerank.cache.rows import held_fields
 from tvrerank.cache.schema import dataset_specs, spec_bytes
 from tvrerank.config import TokenLayout
@@ -128,10 +128,15 @@ def plan_cache(
     token_pool: str = "none",
     token_dtype: str = "float16",
     text_tokens: int = 32,
+    caption_tokens: float | None = None,
     dims: dict | None = None,
 ) -> CachePlan:
     """Estimated bytes of a cache: its arrays as the schema specifies them (``cache.schema.dataset_specs``;
-    strings and HDF5 overhead aside). ``dims``: ``measure_layout``'s result, when already measured."""
+    strings and HDF5 overhead aside). ``dims``: ``measure_layout``'s result, when already measured.
+
+    ``caption_tokens``: the captions' mean real tokens; 8-bit caches hold their padding as compressed
+    zeros (``cache.schema.COMPRESSED_ARRAYS``), so their caption tokens take that share of the array
+    (None: all ``text_tokens``, an upper bound). float16 caches store every position."""
     dims = dims or measure_layout(model, token_space, token_pool)
     captions = videos if captions is None else captions
     layout = TokenLayout(space=token_space, pool=token_pool, token_dtype=token_dtype, text_tokens=text_tokens, **dims)
@@ -139,6 +144,10 @@ def plan_cache(
 
     def total(*names: str) -> int:
         return sum(spec_bytes(*specs[name]) for name in names if name in specs)
+
+    text_tokens_bytes = total("texts/tokens")
+    if has_scale(token_dtype) and caption_tokens is not None:
+        text_tokens_bytes = int(text_tokens_bytes * min(1.0, caption_tokens / text_tokens))
 
     held = [f"{group}/{name}" for group, names in held_fields("videos/token_scale" in specs).items() for name in names]
     return CachePlan(
@@ -151,7 +160,7 @@ def plan_cache(
         pool=token_pool,
         bytes_tokens=total("videos/tokens", "videos/token_scale"),
         bytes_embeddings=total("videos/frame_emb", "videos/video_emb", "videos/frame_mask"),
-        bytes_text=total("texts/emb", "texts/tokens", "texts/token_scale", "texts/length", "texts/video"),
+        bytes_text=total("texts/emb", "texts/token_scale", "texts/length", "texts/video") + text_tokens_bytes,
         bytes_in_memory=total(*held),
         **{k: dims[k] for k in ("grid", "tokens_per_frame", "token_dim", "embed_dim", "text_token_dim")},
     )

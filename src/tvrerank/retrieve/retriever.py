@@ -218,7 +218,7 @@ class Retriever:
         """Queries → the text encoder's emb (Q, E), token features (Q, L, Dt) as the cache's captions
         read back (its 8-bit encoding, when it has one: what the re-ranker was trained on), lengths (Q,)."""
         emb, tokens, lengths = self.encoder.encode_texts(list(queries))
-        return emb, roundtrip_tokens(tokens, self.cache.header.layout.token_dtype), lengths
+        return emb, roundtrip_tokens(tokens, self.cache.header.layout.token_dtype, lengths), lengths
 
     def truncation_warning(self, query: str) -> str | None:
         """Why the text encoder will not read all of ``query``, or None."""
