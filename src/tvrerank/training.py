@@ -219,6 +219,14 @@ class RunLog:
         if self.file is not None:
             self.file.close()
 
+    def end_step(self, row: list, *, done: int, every: int, steps: int, rank: int, save) -> None:
+        """Log the step's ``row``; at a checkpoint step (``is_due``) rank 0 flushes the log, then calls
+        ``save()``: a checkpoint never lags the rows before it."""
+        self.row(row)
+        if rank == 0 and is_due(done, every, steps):
+            self.flush()
+            save()
+
 
 def save_checkpoint(out: Path, model, optimizer, *, step: int, **extra) -> None:
     """``out/checkpoint.pt``, atomically: the weights, the optimizer, the torch RNG, the step and ``extra``."""

@@ -217,10 +217,8 @@ def _train(cache_path: Path, out: Path, config: FirstStageTrainConfig, *, val_ca
                 if best is None or selection_key(metrics) > selection_key(best):
                     best = {"step": done, **metrics, "state": {k: v.detach().cpu().clone()
                                                               for k, v in model.state_dict().items()}}
-            run_log.row(row)
-            if rank == 0 and is_due(done, config.checkpoint_every, config.optim.steps):
-                run_log.flush()
-                save_checkpoint(out, model, optimizer, step=done, best=best, history=history)
+            run_log.end_step(row, done=done, every=config.checkpoint_every, steps=config.optim.steps, rank=rank,
+                             save=lambda: save_checkpoint(out, model, optimizer, step=done, best=best, history=history))
     finally:
         run_log.close()
     kept = best["state"] if best is not None else model.state_dict()

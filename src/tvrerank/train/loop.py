@@ -357,10 +357,8 @@ def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *,
                     if rank == 0:
                         save_reranker(out, model, fusion_alpha=result["alpha"], fingerprint=fingerprint, step=done,
                                       train_config=to_dict(config), splits=splits, fusion=config.fusion)
-            run_log.row(row)
-            if rank == 0 and is_due(done, config.checkpoint_every, config.optim.steps):
-                run_log.flush()
-                save_checkpoint(out, model, optimizer, step=done, history=history, best=best)
+            run_log.end_step(row, done=done, every=config.checkpoint_every, steps=config.optim.steps, rank=rank,
+                             save=lambda: save_checkpoint(out, model, optimizer, step=done, history=history, best=best))
     finally:
         run_log.close()
     gap = None if validation is None else selection_gap(model, validation, final_val, device=device, rank=rank,
