@@ -19,6 +19,7 @@ LAST_LINE = {
     "bench_extract.py": r"^videos_per_s_tiny=\d",
     "bench_index.py": r"^auto_recall_at_15_\d+=\d",
     "bench_retrieve.py": r"^rerank_overhead=-?\d",
+    "bench_scale.py": r"^scale_rerank_p50_ms=\d",
     "bench_serve.py": r"^serve_p95_ms=\d",
     "bench_train_cost.py": r"^cache_speedup=\d",
     "gpu_suite.py": r"^gpu_suite_sections=(\d+)/\1$",  # every section ran

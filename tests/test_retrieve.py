@@ -180,3 +180,99 @@ def test_an_index_or_reranker_for_another_gallery_is_refused(setup, tmp_path):
     result = invoke("retrieve", "--gallery", str(cache), "--index", str(tmp_path / "other-index"), "--no-rerank",
                     "query")
     assert result.exit_code == 2 and "encoder.model synthetic (it) vs " in result.output
+
+
+# --------------------------------------------------------------------------- external candidates
+def test_rerank_of_the_first_stages_own_top_k_is_search(setup):
+    root, cache = setup
+    with Retriever(cache, root / "index", root / "run", device="cpu") as retriever:
+        for query in ("clip 1 caption 0", "clip 3 caption 1"):
+            (searched,) = retriever.search([query], top=4, k=4)
+            stage1 = retriever.search([query], top=4, k=4, rerank=False)[0]
+            ids = [hit.video_id for hit in stage1.results]
+            given = retriever.rerank(query, ids[::-1], k=4)  # any order: stage-1 order is by score
+            assert given == searched
+            assert [hit.stage1_rank for hit in given.results] == [hit.stage1_rank for hit in searched.results]
+            top2 = retriever.rerank(query, ids, k=4, top=2)
+            assert top2.results == searched.results[:2]
+
+
+def test_rerank_uses_the_callers_stage1_scores(setup):
+    root, cache = setup
+    with Retriever(cache, root / "index", root / "run", device="cpu") as retriever:
+        result = retriever.rerank("clip 2 caption 0", ["videos/v0", "videos/v1", "videos/v2"], stage1=[0.1, 0.9, 0.5])
+        by_id = {hit.video_id: hit for hit in result.results}
+        assert {v: by_id[v].stage1_rank for v in by_id} == {"videos/v1": 1, "videos/v2": 2, "videos/v0": 3}
+        assert by_id["videos/v1"].stage1 == pytest.approx(0.9) and all(hit.rerank is not None for hit in result.results)
+        with pytest.raises(ValueError, match="stage1 must be 3 finite numbers"):
+            retriever.rerank("q", ["videos/v0", "videos/v1", "videos/v2"], stage1=[0.1, float("nan"), 0.5])
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([], "video_ids is empty"),
+    (["videos/v0", "videos/v1", "videos/v0"], "video id 'videos/v0' is listed twice"),
+    (["videos/v0", "nope"], "no video 'nope' in the gallery"),
+    (["videos/v0", "videos/v1", "videos/v2", "videos/v3"], "4 ids, more than the re-ranker's K = 3"),
+    ("videos/v0", "must be a list"),
+])
+def test_rerank_refuses_bad_candidate_lists_naming_the_id(setup, ids, message):
+    from tvrerank.errors import TvrerankError
+
+    root, cache = setup
+    with Retriever(cache, root / "index", root / "run", device="cpu") as retriever:
+        with pytest.raises(TvrerankError, match=message):
+            retriever.rerank("clip 1 caption 0", ids, k=3)
+
+
+def test_rerank_refuses_a_video_that_is_not_indexed(setup):
+    from tvrerank.errors import TvrerankError
+
+    root, cache = setup
+    with Retriever(cache, root / "index", root / "run", device="cpu") as retriever:
+        failed = [str(v) for row, v in enumerate(retriever.video_ids) if not retriever.indexed[row]]
+        assert failed  # the fixture's broken files
+        with pytest.raises(TvrerankError, match=f"video '{failed[0]}' is not searchable"):
+            retriever.rerank("clip 1 caption 0", ["videos/v0", failed[0]])
+
+
+def test_retrieve_candidates_file(setup, tmp_path):
+    root, cache = setup
+    with Retriever(cache, root / "index", root / "run", device="cpu") as retriever:
+        expected = [retriever.rerank("clip 1 caption 0", ["videos/v2", "videos/v0", "videos/v1"], k=15).to_json(),
+                    retriever.rerank("clip 4 caption 1", ["videos/v4", "videos/v3"], stage1=[0.2, 0.3], k=15).to_json()]
+    good = tmp_path / "candidates.jsonl"
+    good.write_text(json.dumps({"q": "clip 1 caption 0", "video_ids": ["videos/v2", "videos/v0", "videos/v1"]}) + "\n\n"
+                    + json.dumps({"q": "clip 4 caption 1", "video_ids": ["videos/v4", "videos/v3"], "stage1": [0.2, 0.3]}) + "\n")
+    result = invoke("retrieve", "--gallery", str(cache), "--index", str(root / "index"), "--reranker",
+                    str(root / "run"), "--device", "cpu", "--candidates-file", str(good), "--json")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert lines == expected
+    from_stdin = invoke("retrieve", "--gallery", str(cache), "--index", str(root / "index"), "--reranker",
+                        str(root / "run"), "--device", "cpu", "--candidates-file", "-", "--json",
+                        input=good.read_text())
+    assert from_stdin.output == result.output
+
+
+@pytest.mark.parametrize("second_line, message", [
+    ("{not json", "line 3: not JSON"),
+    ('["videos/v0"]', "line 3: a JSON object is expected"),
+    ('{"q": "", "video_ids": ["videos/v0"]}', 'line 3: "q" must be a non-empty string'),
+    ('{"q": "x", "video_ids": "videos/v0"}', 'line 3: "video_ids" must be a list'),
+    ('{"q": "x", "video_ids": ["videos/v0"], "stage1": [1, 2]}', 'line 3: "stage1" must be a list of 1 finite'),
+    ('{"q": "x", "videos": ["videos/v0"]}', "line 3: unknown field 'videos'"),
+    ('{"q": "x", "video_ids": ["videos/v0", "videos/v9"]}', "line 3: no video 'videos/v9' in the gallery"),
+    ('{"q": "x", "video_ids": ["videos/v0", "videos/v0"]}', "line 3: video id 'videos/v0' is listed twice"),
+    ('{"q": "x", "video_ids": []}', "line 3 is empty"),
+])
+def test_a_bad_candidates_line_is_named_by_file_and_line(setup, tmp_path, second_line, message):
+    root, cache = setup
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"q": "clip 1 caption 0", "video_ids": ["videos/v0"]}) + "\n\n" + second_line + "\n")
+    result = invoke("retrieve", "--gallery", str(cache), "--index", str(root / "index"), "--reranker",
+                    str(root / "run"), "--device", "cpu", "--candidates-file", str(path), "--json")
+    assert result.exit_code == 2 and f"{path} {message}" in result.output, result.output
+    assert '"results"' not in result.output and "Traceback" not in result.output  # nothing scored
+    extra = invoke("retrieve", "--gallery", str(cache), "--index", str(root / "index"), "--reranker",
+                   str(root / "run"), "--candidates-file", str(path), "a query")
+    assert extra.exit_code == 2 and "goes alone" in extra.output

@@ -106,6 +106,44 @@ def test_bad_input_gets_a_json_error(client):
     assert client.get("/api/explain", params={"q": " ", "video_id": "test-000001"}).status_code == 400
 
 
+def test_rerank_of_every_test_captions_own_stage1_top_k_is_search(client, service):
+    """The target: an external first stage that returns our own stage-1 top K gets /api/search's order."""
+    k = min(service.k, len(service.retriever.index_rows))
+    captions = sorted(set(service.captions))
+    assert len(captions) >= 12
+    for caption in captions:
+        stage1 = client.get("/api/search", params={"q": caption, "rerank": "false", "top": k}).json()["results"]
+        ids = [hit["video_id"] for hit in stage1]
+        assert len(ids) == k
+        searched = client.get("/api/search", params={"q": caption, "top": k}).json()
+        response = client.post("/api/rerank", json={"q": caption, "video_ids": ids[::-1]})  # order given: any
+        assert response.status_code == 200, response.text
+        assert response.json() == searched, caption
+    top3 = client.post("/api/rerank", json={"q": captions[0], "video_ids": ids, "top": 3}).json()["results"]
+    assert len(top3) == 3
+    given = client.post("/api/rerank", json={"q": QUERY, "video_ids": ids[:2], "stage1": [0.1, 0.7]}).json()
+    assert [hit["video_id"] for hit in sorted(given["results"], key=lambda h: h["stage1_rank"])] == ids[1::-1]
+
+
+def test_rerank_bad_input_is_a_4xx_naming_the_id(client, service):
+    some = [str(v) for v in service.retriever.video_ids[:3]]
+    cases = [({"q": QUERY, "video_ids": []}, "video_ids is empty"),
+             ({"q": QUERY, "video_ids": [some[0], "nope"]}, "no video 'nope'"),
+             ({"q": QUERY, "video_ids": [some[0], some[1], some[0]]}, f"video id '{some[0]}' is listed twice"),
+             ({"q": " ", "video_ids": some}, "empty"),
+             ({"q": QUERY, "video_ids": "x"}, "video_ids"),
+             ({"q": QUERY}, "video_ids"),
+             ({"q": QUERY, "video_ids": some, "stage1": [1.0]}, "stage1 must be 3 finite numbers")]
+    for body, message in cases:
+        response = client.post("/api/rerank", json=body)
+        assert response.status_code == 400 and message in response.json()["error"], (body, response.text)
+    small_k = TestClient(create_app(SearchService(service.retriever, k=2)))  # the gallery has fewer than 15
+    response = small_k.post("/api/rerank", json={"q": QUERY, "video_ids": some})
+    assert response.status_code == 400 and "3 ids, more than the re-ranker's K = 2" in response.json()["error"]
+    broken = client.post("/api/rerank", content=b"{not json", headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and broken.json()["error"]
+
+
 @pytest.mark.parametrize("path", [
     "/api/videos/nope", "/api/videos/nope/frames", "/api/explain?q=red&video_id=nope",
     "/api/videos/..%2F..%2F..%2Fetc%2Fpasswd", "/api/videos/..%2F..%2F..%2Fetc%2Fpasswd/frames",

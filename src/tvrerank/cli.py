@@ -505,12 +505,35 @@ def read_text_lines(path: str, where: str) -> list[str]:
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch and FAISS (default: theirs).")
 @click.option("--first-stage", "first_stage", type=click.Path(exists=True, file_okay=False),
               help="A trained first stage (firststage train); --index must hold its video embeddings.")
+@click.option("--candidates-file", type=click.Path(allow_dash=True, dir_okay=False),
+              help='Re-rank another first stage\'s candidates: one JSON line per query, {"q": ..., "video_ids": '
+                   '[...]} (at most --k ids of the gallery; optional "stage1": their scores); - reads stdin.')
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query.")
 def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rerank, no_store, device, threads,
-             first_stage, as_json) -> None:
-    """Search the gallery for text queries: FAISS top-K, re-ranked."""
+             first_stage, candidates_file, as_json) -> None:
+    """Search the gallery for text queries: FAISS top-K, re-ranked (or re-rank given candidates)."""
     from tvrerank.retrieve.retriever import Retriever, check_queries, set_cpu_threads
 
+    if candidates_file is not None:
+        if queries or queries_file is not None or no_rerank:
+            raise click.UsageError("--candidates-file goes alone: not with queries, --queries-file or --no-rerank")
+        if run_dir is None:
+            raise click.UsageError("--candidates-file needs --reranker RUN_DIR")
+        from tvrerank.retrieve.external import parse_candidate_lines
+        from tvrerank.retrieve.retriever import candidate_rows
+
+        where = "stdin" if candidates_file == "-" else candidates_file
+        lines = parse_candidate_lines(read_text_lines(candidates_file, where), where)
+        if threads is not None:
+            set_cpu_threads(threads)
+        with Retriever(gallery, index_dir, run_dir, device=device, use_store=not no_store,
+                       first_stage=first_stage) as retriever:
+            for line in lines:  # every id checked before anything is scored
+                candidate_rows(line.video_ids, retriever.row_of, retriever.indexed, k, where=line.where)
+            results = [retriever.rerank(line.query, line.video_ids, stage1=line.stage1, k=k, top=top)
+                       for line in lines]
+        _print_results(results, as_json)
+        return
     texts, names = list(queries), [f"query {i + 1} (argument)" for i in range(len(queries))]
     if queries_file is not None:
         where = "stdin" if queries_file == "-" else queries_file
@@ -530,6 +553,10 @@ def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rera
     with Retriever(gallery, index_dir, None if no_rerank else run_dir, device=device,
                    use_store=not no_store, first_stage=first_stage) as retriever:
         results = retriever.search(texts, top=top, k=k, rerank=not no_rerank)
+    _print_results(results, as_json)
+
+
+def _print_results(results, as_json: bool) -> None:
     for result in results:
         if as_json:
             click.echo(json.dumps(result.to_json(), ensure_ascii=False))

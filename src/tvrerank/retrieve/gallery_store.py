@@ -60,15 +60,29 @@ def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Rera
         digest = cache_video_ids_digest(cache)
         path = store_path(run_dir, cache_path, digest)
     source = CacheRows(cache_path, memory_budget=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    c = model.config  # float16 tokens and boolean pads per video, plus the row numbers
-    per_video = np.dtype(STORED_FLOAT).itemsize * c.width * (c.frames * c.kept_per_frame + c.video_keep) + \
+    parts = (select_videos(model, source, rows[start : start + batch], device=device)
+             for start in range(0, len(rows), batch))
+    return write_gallery_store(path, rows, parts, cache_path=cache_path, ids_digest=digest,
+                               reranker_sha256=reranker_digest(run_dir), per_video=store_bytes_per_video(model.config))
+
+
+def store_bytes_per_video(c) -> int:
+    """Bytes of one video's record for a re-ranker config ``c``: float16 tokens, boolean pads, its row number."""
+    return np.dtype(STORED_FLOAT).itemsize * c.width * (c.frames * c.kept_per_frame + c.video_keep) + \
         c.frames + c.video_keep + 8
+
+
+def write_gallery_store(path: Path, rows: np.ndarray, parts, *, cache_path: str | Path, ids_digest: str,
+                        reranker_sha256: str, per_video: int) -> Path:
+    """Write a store: rows (N,) cache rows, ``parts`` the records of consecutive rows in order (each a
+    ``SelectedVideos``, tensors (B, ...)); tokens as float16, contiguous datasets (readers memory-map
+    them). The file replaces ``path`` only once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     require_space(path, len(rows) * per_video + (1 << 20), "the gallery store")
     with replaced_file(path) as tmp, h5py.File(tmp, "w") as f:
         f["rows"] = rows
-        for start in range(0, len(rows), batch):
-            part = select_videos(model, source, rows[start : start + batch], device=device)
+        start = 0
+        for part in parts:
             for name in FIELDS:
                 array = getattr(part, name).cpu().numpy()
                 if array.dtype.kind == "f":
@@ -77,8 +91,11 @@ def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Rera
                     # contiguous (no chunks, no filter): readers memory-map it
                     f.create_dataset(name, shape=(len(rows),) + array.shape[1:], dtype=array.dtype)
                 f[name][start : start + len(array)] = array
-        f.attrs.update({"format": FORMAT, "cache": str(cache_path), "video_ids_sha256": digest,
-                        "reranker_sha256": reranker_digest(run_dir)})
+            start += len(part.frame_tokens)
+        if start != len(rows):
+            raise ValueError(f"{len(rows)} rows but records of {start}")
+        f.attrs.update({"format": FORMAT, "cache": str(cache_path), "video_ids_sha256": ids_digest,
+                        "reranker_sha256": reranker_sha256})
     return path
 
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tvrerank.cache.reader import CacheReader
+from tvrerank.cache.reader import CacheReader, read_rows
 from tvrerank.cache.encoding import roundtrip_tokens
 from tvrerank.cache.rows import CacheRows
 from tvrerank.devices import resolve_device
@@ -40,6 +40,38 @@ log = logging.getLogger(__name__)
 
 class QueryError(InputError):
     """A query that cannot be searched (empty or whitespace only)."""
+
+
+class CandidateError(InputError):
+    """A candidate list that cannot be re-ranked: empty, too long, a duplicate or an unknown video id."""
+
+
+def candidate_rows(video_ids: Sequence[str], row_of: dict[str, int], indexed: np.ndarray, k: int,
+                   where: str = "video_ids") -> np.ndarray:
+    """A caller's candidate ids → their cache rows (n,), checked: 1..k ids, no duplicate, each a gallery
+    video that is in the index (``indexed`` (N,) bool by cache row). Raises CandidateError naming the id."""
+    if isinstance(video_ids, (str, bytes)) or not isinstance(video_ids, Sequence):
+        raise CandidateError(f"{where} must be a list of video ids")
+    if len(video_ids) == 0:
+        raise CandidateError(f"{where} is empty: give 1 to {k} video ids to re-rank")
+    if len(video_ids) > k:
+        raise CandidateError(f"{where} has {len(video_ids)} ids, more than the re-ranker's K = {k}; "
+                             f"give at most {k} (the first stage's top {k})")
+    rows, seen = [], set()
+    for video_id in video_ids:
+        if not isinstance(video_id, str):
+            raise CandidateError(f"{where}: {video_id!r} is not a video id (a string)")
+        if video_id in seen:
+            raise CandidateError(f"{where}: video id {video_id!r} is listed twice; give each candidate once")
+        seen.add(video_id)
+        row = row_of.get(video_id)
+        if row is None:
+            raise CandidateError(f"{where}: no video {video_id!r} in the gallery")
+        if not indexed[row]:
+            raise CandidateError(f"{where}: video {video_id!r} is not searchable (its extraction failed, so it is "
+                                 "not in the index)")
+        rows.append(row)
+    return np.asarray(rows, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -112,6 +144,9 @@ class Retriever:
         self.device_store: DeviceStore | None = None
         self._scorers: dict[int, QueryScorer] = {}  # by candidates per query
         self._scorers_lock = threading.Lock()
+        self._row_of: dict[str, int] | None = None
+        self._indexed: np.ndarray | None = None
+        self._index_position: np.ndarray | None = None  # cache row → index position, -1: not indexed
         try:
             self._open(index_dir, run_dir, use_store)
             if self.store is not None and self._store_on_device(device_store):
@@ -213,6 +248,82 @@ class Retriever:
                     log.warning("query %d: %s", start + i + 1, warning)
                 results.append(result if warning is None else replace(result, warning=warning))
         return results
+
+    def rerank(self, query: str, video_ids: Sequence[str], *, stage1: Sequence[float] | None = None,
+               k: int = 15, top: int | None = None) -> QueryResult:
+        """Re-rank another first stage's candidates: ``video_ids`` (n <= k) of this gallery for ``query``
+        → the same ``QueryResult`` as ``search`` (top ``top``, default all n): the candidates in stage-1
+        order (by ``stage1``, the caller's scores (n,), else by the first stage's own score of each,
+        ``stage1_scores``), re-ordered by the ranking rule. Given this retriever's own stage-1 top k,
+        it returns what ``search`` returns."""
+        check_queries([query], ["the query"])
+        if self.reranker is None:
+            raise InputError("re-ranking candidates needs a trained re-ranker: pass --reranker RUN_DIR")
+        rows = candidate_rows(video_ids, self.row_of, self.indexed, k)
+        emb, tokens, lengths = self.encode_queries([query])
+        if stage1 is None:
+            scores = self.stage1_scores(self.query_embeddings(emb)[0], rows)
+        else:
+            scores = np.asarray(stage1, dtype=np.float32)
+            if scores.shape != rows.shape or not np.isfinite(scores).all():
+                raise CandidateError(f"stage1 must be {len(rows)} finite numbers, one per video id")
+        order = np.argsort(-scores, kind="stable")  # stage-1 order; ties keep the caller's order
+        scores, rows = scores[order], rows[order]
+        n = len(rows)
+        reranked = self.candidate_scores(tokens, lengths, rows[None])
+        result = self.rank_hits(query, scores, rows, n, n if top is None else min(top, n), reranked[0])
+        warning = self.truncation_warning(query)
+        return result if warning is None else replace(result, warning=warning)
+
+    @property
+    def row_of(self) -> dict[str, int]:
+        """video id → cache row (made on first use)."""
+        if self._row_of is None:
+            self._row_of = {str(video_id): row for row, video_id in enumerate(self.video_ids)}
+        return self._row_of
+
+    @property
+    def indexed(self) -> np.ndarray:
+        """(N,) bool by cache row: in the index (made on first use)."""
+        if self._indexed is None:
+            self._indexed = np.zeros(len(self.video_ids), dtype=bool)
+            self._indexed[self.index_rows] = True
+        return self._indexed
+
+    def stage1_scores(self, query_vector: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """query_vector (E,) → the first stage's score of each of ``rows`` (n,) cache rows: (n,) float32.
+
+        The inner products FAISS would give: with the vectors the index holds when it keeps them whole
+        (Flat, HNSW: exact, in memory), else the cache's video embeddings (an index of the cache's own
+        embeddings), computed by a FAISS flat index, as the index's exact search computes them.
+        """
+        faiss = import_faiss()
+        vectors = self.indexed_vectors(rows)  # (n, E)
+        flat = faiss.IndexFlatIP(vectors.shape[1])
+        flat.add(vectors)
+        scores, positions = flat.search(np.ascontiguousarray(query_vector[None], dtype=np.float32), len(rows))
+        out = np.empty(len(rows), dtype=np.float32)
+        out[positions[0]] = scores[0]
+        return out
+
+    def indexed_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """rows (n,) cache rows in the index → the vectors (n, E) float32 stage 1 scores them by."""
+        faiss = import_faiss()
+        base = faiss.downcast_index(self.index)
+        if isinstance(base, faiss.IndexHNSW):
+            base = faiss.downcast_index(base.storage)
+        if isinstance(base, faiss.IndexFlat):
+            if self._index_position is None:
+                self._index_position = np.full(len(self.video_ids), -1, dtype=np.int64)
+                self._index_position[self.index_rows] = np.arange(len(self.index_rows))
+            return np.stack([self.index.reconstruct(int(p)) for p in self._index_position[rows]]).astype(np.float32)
+        if self.first_stage is not None:
+            raise InputError(f"the index ({self.index_config.factory}) keeps no whole vectors of the trained first "
+                             "stage: give each candidate's stage-1 score (\"stage1\": [...])")
+        order = np.argsort(rows)
+        out = np.empty((len(rows), self.index_config.dim), dtype=np.float32)
+        out[order] = read_rows(self.cache["videos/video_emb"].dataset, rows[order])
+        return out
 
     def encode_queries(self, queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Queries → the text encoder's emb (Q, E), token features (Q, L, Dt) as the cache's captions

@@ -4,6 +4,9 @@
     GET /static/{app.js,style.css}          its script and style (only these names are served)
     GET /api/info                           the gallery, encoder and re-ranker being served
     GET /api/search?q=&top=10&rerank=true   one line of `retrieve --json`
+    POST /api/rerank {"q": ..., "video_ids": [...]}
+                                            another first stage's candidates (at most K ids) re-ranked:
+                                            the JSON of /api/search (optional "stage1": their scores, "top")
     GET /api/videos/{video_id}              id, path, status, captions, duration
     GET /api/videos/{video_id}/frames       the sampled frames as one JPEG strip (a placeholder if unreadable)
     GET /api/explain?q=&video_id=           kept patches, video selector picks, attention (rerank/explain.py)
@@ -19,6 +22,7 @@ import logging
 from importlib import resources
 
 from fastapi import FastAPI, Query, Request
+from pydantic import BaseModel, Field
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,6 +42,15 @@ def static_file(name: str) -> str:
 
 def error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+class RerankRequest(BaseModel):
+    """The body of POST /api/rerank."""
+
+    q: str | None = None
+    video_ids: list[str]
+    stage1: list[float] | None = None  # the caller's first-stage scores, one per id (default: computed)
+    top: int | None = Field(None, ge=1)
 
 
 def create_app(service: SearchService, *, allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -98,6 +111,11 @@ def create_app(service: SearchService, *, allowed_hosts: list[str] | None = None
     @app.get("/api/search")
     async def search(q: str | None = None, top: int = Query(10, ge=1, le=100), rerank: bool = True):
         return await service.model_gate.run(lambda: service.search(q, top=top, rerank=rerank))
+
+    @app.post("/api/rerank")
+    async def rerank(body: RerankRequest):
+        return await service.model_gate.run(
+            lambda: service.rerank(body.q, body.video_ids, stage1=body.stage1, top=body.top))
 
     @app.get("/api/explain")
     async def explain(video_id: str, q: str | None = None):

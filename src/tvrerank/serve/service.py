@@ -258,6 +258,13 @@ class SearchService:
         warnings = [w for w in (warning, result.pop("warning", None)) if w]
         return {**result, "warning": "; ".join(warnings)} if warnings else result
 
+    def rerank(self, query: str | None, video_ids, *, stage1=None, top: int | None = None) -> dict:
+        """Another first stage's candidates (at most K ids of this gallery) re-ranked: the JSON of ``search``."""
+        query, warning = clean_query(query)
+        result = self.retriever.rerank(query, video_ids, stage1=stage1, k=self.k, top=top).to_json()
+        warnings = [w for w in (warning, result.pop("warning", None)) if w]
+        return {**result, "warning": "; ".join(warnings)} if warnings else result
+
     @torch.inference_mode()
     def explain(self, query: str | None, video_id: str) -> dict:
         query, warning = clean_query(query)
