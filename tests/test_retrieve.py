@@ -276,3 +276,15 @@ def test_a_bad_candidates_line_is_named_by_file_and_line(setup, tmp_path, second
     extra = invoke("retrieve", "--gallery", str(cache), "--index", str(root / "index"), "--reranker",
                    str(root / "run"), "--candidates-file", str(path), "a query")
     assert extra.exit_code == 2 and "goes alone" in extra.output
+
+
+def test_the_serving_path_never_imports_the_trainers():
+    import subprocess
+    import sys
+
+    code = ("import sys, tvrerank.retrieve.retriever, tvrerank.retrieve.gallery_store, tvrerank.serve.service; "
+            "print(sorted(m for m in sys.modules if m == 'tvrerank.training' or m.startswith('tvrerank.train') "
+            "or m == 'tvrerank.firststage.train' or m == 'tvrerank.toy.pretrain'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
