@@ -315,3 +315,14 @@ def test_accumulation_skips_the_gradient_all_reduce_on_all_but_the_last_micro_ba
     train_step(wrapped, torch.optim.SGD(model.parameters(), lr=0.1), iter([batches[i] for i in range(3)]),
                config=config, lr=0.1, device=torch.device("cpu"), step=0)
     assert wrapped.synced == [False, False, True]
+
+
+def test_a_reranker_is_refused_on_a_cache_of_another_token_encoding(tmp_path):
+    from tvrerank.cache.compact import compact_cache
+
+    cache, candidates = split(tmp_path, "c", 0, videos=20)
+    train(cache, candidates, tmp_path / "run", TrainConfig(optim={"steps": 2}, captions=4, model=SMALL_MODEL),
+          progress=False)
+    compact = compact_cache(cache, tmp_path / "c8.h5", token_dtype="int8", progress=False)
+    with pytest.raises(CacheMismatch, match=r"layout\.token_dtype float16 \(it\) vs int8"):
+        evaluate_run(tmp_path / "run", compact, candidates, device="cpu")
