@@ -12,7 +12,6 @@ count) and which run made them, and which videos that run held out of its traini
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from tvrerank.cache.identity import cache_video_ids_digest, held_out_record, req
 from tvrerank.cache.reader import CacheReader, read_rows
 from tvrerank.config import from_dict, to_dict
 from tvrerank.errors import CacheMismatch, CorruptFile, MissingInput
-from tvrerank.files import atomic_save, read_torch_file, replaced_folder
+from tvrerank.files import atomic_save, file_sha256, read_torch_file, replaced_folder
 from tvrerank.firststage.model import FirstStage, FirstStageConfig
 
 MODEL_FILE = "firststage.pt"
@@ -50,7 +49,7 @@ class TrainedFirstStage:
                            remedy="train a first stage on a cache made with the same encoder")
 
     def digest(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        return file_sha256(self.path)
 
 
 def load_first_stage(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedFirstStage:
