@@ -119,7 +119,7 @@ class GalleryStore:
                             what="gallery store")
             store = cls(path)
         except CorruptFile as exc:  # damaged bytes: score without it (a correct result, only slower)
-            log.warning("%s; scoring without it", exc)
+            log.warning("unreadable gallery store: %s; scoring without it", exc)
             return None
         except StoreFormatError as exc:
             log.warning("%s (not used now)", exc)
