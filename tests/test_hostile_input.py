@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_VIT, make_dataset, synthetic_cache
+from conftest import TINY_VIT, flip_tensor_bytes, make_dataset, synthetic_cache
 
 from tvrerank.cli import main
 
@@ -159,17 +159,25 @@ def flip(path, start: int, nbytes: int, mask: int = 0xFF) -> None:
 
 
 def flipped_weights(finished, tmp_path) -> dict:
-    """256 bytes flipped inside the largest tensor of reranker.pt (a zip whose records are stored
-    uncompressed): the zip stays readable, so torch.load succeeds on the damaged weights."""
-    import zipfile
-
     shutil.copytree(finished / "run", tmp_path / "run")
-    path = tmp_path / "run" / "reranker.pt"
-    with zipfile.ZipFile(path) as archive:
-        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    header = path.read_bytes()[record.header_offset : record.header_offset + 30]  # the local file header
-    start = record.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
-    flip(path, start, min(256, record.file_size))
+    flip_tensor_bytes(tmp_path / "run" / "reranker.pt")
+    return {"run": tmp_path / "run"}
+
+
+def flipped_candidates(finished, tmp_path) -> dict:
+    """The candidate lists' stored scores with a low bit flipped: still finite, silently other numbers."""
+    import h5py
+
+    shutil.copy(finished / "cand.h5", tmp_path / "cand.h5")
+    with h5py.File(tmp_path / "cand.h5") as f:
+        start, size = f["candidates/score"].id.get_offset(), f["candidates/score"].id.get_storage_size()
+    flip(tmp_path / "cand.h5", start, size, mask=0x01)
+    return {"cand": tmp_path / "cand.h5"}
+
+
+def flipped_checkpoint(finished, tmp_path) -> dict:
+    shutil.copytree(finished / "run", tmp_path / "run")
+    flip_tensor_bytes(tmp_path / "run" / "checkpoint.pt")
     return {"run": tmp_path / "run"}
 
 
@@ -266,6 +274,11 @@ DAMAGED = [
     ("reranker.pt with 256 bytes of weights flipped: eval", flipped_weights, "eval --cache {cache} --candidates "
      "{cand} --reranker {run} --device cpu", 2, "reranker.pt: not a readable checkpoint (its bytes differ from "
      "the sha256 in reranker.pt.sha256"),
+    ("candidates file with its scores' low bits flipped: eval", flipped_candidates, "eval --cache {cache} "
+     "--candidates {cand} --device cpu", 2, "cand.h5: not a readable candidates file (its bytes differ"),
+    ("checkpoint.pt with 256 bytes of weights flipped: --resume", flipped_checkpoint, "train --cache {cache} "
+     "--candidates {cand} --out {run} --config {config} --steps 3 --device cpu --resume", 2,
+     "checkpoint.pt: not a readable checkpoint (its bytes differ"),
     ("cache check of a token_layout edited to a wrong type", edited_layout, "cache check {cache}", 1,
      "token_layout.token_dim: 32.0 is not an integer >= 1"),
     ("index.faiss from another build: retrieve", other_build, RETRIEVE + " --no-rerank q", 2,
