@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import synthetic_cache
@@ -165,27 +167,29 @@ def test_a_checksummed_write_killed_at_any_step_leaves_a_file_its_checksum_accep
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cand.h5", "cand.h5.sha256"]
 
 
-def test_check_writable_names_a_file_in_the_way_and_leaves_nothing_behind(tmp_path):
+def test_check_writable_names_a_file_in_the_way_and_writes_nothing(tmp_path):
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(InputError, match=r"--out .*f.txt/a/b: .*f.txt is a file, not a folder; choose another --out"):
         check_writable(tmp_path / "f.txt" / "a" / "b")
-    check_writable(tmp_path / "new" / "deeper" / "run")  # folders it would create are fine, and removed again
+    check_writable(tmp_path / "new" / "deeper" / "run")  # folders it would create are fine (and not made here)
     with pytest.raises(InputError, match=r"--ranks-out .*: folder .*new does not exist"):
         check_writable(tmp_path / "new" / "ranks.csv", "--ranks-out", create=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
 
 
 def test_check_writable_names_a_folder_it_cannot_write(tmp_path, monkeypatch):
-    """Tests run as root, who may write anywhere: the refusal is simulated where the probe writes."""
-    import errno
+    """Tests run as root, who may write anywhere: the refusal is simulated where it is asked."""
     import os
-    import tempfile
 
-    def refused(*args, dir=None, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dir))
-
-    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refused)
-    with pytest.raises(InputError, match=r"--out .*/x/run: cannot write in .*/x \(Permission denied\); choose a "
-                                         r"writable --out"):
-        check_writable(tmp_path / "x" / "run")
-    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "run").mkdir()
+    locked = {tmp_path / "x", tmp_path / "run"}
+    real_access = os.access
+    monkeypatch.setattr(files.os, "access", lambda path, mode: Path(path) not in locked and real_access(path, mode))
+    (tmp_path / "x").mkdir()
+    with pytest.raises(InputError, match=r"--out .*/x/new/run: cannot write in .*/x \(no permission, or a read-only "
+                                         r"file system\); choose a writable --out"):
+        check_writable(tmp_path / "x" / "new" / "run")
+    with pytest.raises(InputError, match=r"cannot write in .*/run "):  # an existing run folder is written into
+        check_writable(tmp_path / "run")
+    check_writable(tmp_path / "y" / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "x"]

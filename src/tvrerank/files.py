@@ -123,37 +123,23 @@ def verify_checksum(path: str | Path, remedy: str, *, what: str = "file") -> Non
 
 
 def check_writable(target: str | Path, option: str = "--out", *, create: bool = True) -> None:
-    """Refuse an output path whose folder cannot be created or written, in one line naming it
-    (before any work; the folders it creates are removed again). ``target``: the file or folder to
-    write; ``create``: whether missing folders above it would be made (else they are refused)."""
-    import errno
-    import tempfile
-
+    """Refuse an output path that cannot be written, in one line naming it, before any work and
+    without writing anything: a file where a folder above it should be, a missing folder (unless
+    ``create``: the command makes it), or a folder this process may not write (permissions, a
+    read-only file system). ``target``: the file or folder the command writes."""
     target = Path(target).absolute()
-    missing = []
     folder = target.parent
-    while not folder.exists():
-        missing.append(folder)
+    while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
         raise InputError(f"{option} {target}: {folder} is a file, not a folder; choose another {option}")
-    if missing and not create:
+    if folder != target.parent and not create:
         raise InputError(f"{option} {target}: folder {target.parent} does not exist; create it or choose "
                          f"another {option}")
-    try:
-        for made in reversed(missing):
-            made.mkdir()
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tvrerank-probe-"):
-            pass
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise
-        raise InputError(f"{option} {target}: cannot write in {Path(exc.filename or target.parent)} "
-                         f"({exc.strerror or reason_of(exc)}); choose a writable {option}") from None
-    finally:
-        for made in missing:
-            with contextlib.suppress(OSError):
-                made.rmdir()
+    for place in (folder, target) if target.is_dir() else (folder,):
+        if not os.access(place, os.W_OK | os.X_OK):  # also false on a read-only file system, even for root
+            raise InputError(f"{option} {target}: cannot write in {place} (no permission, or a read-only file "
+                             f"system); choose a writable {option}")
 
 
 @contextlib.contextmanager
