@@ -73,6 +73,21 @@ BROKEN = {
 }
 
 
+def flip_tensor_bytes(path: Path, nbytes: int = 256) -> None:
+    """XOR ``nbytes`` inside the largest tensor of a torch checkpoint (a zip whose records are stored
+    uncompressed): the zip stays readable, so torch.load succeeds on the damaged weights."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    header = data[record.header_offset : record.header_offset + 30]  # the record's local file header
+    start = record.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    for i in range(start, start + min(nbytes, record.file_size)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def kill_at_first_checkpoint(command: list[str], out: Path, result_file: str) -> None:
     """Start a training command and SIGKILL it as soon as out/checkpoint.pt exists: it must die before
     writing its result file."""

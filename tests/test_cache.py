@@ -9,7 +9,7 @@ import pytest
 from tvrerank.cache.checksums import seal
 from tvrerank.cache.inspect import cache_info, check_cache
 from tvrerank.cache.reader import CacheReader
-from tvrerank.cache.schema import FAILED, OK, SCHEMA, CacheHeader
+from tvrerank.cache.schema import FAILED, OK, SCHEMA, CacheHeader, check_header
 from tvrerank.cache.writer import PartData, PartStore, PlanMismatch, assemble
 from tvrerank.config import EncoderConfig, SamplingConfig, TokenLayout
 
@@ -150,6 +150,30 @@ def test_check_finds_each_problem(tmp_path, damage, message):
         seal(f)  # as if written that way (the writer records the strings' digests when it closes)
     problems = check_cache(out)
     assert any(message in p for p in problems), problems
+
+
+@pytest.mark.parametrize("attribute, edit, problem", [
+    ("token_layout", {"token_dim": 32.0}, "token_layout.token_dim: 32.0 is not an integer >= 1"),
+    ("token_layout", {"tokens_per_frame": "4"}, "token_layout.tokens_per_frame: '4' is not an integer >= 1"),
+    ("token_layout", {"grid": "2x2"}, "token_layout.grid: '2x2' is not a list of two integers >= 1"),
+    ("token_layout", {"token_dtype": "int4"}, "token_layout.token_dtype: 'int4' is not one of float16, int8, float8"),
+    ("token_layout", {"text_tokens": 0}, "token_layout.text_tokens: 0 is not an integer >= 1"),
+    ("sampling", {"frames": True}, "sampling.frames: True is not an integer >= 1"),
+    ("encoder", {"std": [0.2, 0.0, 0.2]}, "encoder.std: [0.2, 0.0, 0.2] is not a list of 3 positive numbers"),
+    ("encoder", {"model": None}, "encoder.model: None is not a non-empty string"),
+    ("encoder", {"fill_color": 300}, "encoder.fill_color: 300 is not an integer >= 0 and <= 255"),
+    ("dataset", "[1, 2]", "dataset: [1, 2] is not a JSON object"),
+])
+def test_every_header_attribute_is_checked_by_type_and_range(tmp_path, attribute, edit, problem):
+    import json
+
+    out, _ = _build(tmp_path)
+    assert check_header(h5py.File(out, "r").attrs) == []
+    with h5py.File(out, "r+") as f:
+        f.attrs[attribute] = edit if isinstance(edit, str) else json.dumps({**json.loads(f.attrs[attribute]), **edit})
+    assert problem in check_cache(out)[0]
+    with pytest.raises(ValueError, match="bad cache header: " + problem.replace("[", r"\[").replace("]", r"\]")):
+        CacheReader(out)  # every command refuses it, not only `cache check`
 
 
 def test_check_rejects_files_that_are_not_caches(tmp_path):

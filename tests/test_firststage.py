@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import kill_at_first_checkpoint, synthetic_cache
+from conftest import flip_tensor_bytes, kill_at_first_checkpoint, synthetic_cache
 
 from tvrerank.cli import main
-from tvrerank.errors import CacheMismatch
+from tvrerank.errors import CacheMismatch, CorruptFile
 from tvrerank.firststage import train as train_module
 from tvrerank.firststage.model import FirstStage, FirstStageConfig
 from tvrerank.firststage.store import embed_cache, load_first_stage
@@ -102,6 +102,24 @@ def test_embeddings_belong_to_one_cache_and_one_encoder(caches, tmp_path):
         build_candidates(caches["val"], k=4, text_emb=tmp_path / "emb" / "text_emb.npy",
                          video_emb=tmp_path / "emb" / "video_emb.npy")
     assert str(caches["test"]) in str(error.value) and str(caches["val"]) in str(error.value)
+
+
+def test_a_damaged_first_stage_or_its_embeddings_are_refused(caches, tmp_path):
+    train_first_stage(caches["train"], tmp_path / "run", FirstStageTrainConfig(**dict(SMALL, optim={"steps": 2})),
+                      progress=False)
+    embed_cache(tmp_path / "run", caches["test"], tmp_path / "emb")
+    emb = {"text_emb": tmp_path / "emb" / "text_emb.npy", "video_emb": tmp_path / "emb" / "video_emb.npy"}
+    build_candidates(caches["test"], k=4, **emb)
+    video_emb = np.load(emb["video_emb"])
+    video_emb[[0, 1]] = video_emb[[1, 0]]  # two videos trade embeddings: still finite, still unit length
+    np.save(emb["video_emb"], video_emb)
+    with pytest.raises(CorruptFile, match=r"video_emb.npy: not readable embeddings \(its sha256 differs from "
+                                          r"first_stage.json's record"):
+        build_candidates(caches["test"], k=4, **emb)
+    flip_tensor_bytes(tmp_path / "run" / "firststage.pt")
+    with pytest.raises(CorruptFile, match=r"firststage.pt: not a readable checkpoint \(its bytes differ from the "
+                                          r"sha256 in firststage.pt.sha256"):
+        load_first_stage(tmp_path / "run")
 
 
 def test_cli_firststage_train_embed_candidates_train_eval(caches, tmp_path):

@@ -45,6 +45,15 @@ def token_dtype_option(function):
                              "(int8, float8 e4m3); embeddings stay float16.")(function)
 
 
+def _writable(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An output path (--out, --ranks-out) whose folder can be written, checked before any work."""
+    from tvrerank.files import check_writable
+
+    if value is not None:
+        check_writable(value, f"--{param.name.replace('_', '-')}", create=param.name != "ranks_out")
+    return value
+
+
 def _shard(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -116,7 +125,8 @@ def main(verbose: bool) -> None:
 @click.option("--model", required=True, help="open_clip model name or path to a model-config JSON.")
 @click.option("--pretrained", default=None,
               help="open_clip tag, checkpoint file, or local-dir:FOLDER. Omitted: random weights.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Cache file to write (.h5).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              callback=_writable, help="Cache file to write (.h5).")
 @click.option("--frames", default=12, show_default=True, type=click.IntRange(min=1), help="Frames sampled per video.")
 @click.option("--token-space", type=click.Choice(["joint", "raw"]), default="joint", show_default=True)
 @pool_option
@@ -236,7 +246,7 @@ def cache_compact_cmd(source: str, out: str, token_dtype: str, token_pool: str |
 
 @cache.command("merge")
 @click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_writable)
 def cache_merge_cmd(shards, out: str) -> None:
     """Join shard caches into one with HDF5 virtual datasets (no copy; keep the shards)."""
     from tvrerank.cache.merge import merge_shards
@@ -299,7 +309,8 @@ def plan(model, num_videos, frames, num_captions, token_space, token_pool, token
 
 @main.command()
 @click.argument("cache_path", metavar="CACHE", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              callback=_writable, help="Index folder to write.")
 @click.option("--factory", default="Flat", show_default=True,
               help="FAISS factory string (Flat, HNSW32, IVF1024,PQ64x8, ...) or auto (by size and memory).")
 @click.option("--memory-budget-gb", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -323,7 +334,8 @@ def index(cache_path: str, out: str, factory: str, memory_budget_gb: float, vide
               help="External first stage: video embeddings (.npy, one row per video of CACHE).")
 @click.option("--similarity", type=click.Path(exists=True, dir_okay=False),
               help="External first stage: a captions x videos score matrix (.npy).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Candidates file to write (.h5).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              callback=_writable, help="Candidates file to write (.h5).")
 @click.option("--k", default=15, show_default=True, type=click.IntRange(min=1), help="Candidates per caption.")
 def candidates(cache_path, index_dir, text_emb, video_emb, similarity, out, k) -> None:
     """Top-K stage-1 candidates (and every caption's true stage-1 rank) for every caption."""
@@ -346,7 +358,8 @@ def firststage() -> None:
 @firststage.command("train")
 @click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Training cache (its frame and caption embeddings are all that is read).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              callback=_writable, help="Run folder.")
 @click.option("--val-fraction", type=click.FloatRange(0, 0.9, min_open=True), default=None,
               help="Hold out this fraction of the training videos to pick the kept weights.")
 @click.option("--val-cache", type=click.Path(exists=True, dir_okay=False), help="A validation cache instead.")
@@ -371,7 +384,8 @@ def firststage_train(cache_path, out, val_fraction, val_cache, config_path, step
 @firststage.command("embed")
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--cache", "cache_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for text_emb.npy, video_emb.npy.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              callback=_writable, help="Folder for text_emb.npy, video_emb.npy.")
 @click.option("--device", default="cpu", show_default=True)
 def firststage_embed(run_dir, cache_path, out, device) -> None:
     """Embeddings of every caption and video of a cache (for `candidates --text-emb --video-emb`)."""
@@ -394,7 +408,8 @@ def firststage_embed(run_dir, cache_path, out, device) -> None:
 @click.option("--val-cache", type=click.Path(exists=True, dir_okay=False),
               help="Or: a validation cache of its own (never the split you report).")
 @click.option("--val-candidates", type=click.Path(exists=True, dir_okay=False), help="Candidates of --val-cache.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              callback=_writable, help="Run folder.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="Training options as JSON (TrainConfig fields; 'model' holds RerankerConfig fields).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the number of steps.")
@@ -437,7 +452,7 @@ def train(cache_path, candidates_path, val_fraction, val_cache, val_candidates, 
 @click.option("--dsl", is_flag=True, help="Also report dual-softmax (inverted softmax) re-weighted stage 1, apart.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--ranks-out", type=click.Path(dir_okay=False),
+@click.option("--ranks-out", type=click.Path(dir_okay=False), callback=_writable,
               help="With --reranker: write every caption's rank under each variant to this CSV file.")
 def evaluate(cache_path: str, candidates_path: str, run_dir: str | None, dsl: bool, device: str,
              as_json: bool, ranks_out: str | None) -> None:
@@ -636,7 +651,8 @@ def toy() -> None:
 
 
 @toy.command("make")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the toy world to.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              callback=_writable, help="Folder to write the toy world to.")
 @click.option("--videos", default=240, show_default=True, type=click.IntRange(min=8),
               help="Videos in all (a quarter are test).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
@@ -649,7 +665,8 @@ def toy_make(out: str, videos: int, seed: int) -> None:
 
 
 @toy.command("pretrain")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Weights file to write (.safetensors).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              callback=_writable, help="Weights file to write (.safetensors).")
 @click.option("--steps", default=1500, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
@@ -670,7 +687,7 @@ def toy_pretrain(out: str, steps: int, batch_size: int, lr: float, seed: int, th
 
 
 @main.command()
-@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False), callback=_writable)
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--videos", default=360, show_default=True, type=click.IntRange(min=48),
               help="Toy videos in all (train/val/test).")

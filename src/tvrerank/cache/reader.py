@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 from tvrerank.cache.checksums import damaged_reads
-from tvrerank.cache.schema import OK, CacheHeader
+from tvrerank.cache.schema import OK, CacheHeader, check_header
 from tvrerank.errors import InputError, MissingInput
 
 
@@ -40,6 +40,11 @@ class CacheReader:
             self.file = h5py.File(self.path, "r")
         except OSError as exc:
             raise InputError(f"{self.path}: not a readable HDF5 file ({exc}); extract it again") from None
+        problems = check_header(self.file.attrs)
+        if problems:
+            self.file.close()
+            raise InputError(f"{self.path}: bad cache header: {'; '.join(problems)}; extract it again "
+                             "(or restore it from a copy)")
         try:
             self.header = CacheHeader.from_attrs(self.file.attrs, where=str(self.path))
         except (KeyError, ValueError) as exc:

@@ -7,15 +7,16 @@ the token layout and the dataset, plus the schema name, tool version and creatio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import h5py
 import numpy as np
 
 from tvrerank import __version__
-from tvrerank.cache.encoding import STORED_DTYPE, has_scale
+from tvrerank.cache.encoding import STORED_DTYPE, TOKEN_DTYPES, has_scale
 from tvrerank.config import EncoderConfig, SamplingConfig, TokenLayout, from_dict, to_dict
 
 SCHEMA = "tvrerank.cache/1"
@@ -66,6 +67,89 @@ class CacheHeader:
             "sampling": to_dict(self.sampling),
             "layout": to_dict(self.layout),
         }
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high):
+            return None
+        return f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
+    return check
+
+
+def _text(choices: tuple[str, ...] = (), *, optional: bool = False) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if (value is None and optional) or (isinstance(value, str) and value and (not choices or value in choices)):
+            return None
+        return (f"one of {', '.join(choices)}" if choices else "a non-empty string") + (" or null" if optional else "")
+    return check
+
+
+def _numbers(count: int, *, positive: bool = False) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, list) and len(value) == count and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 or not positive) for v in value):
+            return None
+        return f"a list of {count} {'positive ' if positive else ''}numbers"
+    return check
+
+
+def _pair_of_positive_integers(value: Any) -> str | None:
+    if isinstance(value, list) and len(value) == 2 and all(_integer(1)(v) is None for v in value):
+        return None
+    return "a list of two integers >= 1"
+
+
+def _mapping(value: Any) -> str | None:
+    return None if isinstance(value, dict) else "a JSON object"
+
+
+#: the root attributes holding JSON → (the dataclass they build, or None for free-form, {field: check}).
+#: A check returns None when the value is fine, else what it should be.
+HEADER_FIELDS: dict[str, tuple[type | None, dict[str, Callable[[Any], str | None]]]] = {
+    "encoder": (EncoderConfig, {
+        "model": _text(), "model_config": _mapping, "pretrained": _text(optional=True),
+        "pretrained_sha256": _text(optional=True), "image_size": _integer(1), "mean": _numbers(3),
+        "std": _numbers(3, positive=True), "interpolation": _text(), "precision": _text(("fp32", "fp16", "bf16")),
+        "resize_mode": _text(), "fill_color": _integer(0, 255)}),
+    "sampling": (SamplingConfig, {"frames": _integer(1), "strategy": _text(), "resize": _text()}),
+    "token_layout": (TokenLayout, {
+        "space": _text(("joint", "raw")), "pool": _text(("none", "2x2")), "token_dtype": _text(TOKEN_DTYPES),
+        "text_tokens": _integer(1), "grid": _pair_of_positive_integers, "tokens_per_frame": _integer(1),
+        "token_dim": _integer(1), "text_token_dim": _integer(1), "embed_dim": _integer(1)}),
+    "dataset": (None, {}),
+}
+
+
+def check_header(attrs: Any) -> list[str]:
+    """Every problem of a cache's root attributes (empty when sound): the schema name, and each JSON
+    attribute's fields by type and range ("token_layout.token_dim: 32.0 is not an integer >= 1").
+    Fields a cache written before they existed lacks take their defaults; unknown fields are ignored."""
+    problems = []
+    if attrs.get("schema") != SCHEMA:
+        return [f"schema is {attrs.get('schema')!r}, expected {SCHEMA!r} (not a tvrerank cache?)"]
+    for name in ("tool_version", "created"):
+        if name in attrs and not isinstance(attrs[name], str):
+            problems.append(f"{name}: {attrs[name]!r} is not a string")
+    for name, (cls, checks) in HEADER_FIELDS.items():
+        if name not in attrs:
+            problems.append(f"attribute {name} is missing")
+            continue
+        try:
+            data = json.loads(attrs[name])
+        except (TypeError, ValueError):
+            problems.append(f"{name}: not JSON")
+            continue
+        if not isinstance(data, dict):
+            problems.append(f"{name}: {data!r} is not a JSON object")
+            continue
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING} if cls is not None else set()
+        problems += [f"{name}.{field}: missing" for field in sorted(required - set(data))]
+        for field, check in checks.items():
+            if field in data and (expected := check(data[field])) is not None:
+                problems.append(f"{name}.{field}: {data[field]!r} is not {expected}")
+    return problems
 
 
 def dataset_specs(n: int, m: int, layout: TokenLayout, frames: int) -> dict[str, tuple[tuple, Any]]:

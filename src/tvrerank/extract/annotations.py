@@ -90,10 +90,20 @@ def _load_json(path: Path) -> Any:
             "dataset's published format?") from None
 
 
+def _no_nul(value: str, path: Path | str, where: str) -> str:
+    """``value``; AnnotationError naming ``path`` and ``where`` when it holds a NUL byte (the cache's
+    strings cannot store one: refused here, before any model loads or any file is written)."""
+    if "\x00" in value:
+        raise AnnotationError(f"{path}: {where}: holds a NUL byte (\\u0000) at character {value.index(chr(0))}; "
+                              "remove it from that entry")
+    return value
+
+
 def _text(value: object, path: Path | str, where: str) -> str:
-    """``value`` stripped; AnnotationError naming ``path`` and ``where`` unless a non-empty string."""
+    """``value`` stripped; AnnotationError naming ``path`` and ``where`` unless a non-empty string
+    without NUL bytes."""
     if isinstance(value, str) and value.strip():
-        return value.strip()
+        return _no_nul(value.strip(), path, where)
     got = "nothing" if value is None else "an empty string" if isinstance(value, str) else type(value).__name__
     raise AnnotationError(f"{path}: {where}: expected a non-empty string, got {got}; fix or remove that entry")
 
@@ -111,7 +121,7 @@ def _texts(value: object, path: Path, where: str, tokens: bool = False) -> list[
             raise AnnotationError(
                 f"{path}: {where}[{i}]: expected a caption string, got {type(item).__name__}; fix that entry")
         if item.strip():
-            out.append(item.strip())
+            out.append(_no_nul(item.strip(), path, f"{where}[{i}]"))
     return out
 
 
@@ -569,6 +579,9 @@ def read_annotations(paths: Sequence[str | Path], fmt: str | None, videos_root: 
     if not paths:
         raise AnnotationError("no annotation files given; pass at least one --annotations FILE")
     for path in paths:
+        if path.is_dir():
+            raise AnnotationError(f"{path}: is a folder, not an annotation file; pass the annotation file "
+                                  "inside it to --annotations")
         if not path.is_file():
             raise AnnotationError(f"{path}: annotation file not found; check the --annotations path")
     fmt = guess_format(paths) if fmt is None else fmt.lower()
@@ -578,6 +591,9 @@ def read_annotations(paths: Sequence[str | Path], fmt: str | None, videos_root: 
     captions = _READERS[fmt](paths, resolver)
     if not captions:
         raise AnnotationError(f"{', '.join(map(str, paths))}: no captions found; check the files and --format")
+    for number, caption in enumerate(captions, 1):  # any reader's ids and paths, too
+        for field_name in ("video_id", "video_path", "text"):
+            _no_nul(getattr(caption, field_name), ", ".join(map(str, paths)), f"caption {number}, {field_name}")
     if resolver.missing:
         logger.warning("%d video(s) not found under %s; they are kept and will be recorded as failed",
                        resolver.missing, videos_root)

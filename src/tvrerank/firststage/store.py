@@ -7,12 +7,13 @@ float32, unit length, one row per caption and per video of the cache (zeros for 
 extraction), and ``first_stage.json`` recording which cache (its video-ids digest and caption
 count) and which run made them, and which videos that run held out of its training cache
 (``cache.identity.held_out_record``): ``candidates --text-emb/--video-emb`` checks it and keeps it, so
-``train`` can refuse a validation split the first stage was trained on.
+``train`` can refuse a validation split the first stage was trained on; it also records the sha256
+of both embedding files, so damaged embeddings are refused where they are read. ``firststage.pt``
+has its sha256 beside it (``files.atomic_save``), verified when it loads.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from tvrerank.cache.identity import cache_video_ids_digest, held_out_record, req
 from tvrerank.cache.reader import CacheReader, read_rows
 from tvrerank.config import from_dict, to_dict
 from tvrerank.errors import CacheMismatch, CorruptFile, MissingInput
-from tvrerank.files import atomic_save, read_torch_file, replaced_folder
+from tvrerank.files import atomic_save, file_sha256, read_torch_file, replaced_folder
 from tvrerank.firststage.model import FirstStage, FirstStageConfig
 
 MODEL_FILE = "firststage.pt"
@@ -50,7 +51,7 @@ class TrainedFirstStage:
                            remedy="train a first stage on a cache made with the same encoder")
 
     def digest(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        return file_sha256(self.path)
 
 
 def load_first_stage(run_dir: str | Path, device: str | torch.device = "cpu") -> TrainedFirstStage:
@@ -91,6 +92,7 @@ def embed_cache(run_dir: str | Path, cache_path: str | Path, out: str | Path, *,
     with replaced_folder(out, owned=set(EMBEDDING_FILES)) as tmp:
         np.save(tmp / "text_emb.npy", text_emb)
         np.save(tmp / "video_emb.npy", video_emb)
+        record["files_sha256"] = {name: file_sha256(tmp / name) for name in ("text_emb.npy", "video_emb.npy")}
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -101,7 +103,15 @@ def check_embeddings_record(embedding: str | Path, cache: CacheReader) -> dict |
     record_path = Path(embedding).parent / RECORD
     if not record_path.is_file():
         return None
-    record = json.loads(record_path.read_text())
+    try:
+        record = json.loads(record_path.read_text())
+    except ValueError as exc:
+        raise CorruptFile(f"{record_path}: not readable JSON ({exc}); run `tvrerank firststage embed` again") from None
+    recorded = (record.get("files_sha256") or {}).get(Path(embedding).name)
+    if recorded is not None and file_sha256(embedding) != recorded:
+        raise CorruptFile(f"{embedding}: not readable embeddings (its sha256 differs from {RECORD}'s record: damaged "
+                          f"or changed since it was written); run `tvrerank firststage embed --cache {cache.path}` "
+                          "again")
     if record.get("video_ids_sha256") != cache_video_ids_digest(cache) or record.get("captions") != cache.num_captions:
         raise CacheMismatch(f"{embedding} was made for {record.get('cache')} ({record.get('videos')} videos, "
                             f"{record.get('captions')} captions), not {cache.path} ({cache.num_videos} videos, "

@@ -34,7 +34,7 @@ import numpy as np
 from tvrerank.cache.identity import cache_video_ids_digest, require_same_cache
 from tvrerank.cache.reader import CacheReader
 from tvrerank.errors import CacheMismatch, InputError, MissingInput
-from tvrerank.files import replaced_file, require_space
+from tvrerank.files import checksummed_file, require_space, verify_checksum
 from tvrerank.firststage.store import check_embeddings_record
 from tvrerank.index.faiss_index import build_index, search, to_gpu_if_available
 from tvrerank.index.store import check_index_matches, load_index_dir, read_gallery
@@ -191,7 +191,7 @@ def write_candidates(path: str | Path, lists: CandidateLists, cache_path: str | 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     require_space(path, lists.video.nbytes + lists.score.nbytes + 8 * len(lists.true_rank) + (1 << 20),
                   "the candidates file")
-    with replaced_file(path, Path(str(path) + ".tmp")) as tmp, h5py.File(tmp, "w") as f:
+    with checksummed_file(path, Path(str(path) + ".tmp")) as tmp, h5py.File(tmp, "w") as f:
         f["candidates/video"], f["candidates/score"] = lists.video, lists.score
         f["true_rank"], f["true_score"] = lists.true_rank, lists.true_score
         f.attrs.update({"schema": SCHEMA, "k": lists.video.shape[1], "source": lists.source,
@@ -206,6 +206,8 @@ def read_candidates(path: str | Path, cache: CacheReader) -> CandidateLists:
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"{path}: no such candidates file; make one with `tvrerank candidates`")
+    verify_checksum(path, f"make it again with `tvrerank candidates {cache.path} ... --out {path}`",
+                    what="candidates file")
     with h5py.File(path, "r") as f:
         if f.attrs.get("schema") != SCHEMA:
             raise InputError(f"{path}: not a tvrerank candidates file (schema {f.attrs.get('schema')!r})")

@@ -5,7 +5,9 @@ and keeps their output in ``RUN_DIR/gallery/<cache>-<digest>.h5``: the tokens as
 bytes of float32; read back as float32, so rankings can differ from computing them on the fly only
 where two candidates' scores are within float16 rounding — measured in docs/design.md), the
 padding masks as booleans. A query then reads K small records instead of K full
-token grids. The file records which cache and which re-ranker it was made from.
+token grids. The file records which cache and which re-ranker it was made from; its sha256 is kept
+beside it (``NAME.h5.sha256``) and checked when it is opened, so damaged records (which may stay
+finite and silently reorder results) are never used: the store is skipped with a warning.
 
 The datasets are contiguous and uncompressed, so a reader memory-maps them: fetching K scattered
 records is K memory copies (microseconds; a warm page cache assumed), where h5py's per-record
@@ -14,7 +16,6 @@ selections cost ~100 us each (milliseconds per query, more than the re-ranking i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -25,8 +26,8 @@ import torch
 from tvrerank.cache.identity import cache_video_ids_digest
 from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.rows import CacheRows
-from tvrerank.errors import InputError, TvrerankError, reason_of
-from tvrerank.files import replaced_file, require_space
+from tvrerank.errors import CorruptFile, InputError, TvrerankError, reason_of
+from tvrerank.files import checksummed_file, file_sha256, require_space, verify_checksum
 from tvrerank.rerank.checkpoint import load_reranker
 from tvrerank.rerank.inference import select_videos
 from tvrerank.rerank.model import Reranker, SelectedVideos
@@ -46,7 +47,7 @@ def store_path(run_dir: str | Path, cache_path: str | Path, ids_digest: str) -> 
 
 
 def reranker_digest(run_dir: str | Path) -> str:
-    return hashlib.sha256((Path(run_dir) / "reranker.pt").read_bytes()).hexdigest()
+    return file_sha256(Path(run_dir) / "reranker.pt")
 
 
 def build_gallery_store(cache_path: str | Path, run_dir: str | Path, model: Reranker, *,
@@ -79,7 +80,7 @@ def write_gallery_store(path: Path, rows: np.ndarray, parts, *, cache_path: str 
     them). The file replaces ``path`` only once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     require_space(path, len(rows) * per_video + (1 << 20), "the gallery store")
-    with replaced_file(path) as tmp, h5py.File(tmp, "w") as f:
+    with checksummed_file(path) as tmp, h5py.File(tmp, "w") as f:
         f["rows"] = rows
         start = 0
         for part in parts:
@@ -131,7 +132,12 @@ class GalleryStore:
         if not path.is_file():
             return None
         try:
+            verify_checksum(path, f"rebuild it with `tvrerank gallery --gallery {cache.path} --reranker {run_dir}`",
+                            what="gallery store")
             store = cls(path)
+        except CorruptFile as exc:  # damaged bytes: score without it (a correct result, only slower)
+            log.warning("unreadable gallery store: %s; scoring without it", exc)
+            return None
         except StoreFormatError as exc:
             log.warning("%s (not used now)", exc)
             return None

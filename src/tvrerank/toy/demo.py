@@ -168,8 +168,11 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
 
 def _clear_run(run: Path) -> None:
     """A demo run again over an old output folder trains from scratch."""
+    from tvrerank.files import checksum_path
+
     for name in ("reranker.pt", "firststage.pt", "checkpoint.pt", "log.csv"):
         (run / name).unlink(missing_ok=True)
+        checksum_path(run / name).unlink(missing_ok=True)
 
 
 def trained_first_stage(out: Path, caches: dict[str, Path], config: DemoConfig, *, clock: _Stopwatch,
