@@ -168,7 +168,8 @@ def flipped_candidates(finished, tmp_path) -> dict:
     """The candidate lists' stored scores with a low bit flipped: still finite, silently other numbers."""
     import h5py
 
-    shutil.copy(finished / "cand.h5", tmp_path / "cand.h5")
+    for name in ("cand.h5", "cand.h5.sha256"):
+        shutil.copy(finished / name, tmp_path / name)
     with h5py.File(tmp_path / "cand.h5") as f:
         start, size = f["candidates/score"].id.get_offset(), f["candidates/score"].id.get_storage_size()
     flip(tmp_path / "cand.h5", start, size, mask=0x01)
