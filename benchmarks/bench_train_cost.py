@@ -25,7 +25,8 @@ then measures:
      tokens are given ready (no decoding, no text tower), which favours this path: the ratio is
      conservative.
 
-   Each figure is the median of ``--repeats`` steps after one warm-up step of each path, all after
+   Each figure is the median of ``--repeats`` steps after one warm-up step of each path (the paths take
+   turns within each repeat, so a machine whose speed drifts during the run biases none of them), all after
    ``--warmup`` rounds of one step on cache rows and one on random float32 tokens (CUDA's first
    steps pay for set-up, and each input dtype for its own kernels); every step's parts are printed; on CUDA the device is synchronised before every clock read. Target: ``cache_speedup`` >= 100 on CPU at ViT-B-16 shapes (issue 25).
 2. Token read throughput: ``CacheRows.videos`` on ``--read-videos`` random rows (default U; tokens float16
@@ -213,17 +214,19 @@ def measure_steps(args, cache: Path, encoder, model, device, groups) -> tuple[di
                    for warm in (warm_cache, warm_tower)]
         print(f"  step warm-up {i + 1}: {seconds[0] * 1000:.1f} ms on cache rows, {seconds[1] * 1000:.1f} ms on "
               "tower-like float32 tokens")
-    results = []
-    for path in (in_memory, streamed, uncached):
-        samples = []
-        for repeat in range(args.repeats + 1):  # the first is the warm-up
+    # the paths take turns within each repeat, so that a machine slowing down or speeding up during the
+    # run (other work on it, the first minutes' page cache) is shared by all three instead of biasing one
+    paths = (in_memory, streamed, uncached)
+    samples: dict = {path: [] for path in paths}
+    for repeat in range(args.repeats + 1):  # the first is the warm-up
+        for path in paths:
             parts = {}
             path(parts)
             print(f"  {path.__name__} {'warm-up' if repeat == 0 else f'repeat {repeat}'}: "
                   + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in parts.items()))
             if repeat:
-                samples.append(dict(parts, total=sum(parts.values())))
-        results.append({k: statistics.median(s[k] for s in samples) for k in samples[0]})
+                samples[path].append(dict(parts, total=sum(parts.values())))
+    results = [{k: statistics.median(s[k] for s in samples[path]) for k in samples[path][0]} for path in paths]
     return results[0], results[1], results[2]
 
 
