@@ -5,8 +5,9 @@ same world (``tvrerank.toy.make.make_distractors``: drawn as the training split 
 script of any split's video nor of another distractor, ids ``distractor-NNNNNN``), through the real
 pipeline:
 
-1. the demo's world, caches and re-ranker (``toy.demo.prepare_world`` and the demo's training,
-   into OUT/demo; or those of ``tvrerank demo --out DIR`` with ``--demo DIR``);
+1. the demo's world, caches and trained re-ranker: those of ``tvrerank demo --out DIR`` with
+   ``--demo DIR`` (N = 0 is then checked against its metrics.json), else the demo's own steps into
+   OUT/demo (``toy.demo.prepare_world`` and the demo's re-ranker training, without its first stage);
 2. the distractors in ranges between the sizes (0-1k, 1k-10k, ...), each range written as H.264
    videos into the world's folder and extracted into its own cache by ``tvrerank extract``'s library
    entry with the shipped toy encoder (the demo's extraction settings);
@@ -16,7 +17,7 @@ pipeline:
 
 The distractors' own captions are in the joined caches (extraction needs one per video) and get
 candidate lists too, but only the test captions are evaluated. Everything made is kept in OUT and
-reused by a later run (a larger ``--sizes`` extracts only the new range).
+reused by a later run (sizes added above the largest extract only their new range).
 
     python benchmarks/bench_distractors.py                     # N = 0, 1k, 10k (2 cores: ~45 min)
     python benchmarks/bench_distractors.py --large             # and 100k (2 cores: about 6 h more)
@@ -49,16 +50,17 @@ from tvrerank.index.candidates import build_candidates, write_candidates
 from tvrerank.index.store import build_index_dir
 from tvrerank.rerank.checkpoint import load_reranker
 from tvrerank.toy.demo import DemoConfig, demo_extraction, demo_training, prepare_world
+from tvrerank.train.loop import train
 from tvrerank.toy.make import (distractor_annotations, make_distractors, script_from_record, world_config,
                                world_script_keys)
-from tvrerank.train.loop import train
 
 SIZES = (0, 1_000, 10_000)
 LARGE = 100_000
 
 
 def demo_world(demo: Path, config: DemoConfig) -> None:
-    """The demo's world, caches, candidates and trained re-ranker in ``demo`` (made unless already there)."""
+    """The demo's world, caches and trained re-ranker in ``demo`` (the demo's own steps: ``prepare_world``, then
+    its re-ranker training into ``demo/run``), unless already there."""
     if (demo / "run" / "reranker.pt").exists() and (demo / "cache" / "test.h5").exists():
         return
     _, caches, by_k = prepare_world(demo, config, progress=False)
@@ -209,11 +211,11 @@ def main(argv=None) -> None:
         rows.append(row)
         print(f"N = {n:,}: R@1 {row['stage1']['R1']:.1f} -> {row['reranked']['R1']:.1f} over {row['gallery']:,} "
               f"videos (lists {row['first_stage_seconds']:.0f} s, re-rank {row['rerank_seconds']:.0f} s)", flush=True)
-    demo_metrics = demo / "metrics.json"
-    if demo_metrics.exists() and sizes[0] == 0:  # N = 0 is the demo's own test evaluation
-        recorded = json.loads(demo_metrics.read_text())
-        print(f"N = 0 against {demo_metrics}: stage-1 R@1 {recorded['stage1']['R1']:.1f}, "
-              f"re-ranked {recorded['reranked']['R1']:.1f}")
+    if sizes[0] == 0 and (demo / "metrics.json").exists():  # N = 0 is `tvrerank demo`'s own test evaluation
+        recorded = json.loads((demo / "metrics.json").read_text())
+        same = all(recorded[name]["R1"] == rows[0][name]["R1"] for name in ("stage1", "reranked"))
+        print(f"N = 0 against {demo / 'metrics.json'}: stage-1 R@1 {recorded['stage1']['R1']:.1f}, re-ranked "
+              f"{recorded['reranked']['R1']:.1f} ({'the same' if same else 'DIFFERENT'})")
     text = table(rows)
     world = world_config(data)
     title = f"toy world (seed {world.seed}): {rows[0]['captions']} test captions, K = {rows[0]['k']}"
