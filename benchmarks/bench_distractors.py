@@ -19,8 +19,8 @@ The distractors' own captions are in the joined caches (extraction needs one per
 candidate lists too, but only the test captions are evaluated. Everything made is kept in OUT and
 reused by a later run (sizes added above the largest extract only their new range).
 
-    python benchmarks/bench_distractors.py                     # N = 0, 1k, 10k (2 cores: ~45 min)
-    python benchmarks/bench_distractors.py --large             # and 100k (2 cores: about 6 h more)
+    python benchmarks/bench_distractors.py                     # N = 0, 1k, 10k (2 shared cores: 19 min + the demo's 14)
+    python benchmarks/bench_distractors.py --large             # and 100k (2 cores: about 3 h more, not yet run)
     python benchmarks/bench_distractors.py --demo demo-out     # the world and re-ranker of `tvrerank demo`
     python benchmarks/bench_distractors.py --smoke             # a 64-video world, N = 0, 8, 32
 
