@@ -98,8 +98,9 @@ def distractor_cache(data: Path, out: Path, config: DemoConfig, start: int, stop
 def check_disjoint(data: Path, ranges: list[tuple[int, int]]) -> int:
     """Distractor scripts that equal a script of the world (by key), counted from the files written: 0."""
     world = world_script_keys(data)
-    keys = [script_from_record(r).key() for start, stop in ranges
-            for r in json.loads(distractor_annotations(data, start, stop).with_suffix(".json").read_text())["distractor"]]
+    records = [json.loads(distractor_annotations(data, start, stop).with_suffix(".json").read_text())["distractor"]
+               for start, stop in ranges]
+    keys = [script_from_record(r).key() for written in records for r in written]
     if len(set(keys)) != len(keys):
         raise RuntimeError("two distractors share a script")
     return sum(key in world for key in keys)

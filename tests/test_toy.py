@@ -76,7 +76,8 @@ def small_world(tmp_path_factory):
 def test_distractors_are_new_scripts_of_the_world_and_prefix_stable(small_world):
     world_keys = world_script_keys(small_world)
     assert len(world_keys) == 24  # every script of the train, val and test splits
-    assert world_keys == {s.key() for scripts in _scripts(ToyWorldConfig(videos=24, seed=2)).values() for s, _ in scripts}
+    splits = _scripts(ToyWorldConfig(videos=24, seed=2))
+    assert world_keys == {s.key() for scripts in splits.values() for s, _ in scripts}
     many = distractor_scripts(small_world, 60)
     keys = [s.key() for s in many]
     assert len(set(keys)) == 60 and not set(keys) & world_keys
