@@ -16,6 +16,7 @@ LAST_LINE = {
     "bench_ablation.py": r"^ablation_seconds=\d",
     "bench_cache.py": r"^int8_r1_delta=[-+]\d",
     "bench_decode.py": r"^decode_speedup=\d",
+    "bench_distractors.py": r"^distractor_min_gain=[-+]\d",
     "bench_extract.py": r"^videos_per_s_tiny=\d",
     "bench_index.py": r"^auto_recall_at_15_\d+=\d",
     "bench_retrieve.py": r"^rerank_overhead=-?\d",

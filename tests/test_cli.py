@@ -128,6 +128,26 @@ def test_shards_and_merge_through_the_cli(extracted, tmp_path):
         assert merged["videos/tokens"].shape == single["videos/tokens"].shape
 
 
+def test_caches_of_separate_runs_join_through_the_cli(extracted, tmp_path):
+    annotations, out, _ = extracted
+    lines = annotations.read_text().splitlines(keepends=True)
+    parts = []
+    for name, chunk in (("a", lines[:2]), ("b", lines[2:])):  # video v0 | the rest
+        (tmp_path / f"{name}.jsonl").write_text("".join(chunk))
+        parts.append(tmp_path / f"{name}.h5")
+        args = extract_args(tmp_path / f"{name}.jsonl", parts[-1])
+        args[args.index("--videos") + 1] = str(annotations.parent)
+        assert invoke(*args).exit_code == 0
+    result = invoke("cache", "merge", "--join", *map(str, parts), "--out", str(tmp_path / "j.h5"))
+    assert result.exit_code == 0 and "joined 2 caches" in result.output, result.output
+    with h5py.File(tmp_path / "j.h5", "r") as joined, h5py.File(out, "r") as single:
+        assert joined["videos/id"].asstr()[()].tolist() == single["videos/id"].asstr()[()].tolist()
+        np.testing.assert_array_equal(joined["videos/tokens"][()], single["videos/tokens"][()])
+    result = invoke("cache", "merge", "--join", str(parts[0]), str(out), "--out", str(tmp_path / "k.h5"))
+    assert result.exit_code != 0 and "is in both" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "k.h5").exists()
+
+
 def test_every_video_failing_exits_non_zero(tmp_path):
     annotations = tmp_path / "a.jsonl"
     annotations.write_text('{"video": "gone.mp4", "caption": "nothing here"}\n')

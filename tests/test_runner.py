@@ -19,10 +19,11 @@ import pytest
 from conftest import BROKEN, TINY_VIT, make_dataset
 
 from tvrerank.cache.inspect import check_cache
-from tvrerank.cache.merge import merge_shards
+from tvrerank.cache.merge import join_caches, merge_shards
 from tvrerank.cache.schema import FAILED, OK, CacheHeader
 from tvrerank.cache.writer import PartStore, PlanMismatch
 from tvrerank.config import ExtractConfig
+from tvrerank.errors import CacheMismatch
 from tvrerank.extract.annotations import AnnotationError, Caption
 from tvrerank.extract.runner import ExtractionError, VideoTable, run_extraction, shard_path
 
@@ -215,6 +216,52 @@ def test_merge_refuses_incomplete_or_mismatched_shards(reference, tmp_path):
         merge_shards([shard_path(out, 0, 2)], tmp_path / "m.h5")
     with pytest.raises(ValueError):
         merge_shards([shard_path(out, 0, 2), ref_out], tmp_path / "m.h5")
+
+
+def _split_annotations(annotations: Path, folder: Path, first_lines: int) -> tuple[Path, Path]:
+    """The reference's captions in two JSONL files (its first ``first_lines`` lines, then the rest)."""
+    lines = annotations.read_text().splitlines(keepends=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a.jsonl").write_text("".join(lines[:first_lines]))
+    (folder / "b.jsonl").write_text("".join(lines[first_lines:]))
+    return folder / "a.jsonl", folder / "b.jsonl"
+
+
+def test_two_runs_joined_equal_one_run_over_both_annotation_files(reference, tmp_path):
+    annotations, ref_out, _ = reference
+    a, b = _split_annotations(annotations, tmp_path / "ann", 4)  # videos v0, v1 | the rest
+    caches = []
+    for part in (a, b):
+        caches.append(tmp_path / f"{part.stem}.h5")
+        run_extraction(config_for(part, caches[-1], videos=str(annotations.parent)), progress=False)
+    joined = join_caches(caches, tmp_path / "joined" / "gallery.h5")
+    assert_same_arrays(joined, ref_out)
+    assert check_cache(joined) == []
+    with h5py.File(joined, "r") as f:
+        assert f["videos/tokens"].is_virtual
+        dataset = json.loads(f.attrs["dataset"])
+    assert dataset["annotations"] == [str(a), str(b)] and dataset["videos_root"] == str(annotations.parent)
+
+
+def test_join_refuses_repeated_ids_other_encoders_other_roots_and_merged_files(reference, tmp_path):
+    annotations, ref_out, _ = reference
+    a, b = _split_annotations(annotations, tmp_path / "ann", 4)
+    first = tmp_path / "a.h5"
+    run_extraction(config_for(a, first, videos=str(annotations.parent)), progress=False)
+    with pytest.raises(ValueError, match="video id 'videos/v0' is in both"):
+        join_caches([first, ref_out], tmp_path / "j.h5")
+    other_frames = tmp_path / "b-frames.h5"
+    run_extraction(config_for(b, other_frames, videos=str(annotations.parent), frames=2), progress=False)
+    with pytest.raises(CacheMismatch, match="sampling.frames 2"):
+        join_caches([first, other_frames], tmp_path / "j.h5")
+    (tmp_path / "root").symlink_to(annotations.parent)
+    other_root = tmp_path / "b-root.h5"
+    run_extraction(config_for(b, other_root, videos=str(tmp_path / "root")), progress=False)
+    with pytest.raises(ValueError, match="same --videos root"):
+        join_caches([first, other_root], tmp_path / "j.h5")
+    with pytest.raises(ValueError, match="itself merged"):
+        join_caches([join_caches([first], tmp_path / "once.h5"), other_root], tmp_path / "j.h5")
+    assert not (tmp_path / "j.h5").exists()
 
 
 @pytest.mark.slow

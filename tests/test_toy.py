@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from tvrerank.extract.models import SHIPPED_WEIGHTS
-from tvrerank.toy.make import ToyWorldConfig, _scripts, make_toy_world
+from tvrerank.toy import make as toy_make
+from tvrerank.toy.make import (ToyWorldConfig, _scripts, distractor_scripts, fresh_scripts, make_distractors,
+                               make_toy_world, world_script_keys)
 from tvrerank.toy.world import captions_for, confusers, random_script, render
 
 
@@ -64,6 +66,51 @@ def test_make_writes_videos_and_jsonl(tmp_path):
         assert (out / row["video"]).stat().st_size > 0
     again = make_toy_world(tmp_path / "again", ToyWorldConfig(videos=24, seed=2, frames=8), progress=False)
     assert (again / "test.jsonl").read_text() == (out / "test.jsonl").read_text()
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    return make_toy_world(tmp_path_factory.mktemp("world"), ToyWorldConfig(videos=24, seed=2, frames=4), progress=False)
+
+
+def test_distractors_are_new_scripts_of_the_world_and_prefix_stable(small_world):
+    world_keys = world_script_keys(small_world)
+    assert len(world_keys) == 24  # every script of the train, val and test splits
+    splits = _scripts(ToyWorldConfig(videos=24, seed=2))
+    assert world_keys == {s.key() for scripts in splits.values() for s, _ in scripts}
+    many = distractor_scripts(small_world, 60)
+    keys = [s.key() for s in many]
+    assert len(set(keys)) == 60 and not set(keys) & world_keys
+    assert [s.key() for s in distractor_scripts(small_world, 7)] == keys[:7]
+
+
+def test_fresh_scripts_skip_every_seen_key(monkeypatch):
+    """Drawn scripts equal to a seen one (a test script) or to an earlier draw are skipped."""
+    rng = random.Random(0)
+    seen_scripts = [random_script(rng) for _ in range(3)]
+    new = random_script(rng)
+    draws = iter([[seen_scripts[0]], [seen_scripts[1], new], [new, seen_scripts[2]]])
+    monkeypatch.setattr(toy_make, "_draw", lambda rng, size: next(draws, None) or [random_script(rng)])
+    got = fresh_scripts(random.Random(1), 3, {s.key() for s in seen_scripts}, 4)
+    keys = [s.key() for s in got]
+    assert keys[0] == new.key() and len(set(keys)) == 3 and not set(keys) & {s.key() for s in seen_scripts}
+
+
+def test_make_distractors_writes_a_range_of_videos_with_their_own_ids(small_world):
+    jsonl = make_distractors(small_world, start=2, stop=5, progress=False)
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["video_id"] for r in rows] == ["distractor-000002", "distractor-000003", "distractor-000004"]
+    assert all((small_world / r["video"]).stat().st_size > 0 for r in rows)
+    records = json.loads(jsonl.with_suffix(".json").read_text())["distractor"]
+    assert [toy_make.script_from_record(r).key() for r in records] == [
+        s.key() for s in distractor_scripts(small_world, 5)[2:]]
+    assert [r["caption"] for r in rows] == [captions_for(s, 3)[i % 3]
+                                            for i, s in enumerate(distractor_scripts(small_world, 5)) if i >= 2]
+    split_ids = {line and json.loads(line)["video_id"] for split in ("train", "val", "test")
+                 for line in (small_world / f"{split}.jsonl").read_text().splitlines()}
+    assert not split_ids & {r["video_id"] for r in rows}
+    with pytest.raises(ValueError, match="start < stop"):
+        make_distractors(small_world, start=5, stop=5, progress=False)
 
 
 @pytest.mark.skipif(not SHIPPED_WEIGHTS[("tvr-toy", "toy")].is_file(), reason="toy weights not built yet")

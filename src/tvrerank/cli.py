@@ -247,10 +247,15 @@ def cache_compact_cmd(source: str, out: str, token_dtype: str, token_pool: str |
 @cache.command("merge")
 @click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_writable)
-def cache_merge_cmd(shards, out: str) -> None:
+@click.option("--join", is_flag=True, help="The files are whole caches of separate runs (same encoder and --videos "
+                                           "root, no shared video id), joined in the order given into one gallery.")
+def cache_merge_cmd(shards, out: str, join: bool) -> None:
     """Join shard caches into one with HDF5 virtual datasets (no copy; keep the shards)."""
-    from tvrerank.cache.merge import merge_shards
+    from tvrerank.cache.merge import join_caches, merge_shards
 
+    if join:
+        click.echo(f"joined {len(shards)} caches into {join_caches(shards, out)}")
+        return
     merged = merge_shards(shards, out)
     click.echo(f"merged {len(shards)} shards into {merged}")
 

@@ -5,6 +5,10 @@ by video), written by ``tvrerank extract --shard I/N`` or by each torchrun rank.
 file maps ``videos/tokens``, ``videos/frame_emb``, ``videos/video_emb``, ``texts/emb`` and
 ``texts/tokens`` onto the shard files (stored as paths relative to the merged file, so the
 folder can move as a whole) and copies the small per-row tables. The shard files must stay.
+
+``join_caches`` maps whole caches of separate runs the same way (one encoder, sampling and token
+layout, one videos root, no video id in two of them): a gallery made of several collections, e.g.
+a test split with distractor videos beside it (``benchmarks/bench_distractors.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import h5py
 import numpy as np
 
 from tvrerank.cache.checksums import seal
+from tvrerank.cache.identity import fingerprint_differences
 from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.schema import STR, VIRTUAL_ARRAYS, CacheHeader, dataset_specs, storage_for
 from tvrerank.errors import CacheMismatch, InputError
@@ -47,18 +52,66 @@ def _order_shards(paths: Sequence[str | Path]) -> list[tuple[Path, CacheHeader]]
 
 def merge_shards(paths: Sequence[str | Path], out: str | Path) -> Path:
     """Write ``out`` joining the shard caches ``paths`` (any order); returns ``out``."""
-    out = Path(out)
     shards = _order_shards(paths)
     header = shards[0][1]
+    return _write_mapped(shards, Path(out), lambda relative: dict(
+        header.dataset, shard={"index": 0, "count": 1, "merged_from": relative}))
+
+
+def _check_joinable(paths: Sequence[str | Path]) -> list[tuple[Path, CacheHeader]]:
+    """(path, header) of whole caches that can share one gallery, in the order given; InputError or
+    CacheMismatch naming the file otherwise."""
+    caches, owner = [], {}
+    for path in paths:
+        with CacheReader(path) as cache:
+            header, video_ids = cache.header, cache.strings("videos/id")
+        path = Path(path)
+        if header.dataset.get("shard", {}).get("merged_from"):
+            raise InputError(f"{path} is itself merged from other files: join those files instead")
+        if caches:
+            first_path, first = caches[0]
+            if header.fingerprint() != first.fingerprint():
+                raise CacheMismatch(f"{path} cannot join {first_path}: "
+                                    + "; ".join(fingerprint_differences(header.fingerprint(), first.fingerprint(),
+                                                                        first_path, label=str(path))))
+            if header.dataset.get("videos_root") != first.dataset.get("videos_root"):
+                raise InputError(f"{path} has its videos under {header.dataset.get('videos_root')}, {first_path} under "
+                                 f"{first.dataset.get('videos_root')}: extract both with the same --videos root")
+        for video_id in video_ids:
+            if video_id in owner:
+                raise InputError(f"video id {video_id!r} is in both {owner[video_id]} and {path}: a gallery holds "
+                                 "each video once; give each collection its own ids")
+            owner[video_id] = path
+        caches.append((path, header))
+    if not caches:
+        raise InputError("no caches to join")
+    return caches
+
+
+def join_caches(paths: Sequence[str | Path], out: str | Path) -> Path:
+    """Write ``out`` joining whole caches of separate runs, their rows in the order given; returns ``out``."""
+    caches = _check_joinable(paths)
+    first = caches[0][1].dataset
+    annotations = [a for _, header in caches for a in header.dataset.get("annotations", [])]
+    return _write_mapped(caches, Path(out), lambda relative: {
+        "annotations": annotations, "format": first.get("format"), "videos_root": first.get("videos_root"),
+        "shard": {"index": 0, "count": 1, "merged_from": relative}})
+
+
+def _write_mapped(sources: list[tuple[Path, CacheHeader]], out: Path, dataset_of) -> Path:
+    """Write ``out`` mapping the big arrays of ``sources`` (in order) and copying the rest; ``dataset_of``
+    (paths of the sources relative to ``out``) → the header's dataset record."""
+    header = sources[0][1]
     sizes = []
-    for path, _ in shards:
+    for path, _ in sources:
         with h5py.File(path, "r") as f:
             sizes.append((f["videos/id"].shape[0], f["texts/caption"].shape[0]))
     n, m = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
     specs = dataset_specs(n, m, header.layout, header.sampling.frames)
-    relative = [os.path.relpath(p.resolve(), out.parent.resolve()) for p, _ in shards]
-    dataset = dict(header.dataset, shard={"index": 0, "count": 1, "merged_from": relative})
-    merged = CacheHeader(header.encoder, header.sampling, header.layout, dataset, header.created, header.tool_version)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    relative = [os.path.relpath(p.resolve(), out.parent.resolve()) for p, _ in sources]
+    merged = CacheHeader(header.encoder, header.sampling, header.layout, dataset_of(relative), header.created,
+                         header.tool_version)
     tmp = out.with_name(out.name + ".tmp")
     with h5py.File(tmp, "w") as f:
         f.attrs.update(merged.to_attrs())
@@ -66,8 +119,8 @@ def merge_shards(paths: Sequence[str | Path], out: str | Path) -> Path:
             if name in VIRTUAL_ARRAYS:
                 _virtual(f, name, shape, dtype, relative, sizes)
             else:
-                _concatenate(f, name, dtype, shards, sizes)
-        seal(f)  # the mapped arrays keep the shards' own checksums
+                _concatenate(f, name, dtype, sources, sizes)
+        seal(f)  # the mapped arrays keep the sources' own checksums
     os.replace(tmp, out)
     return out
 

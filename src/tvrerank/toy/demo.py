@@ -90,6 +90,15 @@ def candidates_path(out: Path, split: str, k: int, default_k: int) -> Path:
     return out / "candidates" / (f"{split}.h5" if k == default_k else f"k{k}/{split}.h5")
 
 
+def demo_extraction(config: DemoConfig, data: Path) -> ExtractConfig:
+    """The extraction every demo cache is made with (the shipped toy encoder, the config's frames and token
+    layout, videos under ``data``); ``annotations`` and ``out`` are left for each cache."""
+    return ExtractConfig(annotations=(), format="jsonl", videos=str(data), out="", model=TOY_MODEL,
+                         pretrained=toy_pretrained(), frames=config.frames, text_tokens=config.text_tokens,
+                         token_dtype=config.token_dtype, token_pool=config.token_pool, workers=config.workers,
+                         device="cpu", overwrite=True)
+
+
 def prepare_world(out: Path, config: DemoConfig, *, ks: tuple[int, ...] = (), clock: _Stopwatch | None = None,
                   progress: bool = True) -> tuple[Path, dict[str, Path], dict[int, dict[str, Path]]]:
     """Make the toy world in OUT/data, extract each split's cache, index it and write its candidate
@@ -101,10 +110,7 @@ def prepare_world(out: Path, config: DemoConfig, *, ks: tuple[int, ...] = (), cl
     clock = clock or _Stopwatch()
     data = clock.time("make", make_toy_world, out / "data", ToyWorldConfig(videos=config.videos, seed=config.seed),
                       progress=progress)
-    base = ExtractConfig(annotations=(), format="jsonl", videos=str(data), out="", model=TOY_MODEL,
-                         pretrained=toy_pretrained(), frames=config.frames, text_tokens=config.text_tokens,
-                         token_dtype=config.token_dtype, token_pool=config.token_pool, workers=config.workers,
-                         device="cpu", overwrite=True)
+    base = demo_extraction(config, data)
     caches = {split: out / "cache" / f"{split}.h5" for split in SPLITS}
     every_k = sorted({config.k, *ks})
     by_k = {k: {split: candidates_path(out, split, k, config.k) for split in SPLITS} for k in every_k}

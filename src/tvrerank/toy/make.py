@@ -4,23 +4,32 @@ Layout under DIR (paths in the JSONL are relative to DIR, so ``--videos DIR``)::
 
     DIR/train.jsonl  DIR/val.jsonl  DIR/test.jsonl  DIR/videos/{train,val,test}/NNNNNN.mp4
     DIR/scripts.json
+    DIR/distractor-SSSSSS-EEEEEE.jsonl  DIR/distractor-SSSSSS-EEEEEE.json  DIR/videos/distractor/NNNNNN.mp4
+                              (``make_distractors``: extra gallery videos, written later into a made world)
 
 The test and validation splits are made of confuser groups (``world.confusers``): videos with
 the same objects that differ in event order, a direction or a small detail. The training split
 holds random scripts and confuser groups too; no script (event sequence) is in two splits.
 Deterministic for a seed.
+
+Distractors (``make_distractors``) are more videos of the same world for a larger gallery: drawn
+as the training split is, never a script of any split (by script key) nor of another distractor,
+with ids ``distractor-NNNNNN``. Deterministic for the world's seed and prefix-stable: distractors
+0..n-1 are the same whatever range is written, so ranges can be added later.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tvrerank.errors import InputError
 from tvrerank.toy.videos import write_video
-from tvrerank.toy.world import Script, captions_for, confusers, random_script, render
+from tvrerank.toy.world import Event, Script, captions_for, confusers, random_script, render
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +59,12 @@ def _groups(rng: random.Random, count: int, size: int, seen: set) -> list[tuple[
     return scripts
 
 
+def _draw(rng: random.Random, size: int) -> list[Script]:
+    """Scripts as the training split draws them: half the time a confuser group (hard negatives that differ
+    in order, direction or a detail), else one random script."""
+    return confusers(random_script(rng), rng, size) if rng.random() < 0.5 else [random_script(rng)]
+
+
 def _scripts(config: ToyWorldConfig) -> dict[str, list[tuple[Script, int | None]]]:
     """Scripts per split (with their confuser group, None for training), disjoint by script key."""
     rng = random.Random(config.seed)
@@ -64,9 +79,7 @@ def _scripts(config: ToyWorldConfig) -> dict[str, list[tuple[Script, int | None]
     train: list[tuple[Script, int | None]] = []
     total = max(size, config.videos - len(test) - len(val))
     while len(train) < total:
-        # half random scripts, half confuser groups: hard negatives that differ in order/direction
-        candidates = confusers(random_script(rng), rng, size) if rng.random() < 0.5 else [random_script(rng)]
-        for script in candidates:
+        for script in _draw(rng, size):
             if script.key() not in seen and len(train) < total:
                 train.append((script, None))
                 seen.add(script.key())
@@ -98,4 +111,82 @@ def make_toy_world(out: str | Path, config: ToyWorldConfig = ToyWorldConfig(), *
     bar.close()
     (out / "scripts.json").write_text(json.dumps({"config": asdict(config), **records}, indent=1))
     log.info("toy world in %s: %s videos", out, ", ".join(f"{len(v)} {k}" for k, v in splits.items()))
+    return out
+
+
+DISTRACTOR_SPLIT = "distractor"
+#: added to the frame-noise seed of distractor i, so no distractor shares its noise with a split's video
+DISTRACTOR_NOISE_SEED = 1_000_000_007
+
+
+def script_from_record(record: dict) -> Script:
+    """A ``scripts.json`` record ({"events": [{kind, colour, shape, where}, ...]}) → its Script (background 0)."""
+    return Script(tuple(Event(**event) for event in record["events"]))
+
+
+def world_config(world: str | Path) -> ToyWorldConfig:
+    """The ToyWorldConfig a world folder was made with (its ``scripts.json``)."""
+    path = Path(world) / "scripts.json"
+    try:
+        return ToyWorldConfig(**json.loads(path.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a toy world's scripts.json ({exc}); make the world with `tvrerank toy make`") \
+            from None
+
+
+def world_script_keys(world: str | Path) -> set:
+    """The script keys of every split of a made world (from its ``scripts.json``)."""
+    recorded = json.loads((Path(world) / "scripts.json").read_text())
+    return {script_from_record(r).key() for split in ("train", "val", "test") for r in recorded.get(split, [])}
+
+
+def fresh_scripts(rng: random.Random, count: int, seen: set, size: int) -> list[Script]:
+    """The first ``count`` scripts ``_draw`` gives whose keys are not in ``seen`` (nor repeat each other)."""
+    seen, scripts = set(seen), []
+    while len(scripts) < count:
+        for script in _draw(rng, size):
+            if script.key() not in seen and len(scripts) < count:
+                scripts.append(script)
+                seen.add(script.key())
+    return scripts
+
+
+def distractor_scripts(world: str | Path, count: int) -> list[Script]:
+    """Distractors 0..count-1 of a made world: none is a script of its splits; prefix-stable in ``count``."""
+    config = world_config(world)
+    return fresh_scripts(random.Random(f"distractors of toy world seed {config.seed}"), count,
+                         world_script_keys(world), config.group_size)
+
+
+def distractor_annotations(world: str | Path, start: int, stop: int) -> Path:
+    """Where ``make_distractors`` writes the JSONL of distractors start..stop-1."""
+    return Path(world) / f"{DISTRACTOR_SPLIT}-{start:06d}-{stop:06d}.jsonl"
+
+
+def make_distractors(world: str | Path, *, start: int = 0, stop: int, progress: bool = True) -> Path:
+    """Write distractors ``start``..``stop``-1 of the toy world in ``world`` (made by ``make_toy_world``):
+    videos/distractor/NNNNNN.mp4, one caption each, ids ``distractor-NNNNNN`` → their JSONL (written
+    last, with a ``.json`` of their scripts beside it; paths relative to ``world``, as the splits')."""
+    from tqdm.auto import tqdm
+
+    if not 0 <= start < stop:
+        raise InputError(f"distractors {start}..{stop}: give 0 <= start < stop")
+    world = Path(world)
+    config = world_config(world)
+    scripts = distractor_scripts(world, stop)[start:]
+    lines, records = [], []
+    for i, script in enumerate(tqdm(scripts, unit="video", desc="toy distractors", disable=not progress), start=start):
+        name = f"videos/{DISTRACTOR_SPLIT}/{i:06d}.mp4"
+        frames = render(script, num_frames=config.frames, size=config.size,
+                        seed=DISTRACTOR_NOISE_SEED + config.seed * 100_003 + i)
+        write_video(world / name, frames, fps=config.fps)
+        video_id = f"{DISTRACTOR_SPLIT}-{i:06d}"
+        lines.append(json.dumps({"video": name, "caption": captions_for(script, count=3)[i % 3], "video_id": video_id}))
+        records.append({"video_id": video_id, "events": [asdict(e) for e in script.events]})
+    out = distractor_annotations(world, start, stop)
+    out.with_suffix(".json").write_text(json.dumps({"config": asdict(config), DISTRACTOR_SPLIT: records}, indent=1))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out)
+    log.info("%d distractors of the toy world in %s", len(scripts), out)
     return out
