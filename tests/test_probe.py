@@ -46,3 +46,30 @@ def test_the_detail_worlds_encoder_keeps_the_glyph_in_its_patch_tokens_and_not_i
         assert result["detail patch"][target] >= 0.8, (target, result)
         assert result["global"][target] <= chance + 0.1, (target, result)
         assert result["other patch"][target] <= chance + 0.1, (target, result)
+
+
+def test_a_cache_probe_reads_the_glyph_where_the_ground_truth_puts_it(tmp_path):
+    """On a detail world's cache (random toy weights, pixel-level tokens still differ where the glyph is):
+    the frames probed are the ones the truth names, and a probe of the glyph's patch beats one of a
+    patch without it."""
+    from click.testing import CliRunner
+
+    from tvrerank.cache.reader import CacheReader
+    from tvrerank.cache.truth import read_truth
+    from tvrerank.cli import main
+    from tvrerank.toy.probe import cache_probe
+
+    runner = CliRunner()
+    world, cache = tmp_path / "world", tmp_path / "c.h5"
+    for args in (["toy", "make", "--out", world, "--videos", 160, "--world", "detail"],
+                 ["extract", "--annotations", world / "train.jsonl", "--videos", world, "--model", "tvr-toy",
+                  "--pretrained", "toy", "--out", cache, "--frames", 12, "--workers", 0, "--device", "cpu", "--quiet"],
+                 ["toy", "truth", world, cache]):
+        result = runner.invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    result = cache_probe(cache, world)
+    with CacheReader(cache) as reader:
+        assert result["frames"] == int(read_truth(reader).detail_frames().sum())
+    assert result["detail patch"]["colour"] > result["other patch"]["colour"] + 0.3, result
+    output = runner.invoke(main, ["toy", "probe", "--cache", str(cache), "--world", str(world)]).output
+    assert "detail patch" in output and "global" in output

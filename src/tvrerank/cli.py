@@ -722,10 +722,22 @@ def toy_pretrain(out: str, steps: int, batch_size: int, lr: float, seed: int, th
 @click.option("--pretrained", default="toy-detail", show_default=True,
               help="tvr-toy weights: a shipped tag (toy, toy-detail) or a .safetensors file.")
 @click.option("--frames", "count", default=1500, show_default=True, type=click.IntRange(min=30))
-def toy_probe(pretrained: str, count: int) -> None:
+@click.option("--cache", "cache_path", type=click.Path(exists=True, dir_okay=False),
+              help="Probe a detail world's cache instead (its tokens as extracted; needs --world).")
+@click.option("--world", "world_dir", type=click.Path(exists=True, file_okay=False), help="The cache's toy world folder.")
+def toy_probe(pretrained: str, count: int, cache_path: str | None, world_dir: str | None) -> None:
     """Linear probes of the detail glyph's colour and shape: from its patch token vs the frame embedding."""
+    from tvrerank.toy.probe import cache_probe, detail_probe, format_probe
+
+    if (cache_path is None) != (world_dir is None):
+        raise click.UsageError("--cache and --world go together")
+    if cache_path is not None:
+        result = cache_probe(cache_path, world_dir)
+        click.echo(f"{cache_path}: {result['frames']} sampled frames showing the glyph, {result['videos']} videos "
+                   "(probe fitted on two thirds of the videos, scored on the rest)")
+        click.echo(format_probe(result))
+        return
     from tvrerank.extract.encoder import FrozenClipEncoder
-    from tvrerank.toy.probe import detail_probe, format_probe
 
     encoder = FrozenClipEncoder(model="tvr-toy", pretrained=pretrained, device="cpu")
     click.echo(format_probe(detail_probe(encoder, count=count)))

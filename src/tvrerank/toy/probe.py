@@ -9,6 +9,8 @@ scored on the rest) reads the glyph's colour (6 classes) and shape (3) from
 - ``global``: the frame's pooled embedding, what stage 1 and a global-token re-ranker read.
 
 The detail world needs the first high and the third near chance (``toy/pretrain.py``, world detail).
+``cache_probe`` asks the same of a detail world's cache (frames decoded from the H.264 videos, as the
+re-ranker reads them), over the sampled frames that show the glyph, split by video.
 """
 
 from __future__ import annotations
@@ -108,3 +110,50 @@ def format_probe(result: dict) -> str:
         lines.append(f"{name:<28} " + " ".join(f"{100 * result[name][t]:>7.1f}%" for t in TARGETS))
     lines.append(f"{'chance':<28} " + " ".join(f"{100 * result['chance'][t]:>7.1f}%" for t in TARGETS))
     return "\n".join(lines)
+
+
+def cache_probe(cache_path, world_dir, *, train_fraction: float = 2 / 3, seed: int = 0) -> dict:
+    """``detail_probe`` on a detail world's cache (with ``toy truth``'s ground truth): one sample per
+    sampled frame that shows the glyph; the probe is fitted on ``train_fraction`` of the videos and scored
+    on the others (a video's frames share its glyph). "other patch" is a patch of the frame the glyph is
+    not on."""
+    from tvrerank.cache.encoding import decode_tokens
+    from tvrerank.cache.reader import CacheReader
+    from tvrerank.cache.truth import read_truth
+    from tvrerank.errors import InputError
+    from tvrerank.toy.truth import load_world
+    import torch
+
+    world = load_world(world_dir)
+    records = {r["video_id"]: r for split in ("train", "val", "test") for r in world.get(split, [])}
+    with CacheReader(cache_path) as cache:
+        truth = read_truth(cache)
+        if truth is None or truth.detail is None:
+            raise InputError(f"{cache_path}: no detail ground truth; run `tvrerank toy truth {world_dir} {cache_path}`")
+        ids = list(cache.strings("videos/id"))
+        rows, frames = np.nonzero(truth.detail.any(-1))  # (S,) each
+        scale = "videos/token_scale" in cache.file
+        features = {name: [] for name in FEATURES}
+        rng = np.random.default_rng(seed)
+        for row in np.unique(rows):
+            stored = cache["videos/tokens"][row]  # (T, P, D) in the stored encoding
+            tokens = decode_tokens(torch.from_numpy(np.ascontiguousarray(stored)),
+                                   torch.from_numpy(cache["videos/token_scale"][row]) if scale else None).numpy()
+            emb = cache["videos/frame_emb"][row].astype(np.float32)
+            for t in frames[rows == row]:
+                on = truth.detail[row, t]
+                features["detail patch"].append(tokens[t, on].mean(0))
+                features["other patch"].append(tokens[t, rng.choice(np.flatnonzero(~on))])
+                features["global"].append(emb[t])
+    labels = {target: np.array([TARGETS[target].index(records[ids[r]]["detail"][target]) for r in rows])
+              for target in TARGETS}
+    videos = np.unique(rows)
+    train_videos = rng.permutation(videos)[: int(len(videos) * train_fraction)]
+    train = np.isin(rows, train_videos)
+    result: dict = {"frames": int(len(rows)), "videos": int(len(videos)),
+                    "chance": {t: 1 / len(c) for t, c in TARGETS.items()}}
+    for name in FEATURES:
+        x = np.stack(features[name]).astype(np.float32)
+        result[name] = {t: linear_probe_accuracy(x[train], y[train], x[~train], y[~train], classes=len(TARGETS[t]))
+                        for t, y in labels.items()}
+    return result
