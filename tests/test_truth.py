@@ -154,3 +154,18 @@ def test_truth_is_refused_for_a_cache_of_another_world_or_a_folder_that_is_no_wo
     assert sorted(p.name for p in caches["1"].parent.iterdir()) == ["1.h5", "2.h5"]
     result = CliRunner().invoke(main, ["toy", "truth", str(tmp_path), str(caches["1"])])
     assert result.exit_code == 2 and "scripts.json" in result.output and "Traceback" not in result.output
+
+
+def test_compact_carries_the_truth_pooled_as_its_tokens(world, caches, tmp_path):
+    """A compacted, 2x2-pooled copy of the unpooled cache knows what the cache extracted with --pool 2 knows."""
+    attach_world_truth(caches["1"], world)
+    attach_world_truth(caches["2"], world)
+    out = tmp_path / "compact.h5"
+    result = CliRunner().invoke(main, ["cache", "compact", str(caches["1"]), "--out", str(out), "--pool", "2",
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    with CacheReader(out) as compact, CacheReader(caches["2"]) as pooled:
+        a, b = read_truth(compact), read_truth(pooled)
+    assert a.grid == b.grid == (4, 4) and a.world == "detail"
+    assert np.array_equal(a.detail, b.detail)
+    assert check_cache(out) == []

@@ -9,7 +9,8 @@ does it) after extraction; caches without them read as before:
   shows the detail on patch p of the cache's token grid (row-major); all False for failed videos and
   padded frames. Chunked with a checksum like every numeric dataset.
 
-``cache check`` validates both (``check_truth``); ``read_truth`` gives them to evaluation.
+``cache check`` validates both (``check_truth``); ``read_truth`` gives them to evaluation; ``cache
+compact`` carries them over, pooled with its tokens (``pooled_detail``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class CacheTruth:
     world: str
     grid: tuple[int, int]
     detail: np.ndarray | None  # (N, T, P) bool or None
+    source: str = ""  # the world folder it came from
 
     def detail_frames(self) -> np.ndarray:
         """(N, T) bool: the sampled frames that show the detail."""
@@ -55,7 +57,19 @@ def read_truth(cache) -> CacheTruth | None:
         return None
     meta = json.loads(raw)
     detail = cache[DETAIL_DATASET][()].astype(bool) if DETAIL_DATASET in f else None
-    return CacheTruth(world=meta["world"], grid=tuple(meta["grid"]), detail=detail)
+    return CacheTruth(world=meta["world"], grid=tuple(meta["grid"]), detail=detail, source=meta.get("source", ""))
+
+
+def pooled_detail(detail: np.ndarray, grid: tuple[int, int], pool: str) -> np.ndarray:
+    """(N, T, P) bool on an (H, W) grid → (N, T, P') on the grid ``cache.encoding.pool_grid`` leaves: a
+    pooled cell shows the detail when any cell it averages does (the same windows as the tokens)."""
+    import torch
+
+    from tvrerank.cache.encoding import pool_grid
+
+    n, t, _ = detail.shape
+    cells = torch.from_numpy(np.ascontiguousarray(detail, dtype=np.float32)).reshape(n * t, 1, *grid)
+    return (pool_grid(cells, pool) > 0).reshape(n, t, -1).numpy()
 
 
 def check_truth(f: h5py.File, *, videos: int, frames: int, tokens_per_frame: int, grid: tuple[int, int]) -> list[str]:
