@@ -159,3 +159,15 @@ def test_an_unknown_world_is_refused():
 
     with pytest.raises(InputError, match="events, detail"):
         ToyWorldConfig(world="glyphs")
+
+
+def test_detail_captions_fit_the_toy_encoders_context():
+    """The glyph is named last: a caption cut at the toy encoder's 48 tokens would lose it."""
+    import open_clip
+
+    from tvrerank.toy.world import random_detail_script
+
+    rng = random.Random(0)
+    captions = [c for _ in range(1000) for c in captions_for(random_detail_script(rng), 3)]
+    lengths = (open_clip.get_tokenizer("ViT-B-32")(captions, context_length=77) != 0).sum(1)
+    assert int(lengths.max()) <= 48

@@ -275,7 +275,7 @@ def event_phrase(event: Event, variant: int) -> str:
 
 _DETAIL_PHRASES = [", and a small {c} {s} flashes near the {w}", ", while a tiny {c} {s} blinks near the {w}",
                    "; briefly a little {c} {s} shows near the {w}"]
-_EDGE_WORDS = {"top": "top", "bottom": "bottom", "left": "left edge", "right": "right edge"}
+_EDGE_WORDS = {"top": "top", "bottom": "bottom", "left": "left", "right": "right"}  # short: captions fit 48 tokens
 
 
 def detail_phrase(detail: Detail, variant: int) -> str:
