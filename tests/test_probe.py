@@ -40,7 +40,7 @@ def encoder_of(tag: str):
 def test_the_detail_worlds_encoder_keeps_the_glyph_in_its_patch_tokens_and_not_in_its_frame_embedding():
     weights = SHIPPED_WEIGHTS[("tvr-toy", "toy-detail")]
     assert weights.stat().st_size <= 10 * 2**20
-    result = detail_probe(encoder_of("toy-detail"), count=900)
+    result = detail_probe(encoder_of("toy-detail"), count=1500)
     print(format_probe(result))
     for target, chance in result["chance"].items():
         assert result["detail patch"][target] >= 0.8, (target, result)
