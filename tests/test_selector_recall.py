@@ -248,3 +248,18 @@ def test_eval_without_ground_truth_reports_no_recalls(detail_run, tmp_path):
     result = json.loads(invoke("eval", "--cache", cache, "--candidates", detail_run / "test-candidates.h5",
                                "--reranker", detail_run / "run", "--device", "cpu", "--json"))
     assert "selectors" not in result and "R1" in result["reranked"]
+
+
+def test_a_global_token_re_ranker_keeps_no_patch_and_its_video_selector_is_still_measured(detail_run, tmp_path):
+    import json
+
+    config = dict(TRAINING, model=dict(TRAINING["model"], frame_tokens="global"))
+    (tmp_path / "global.json").write_text(json.dumps(config))
+    invoke("train", "--cache", detail_run / "train.h5", "--candidates", detail_run / "train-candidates.h5", "--out",
+           tmp_path / "run", "--config", tmp_path / "global.json", "--steps", 2, "--device", "cpu")
+    args = ("eval", "--cache", detail_run / "test.h5", "--candidates", detail_run / "test-candidates.h5",
+            "--reranker", tmp_path / "run", "--device", "cpu")
+    selectors = json.loads(invoke(*args, "--json"))["selectors"]
+    assert selectors["frame_selector"] is None and selectors["attention"] is None
+    assert selectors["frame_tokens"] == "global" and 0 <= selectors["video_selector"]["recall"] <= 1
+    assert "keeps no patch" in invoke(*args)
