@@ -54,6 +54,9 @@ CASES = [
      "unknown model options ['wdith']"),
     ("demo: negative seed", "demo --out {dir}/demo --seed -1", 2, "--seed"),
     ("toy make: too few videos", "toy make --out {dir}/toy --videos 2", 2, "--videos"),
+    ("toy make: an unknown world", "toy make --out {dir}/toy --world glyphs", 2, "--world"),
+    ("demo: an unknown world", "demo --out {dir}/demo --world glyphs", 2, "--world"),
+    ("toy truth: a folder that is no toy world", "toy truth {dir} {file}", 2, "scripts.json: no such file"),
 ]
 
 

@@ -90,8 +90,8 @@ def test_fresh_scripts_skip_every_seen_key(monkeypatch):
     seen_scripts = [random_script(rng) for _ in range(3)]
     new = random_script(rng)
     draws = iter([[seen_scripts[0]], [seen_scripts[1], new], [new, seen_scripts[2]]])
-    monkeypatch.setattr(toy_make, "_draw", lambda rng, size: next(draws, None) or [random_script(rng)])
-    got = fresh_scripts(random.Random(1), 3, {s.key() for s in seen_scripts}, 4)
+    monkeypatch.setattr(toy_make, "_training_draw", lambda rng, config: next(draws, None) or [random_script(rng)])
+    got = fresh_scripts(random.Random(1), 3, {s.key() for s in seen_scripts}, ToyWorldConfig())
     keys = [s.key() for s in got]
     assert keys[0] == new.key() and len(set(keys)) == 3 and not set(keys) & {s.key() for s in seen_scripts}
 
@@ -140,3 +140,81 @@ def test_toy_make_writes_the_same_bytes_in_any_process(tmp_path):
     assert len(videos) >= 8
     for video in videos:
         assert (tmp_path / "a" / video).read_bytes() == (tmp_path / "b" / video).read_bytes(), video
+
+
+# --------------------------------------------------------------------------- the detail world
+def test_detail_confusers_differ_only_in_the_detail():
+    from tvrerank.toy.world import detail_confusers, random_detail_script
+
+    rng = random.Random(0)
+    for _ in range(20):
+        group = detail_confusers(random_detail_script(rng), rng, 4)
+        assert len({tuple(e.key() for e in s.events) for s in group}) == 1  # the same events
+        assert len({(s.detail.colour, s.detail.shape) for s in group}) == 4  # four glyphs
+        assert len({(s.detail.edge, s.detail.slot) for s in group}) == 1  # at one place
+        assert len({s.key() for s in group}) == 4
+        captions = [captions_for(s, 1)[0] for s in group]
+        assert len(set(captions)) == 4
+        assert all(f"{s.detail.colour} {s.detail.shape}" in c for s, c in zip(group, captions))
+
+
+def test_the_detail_covers_the_patches_the_world_says():
+    """Known answer at the pixel level: rendered with and without the glyph, the frame changes in exactly
+    the cells of the 8 x 8 grid that ``detail_patches`` names (12-pixel cells of a 96-pixel frame)."""
+    from tvrerank.toy.world import DETAIL_EDGES, DETAIL_SHAPES, DETAIL_SLOTS, Detail, detail_patches, render_still
+
+    for edge in DETAIL_EDGES:
+        for slot in range(DETAIL_SLOTS):
+            for shape in DETAIL_SHAPES:
+                detail = Detail("white", shape, edge, slot, 0.0, 1.0)
+                a = render_still([], size=96, seed=1).astype(int)
+                b = render_still([], size=96, seed=1, detail=detail).astype(int)
+                changed = np.abs(a - b).sum(-1).reshape(8, 12, 8, 12).any(axis=(1, 3))  # (8, 8) cells
+                assert np.flatnonzero(changed).tolist() == detail_patches(detail), (edge, slot, shape)
+                assert len(detail_patches(detail)) == (1 if slot % 2 == 0 else 2)
+                rows, cols = np.divmod(detail_patches(detail), 8)
+                assert {"top": (rows == 0), "bottom": (rows == 7), "left": (cols == 0),
+                        "right": (cols == 7)}[edge].all()
+                pooled = detail_patches(detail, pool="2x2")
+                assert sorted({(r // 2) * 4 + c // 2 for r, c in zip(rows, cols)}) == pooled
+
+
+def test_detail_world_records_its_ground_truth(tmp_path):
+    out = make_toy_world(tmp_path, ToyWorldConfig(videos=16, seed=3, world="detail"), progress=False)
+    scripts = json.loads((out / "scripts.json").read_text())
+    assert scripts["world"] == "detail" and scripts["config"]["world"] == "detail" and scripts["grid"] == [8, 8]
+    rows = {json.loads(line)["video_id"]: json.loads(line)["caption"]
+            for line in (out / "test.jsonl").read_text().splitlines()}
+    for record in scripts["test"] + scripts["train"]:
+        detail = record["detail"]
+        assert 4 <= len(detail["frames"]) <= 10  # 2-5 of 12 segments of 24 frames
+        assert detail["frames"] == list(range(detail["frames"][0], detail["frames"][-1] + 1))
+        assert 1 <= len(detail["patches"]["none"]) <= 2 and 1 <= len(detail["patches"]["2x2"]) <= 2
+        if record["video_id"] in rows:
+            assert f"{detail['colour']} {detail['shape']}" in rows[record["video_id"]]
+    groups = {}
+    for record in scripts["test"]:
+        groups.setdefault(record["group"], []).append(record)
+    assert all(len({json.dumps(r["events"]) for r in g}) == 1 for g in groups.values())
+    events = json.loads((make_toy_world(tmp_path / "events", ToyWorldConfig(videos=16, seed=3), progress=False)
+                         / "scripts.json").read_text())
+    assert events["world"] == "events" and "detail" not in events["test"][0]
+
+
+def test_an_unknown_world_is_refused():
+    from tvrerank.errors import InputError
+
+    with pytest.raises(InputError, match="events, detail"):
+        ToyWorldConfig(world="glyphs")
+
+
+def test_detail_captions_fit_the_toy_encoders_context():
+    """The glyph is named last: a caption cut at the toy encoder's 48 tokens would lose it."""
+    import open_clip
+
+    from tvrerank.toy.world import random_detail_script
+
+    rng = random.Random(0)
+    captions = [c for _ in range(1000) for c in captions_for(random_detail_script(rng), 3)]
+    lengths = (open_clip.get_tokenizer("ViT-B-32")(captions, context_length=77) != 0).sum(1)
+    assert int(lengths.max()) <= 48

@@ -30,6 +30,7 @@ def _human(num_bytes: float) -> str:
 #: none|2x2 is accepted too
 POOLS = {"1": "none", "2": "2x2", "none": "none", "2x2": "2x2"}
 TOKEN_DTYPES = ("float16", "int8", "float8")  # cache.encoding.TOKEN_DTYPES, without importing numpy for --help
+WORLDS = ("events", "detail")  # toy.world.WORLDS, without importing numpy for --help
 
 
 def pool_option(function):
@@ -473,7 +474,7 @@ def evaluate(cache_path: str, candidates_path: str, run_dir: str | None, dsl: bo
         if ranks_out is not None:
             write_rank_table(ranks_out, cache_path, reranked["ranks"])
         result.update({key: reranked[key] for key in (*VARIANTS, "alpha", "fusion", "tuned_on_this_split",
-                                                      "trained_on_this_split")})
+                                                      "trained_on_this_split", "selectors") if key in reranked})
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return
@@ -487,6 +488,10 @@ def evaluate(cache_path: str, candidates_path: str, run_dir: str | None, dsl: bo
     for flag, what in (("trained_on_this_split", "trained"), ("tuned_on_this_split", "tuned")):
         if result.get(flag):
             click.echo(f"warning: the re-ranker was {what} on this split: these are not held-out numbers", err=True)
+    if "selectors" in result:
+        from tvrerank.selector_recall import format_recalls
+
+        click.echo(format_recalls(result["selectors"]))
     if "v2t" in result:
         click.echo("video->text")
         click.echo(format_table({"stage 1": result["v2t"]["stage1"]}))
@@ -661,12 +666,30 @@ def toy() -> None:
 @click.option("--videos", default=240, show_default=True, type=click.IntRange(min=8),
               help="Videos in all (a quarter are test).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-def toy_make(out: str, videos: int, seed: int) -> None:
+@click.option("--world", type=click.Choice(WORLDS), default="events", show_default=True,
+              help="events: confusers differ in event order or direction; detail: each video also shows a small "
+                   "glyph in a few frames, named by its captions, and the confusers differ only in it.")
+def toy_make(out: str, videos: int, seed: int, world: str) -> None:
     """Write toy videos (mp4) with train/test captions in the generic JSONL format."""
     from tvrerank.toy.make import ToyWorldConfig, make_toy_world
 
-    make_toy_world(out, ToyWorldConfig(videos=videos, seed=seed))
-    click.echo(f"toy world written to {out} (train.jsonl, test.jsonl, videos/); use --videos {out}")
+    make_toy_world(out, ToyWorldConfig(videos=videos, seed=seed, world=world))
+    click.echo(f"{world} toy world written to {out} (train.jsonl, test.jsonl, videos/, scripts.json); use --videos {out}"
+               + (" and --pretrained toy-detail; then `tvrerank toy truth` on each cache" if world == "detail" else ""))
+
+
+@toy.command("truth")
+@click.argument("world_dir", metavar="WORLD", type=click.Path(exists=True, file_okay=False))
+@click.argument("caches", metavar="CACHE...", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def toy_truth(world_dir: str, caches: tuple[str, ...]) -> None:
+    """Record a toy world's name and ground truth (where the detail is, per sampled frame) in caches
+    extracted from it; `eval --reranker` then reports the selectors' known-answer recalls."""
+    from tvrerank.toy.truth import attach_world_truth
+
+    for cache in caches:
+        found = attach_world_truth(cache, world_dir)
+        click.echo(f"{cache}: {found['world']} world, {found['videos']} videos"
+                   + (f", {found['detail_frames']} sampled frames show the detail" if found["world"] == "detail" else ""))
 
 
 @toy.command("pretrain")
@@ -677,18 +700,52 @@ def toy_make(out: str, videos: int, seed: int) -> None:
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="torch threads (0: default).")
-def toy_pretrain(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int) -> None:
+@click.option("--world", type=click.Choice(WORLDS), default="events", show_default=True,
+              help="detail: half the frames also show a detail glyph their captions never name (--pretrained toy-detail).")
+@click.option("--warmup", default=100, show_default=True, type=click.IntRange(min=0), help="Warm-up steps.")
+@click.option("--init", default="", help="tvr-toy weights to start from (a shipped tag, e.g. toy, or a file); "
+                                         "default: seeded random weights.")
+def toy_pretrain(out: str, steps: int, batch_size: int, lr: float, seed: int, threads: int, world: str, warmup: int,
+                 init: str) -> None:
     """Train the toy encoder (tvr-toy) on single toy frames; rebuilds the shipped weights."""
     from tvrerank.extract.encoder import FrozenClipEncoder
     from tvrerank.toy.pretrain import PretrainConfig, pretrain, zero_shot_accuracy
+    from tvrerank.toy.probe import detail_probe, format_probe
 
-    config = PretrainConfig(optim={"steps": steps, "lr": lr}, batch_size=batch_size, seed=seed, threads=threads)
+    config = PretrainConfig(optim={"steps": steps, "lr": lr, "warmup": warmup}, batch_size=batch_size, seed=seed,
+                            threads=threads, world=world, init=init)
     result = pretrain(config, out)
     encoder = FrozenClipEncoder(model="tvr-toy", pretrained=out, device="cpu")
     accuracy = zero_shot_accuracy(encoder)
     click.echo(f"{out}: {result['bytes'] / 2**20:.1f} MiB, final loss {result['final_loss']:.3f}, "
                f"{result['seconds'] / 60:.1f} min; zero-shot frame->caption top-1 over 256: "
                f"{accuracy:.1%} (chance 0.4%)")
+    click.echo(format_probe(detail_probe(encoder)))
+
+
+@toy.command("probe")
+@click.option("--pretrained", default="toy-detail", show_default=True,
+              help="tvr-toy weights: a shipped tag (toy, toy-detail) or a .safetensors file.")
+@click.option("--frames", "count", default=1500, show_default=True, type=click.IntRange(min=30))
+@click.option("--cache", "cache_path", type=click.Path(exists=True, dir_okay=False),
+              help="Probe a detail world's cache instead (its tokens as extracted; needs --world).")
+@click.option("--world", "world_dir", type=click.Path(exists=True, file_okay=False), help="The cache's toy world folder.")
+def toy_probe(pretrained: str, count: int, cache_path: str | None, world_dir: str | None) -> None:
+    """Linear probes of the detail glyph's colour and shape: from its patch token vs the frame embedding."""
+    from tvrerank.toy.probe import cache_probe, detail_probe, format_probe
+
+    if (cache_path is None) != (world_dir is None):
+        raise click.UsageError("--cache and --world go together")
+    if cache_path is not None:
+        result = cache_probe(cache_path, world_dir)
+        click.echo(f"{cache_path}: {result['frames']} sampled frames showing the glyph, {result['videos']} videos "
+                   "(probe fitted on two thirds of the videos, scored on the rest)")
+        click.echo(format_probe(result))
+        return
+    from tvrerank.extract.encoder import FrozenClipEncoder
+
+    encoder = FrozenClipEncoder(model="tvr-toy", pretrained=pretrained, device="cpu")
+    click.echo(format_probe(detail_probe(encoder, count=count)))
 
 
 @main.command()
@@ -699,9 +756,12 @@ def toy_pretrain(out: str, steps: int, batch_size: int, lr: float, seed: int, th
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Re-ranker training steps (default: the demo's).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="Decoding processes for extraction.")
+@click.option("--world", type=click.Choice(WORLDS), default="events", show_default=True,
+              help="The toy world (see `tvrerank toy make --help`).")
 @pool_option
 @token_dtype_option
-def demo(out: str, seed: int, videos: int, steps: int | None, workers: int, token_pool: str, token_dtype: str) -> None:
+def demo(out: str, seed: int, videos: int, steps: int | None, workers: int, world: str, token_pool: str,
+         token_dtype: str) -> None:
     """Run the whole pipeline on the toy world and print stage 1 vs re-ranked."""
     import dataclasses
 
@@ -709,7 +769,7 @@ def demo(out: str, seed: int, videos: int, steps: int | None, workers: int, toke
     from tvrerank.toy.demo import DemoConfig, first_stage_table, format_examples, metric_columns, run_demo
 
     config = DemoConfig(out=out, seed=seed, videos=videos, workers=workers, token_dtype=token_dtype,
-                        token_pool=token_pool)
+                        token_pool=token_pool, world=world)
     summary = run_demo(config if steps is None else dataclasses.replace(config, steps=steps))
     metrics = summary["metrics"]
     click.echo(f"test split, text->video ({metrics['evaluated']} captions; true video within top-{metrics['k']}: "
@@ -718,6 +778,10 @@ def demo(out: str, seed: int, videos: int, steps: int | None, workers: int, toke
 
     click.echo(format_examples(summary["examples"]))
     click.echo(first_stage_table(metrics))
+    if "selectors" in metrics:
+        from tvrerank.selector_recall import format_recalls
+
+        click.echo(format_recalls(metrics["selectors"]))
     click.echo(f"R@1 {metrics['stage1']['R1']:.1f} -> {metrics['reranked']['R1']:.1f} "
                f"({metrics['reranked']['R1'] - metrics['stage1']['R1']:+.1f}); "
                f"{summary['total_seconds']:.0f}s in all; report: {out}/report.md")

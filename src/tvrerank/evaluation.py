@@ -10,7 +10,8 @@
   tuned weight ``alpha``, or the plain sum). Training's validation and ``eval --reranker`` both
   call it.
 * :func:`evaluate_run` — a saved run on a cache; says when that cache is the split the run was
-  trained or tuned on.
+  trained or tuned on, and, on a cache that knows where a toy world's detail is, how often the
+  selectors keep it (``selector_recall.py``).
 
 Ranks and metrics themselves come from ``tvrerank.metrics`` (pure numpy).
 """
@@ -155,8 +156,11 @@ def evaluate_run(run_dir: str | Path, cache_path: str | Path, candidates_path: s
     """Stage 1 vs re-ranked for a saved run, with the fusion weight it was trained with.
 
     Adds ``tuned_on_this_split`` (this cache is the run's validation split, which chose alpha and
-    the checkpoint) and ``trained_on_this_split``, each with a warning when true.
+    the checkpoint) and ``trained_on_this_split``, each with a warning when true; and "selectors"
+    (``selector_recall.selector_recalls``) when the cache carries a detail world's ground truth.
     """
+    from tvrerank.selector_recall import selector_recalls
+
     torch_device = resolve_device(device)
     trained = load_reranker(run_dir, torch_device)
     with CacheReader(cache_path) as cache:
@@ -172,4 +176,7 @@ def evaluate_run(run_dir: str | Path, cache_path: str | Path, candidates_path: s
             log.warning("%s is the %s split of %s: %s numbers are not a held-out result", cache_path, split,
                         run_dir, "the fusion weight and the checkpoint were chosen on it, so these"
                         if split == "validation" else "the re-ranker was trained on it, so these")
+    selectors = selector_recalls(trained.model, cache_path, device=torch_device)
+    if selectors is not None:
+        result["selectors"] = selectors
     return result

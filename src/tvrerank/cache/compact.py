@@ -29,6 +29,7 @@ from tvrerank.cache.encoding import (POOLS, check_token_dtype, decode_tokens, en
                                      pool_frame_tokens, pooled_grid, without_padding)
 from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.schema import SCALE_ARRAY, CacheHeader, part_arrays
+from tvrerank.cache.truth import pooled_detail, read_truth, write_truth
 from tvrerank.cache.writer import PartData, PartStore, assemble
 from tvrerank.errors import CorruptFile, InputError
 
@@ -108,6 +109,7 @@ def compact_cache(source: str | Path, out: str | Path, *, token_dtype: str = "in
         videos_per_part = max(1, part_bytes // max(1, frame_values))
         bounds = part_bounds(caption_video, len(video_ids), videos_per_part)
         fingerprint = header.fingerprint()
+        truth = read_truth(cache)  # a toy world's known answers, carried over (cache/truth.py)
     dataset = dict(header.dataset, compacted_from={
         "cache": str(source.resolve()), "token_dtype": header.layout.token_dtype, "pool": header.layout.pool})
     compacted = CacheHeader(header.encoder, header.sampling, layout, dataset,
@@ -140,4 +142,9 @@ def compact_cache(source: str | Path, out: str | Path, *, token_dtype: str = "in
     assemble(parts, len(bounds), out, compacted, video_ids=video_ids, video_paths=video_paths, captions=captions,
              caption_video=caption_video)
     parts.remove()
+    if truth is not None:
+        detail = truth.detail
+        if detail is not None and layout.pool != header.layout.pool:
+            detail = pooled_detail(detail, tuple(header.layout.grid), layout.pool)
+        write_truth(out, world=truth.world, grid=tuple(layout.grid), source=truth.source, detail=detail)
     return out

@@ -12,6 +12,7 @@ from tvrerank.cache.checksums import is_damage, verify_strings
 from tvrerank.cache.merge import source_files
 from tvrerank.cache.reader import CacheReader
 from tvrerank.cache.schema import FAILED, OK, PENDING, STR, dataset_specs
+from tvrerank.cache.truth import DETAIL_DATASET, check_truth
 from tvrerank.config import to_dict
 
 #: Rows read at a time when scanning big arrays, so a check never holds a split in memory.
@@ -145,6 +146,13 @@ def check_cache(path: str | Path) -> list[str]:
                 problems.append(f"{name}: dtype {f[name].dtype}, expected {np.dtype(dtype)}")
         if problems:
             return problems
+        try:  # the optional known answers of a toy world (cache/truth.py)
+            problems += check_truth(f, videos=n, frames=header.sampling.frames,
+                                    tokens_per_frame=header.layout.tokens_per_frame, grid=tuple(header.layout.grid))
+        except OSError as exc:
+            if not is_damage(exc):
+                raise
+            problems.append(f"{DETAIL_DATASET}: holds damaged bytes (they fail their checksum)")
         for name, (_, dtype) in dataset_specs(n, m, header.layout, header.sampling.frames).items():
             if dtype is STR:
                 continue

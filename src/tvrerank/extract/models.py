@@ -27,6 +27,8 @@ PACKAGE_WEIGHTS = Path(__file__).parent / "weights"
 #: (model name, tag) → weights file shipped inside the package.
 SHIPPED_WEIGHTS: dict[tuple[str, str], Path] = {
     ("tvr-toy", "toy"): PACKAGE_WEIGHTS / "tvr-toy.safetensors",
+    # pretrained with the detail world's glyph in frames but never in captions (tvrerank.toy.pretrain)
+    ("tvr-toy", "toy-detail"): PACKAGE_WEIGHTS / "tvr-toy-detail.safetensors",
 }
 LOCAL_DIR = "local-dir:"
 RANDOM_WEIGHTS_SEED = 0

@@ -2,6 +2,9 @@
 
 toy make → extract (the shipped toy encoder) → index → candidates → train the re-ranker (the
 validation split tunes the fusion weight) → evaluate stage 1 vs re-ranked on the test split.
+``--world detail`` runs it on the detail world (``toy/make.py``) with the toy encoder pretrained for
+it (``DEMO_ENCODERS``); each cache then carries the world's ground truth (``toy truth``) and
+metrics.json the selectors' known-answer recalls ("selectors", ``selector_recall.py``).
 Output layout (scripts rely on it)::
 
     DIR/data/                 the toy world (train/val/test.jsonl, videos/)
@@ -14,7 +17,9 @@ Output layout (scripts rely on it)::
     DIR/firststage/reranker/  a re-ranker trained on those candidates
     DIR/metrics.json          on the test split: {"stage1", "reranker_only", "plain_sum", "reranked" (the run's
                               fusion): {R1, R5, R10, MdR, MnR}, "fusion", "alpha", "recall_curve", ...,
-                              "first_stages": {"zero-shot" | "trained": {"stage1", "reranked", "recall_at_k"}}}
+                              "first_stages": {"zero-shot" | "trained": {"stage1", "reranked", "recall_at_k"}},
+                              "world", and on the detail world "selectors" (the zero-shot run's; each first
+                              stage's under "first_stages")}
     DIR/recall_at_k.png       R@k of both stages
     DIR/report.md
 """
@@ -28,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tvrerank.config import ExtractConfig
+from tvrerank.errors import InputError
 from tvrerank.toy.make import ToyWorldConfig, make_toy_world
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,12 @@ DEMO_TRAINING = {
               "dropout": 0.1, "perturb_samples": 16},
 }
 DEMO_MODEL = {"frame_tokens": "global"}
+#: The demo's model options per toy world: on the detail world the caption's glyph is in no frame
+#: embedding, so the global token cannot tell a confuser group apart; it keeps the method's top-M patches.
+DEMO_MODELS = {"events": DEMO_MODEL, "detail": {}}
+#: The shipped toy-encoder weights (``--pretrained`` tag of tvr-toy) each world extracts with: the detail
+#: world's encoder was pretrained with the glyph in frames but never in captions (toy/pretrain.py).
+DEMO_ENCODERS = {"events": "toy", "detail": "toy-detail"}
 #: The trained first stage (tvrerank firststage train) the demo also re-ranks: ~13 s on two cores.
 DEMO_FIRST_STAGE = {"optim": {"steps": 600}, "batch": 128, "eval_every": 100, "checkpoint_every": 600}
 
@@ -60,15 +72,21 @@ class DemoConfig:
     steps: int = DEMO_TRAINING["optim"]["steps"]
     token_dtype: str = "float16"  # extract --token-dtype of the demo's caches
     token_pool: str = "none"  # extract --pool (none | 2x2)
+    world: str = "events"  # toy world: events | detail (toy/make.py)
+
+    def __post_init__(self):
+        if self.world not in DEMO_MODELS:
+            raise InputError(f"demo world must be one of {', '.join(DEMO_MODELS)}, got {self.world!r}")
 
 
-def toy_pretrained() -> str | None:
-    """The shipped toy-encoder tag when its weights are in the package, else None (random weights)."""
+def toy_pretrained(world: str = "events") -> str | None:
+    """The shipped toy-encoder tag of ``world`` when its weights are in the package, else None (random weights)."""
     from tvrerank.extract.models import SHIPPED_WEIGHTS
 
-    weights = SHIPPED_WEIGHTS[(TOY_MODEL, "toy")]
+    tag = DEMO_ENCODERS[world]
+    weights = SHIPPED_WEIGHTS[(TOY_MODEL, tag)]
     if weights.is_file():
-        return "toy"
+        return tag
     log.warning("the shipped toy-encoder weights are missing (%s): the demo uses random weights", weights)
     return None
 
@@ -94,7 +112,7 @@ def demo_extraction(config: DemoConfig, data: Path) -> ExtractConfig:
     """The extraction every demo cache is made with (the shipped toy encoder, the config's frames and token
     layout, videos under ``data``); ``annotations`` and ``out`` are left for each cache."""
     return ExtractConfig(annotations=(), format="jsonl", videos=str(data), out="", model=TOY_MODEL,
-                         pretrained=toy_pretrained(), frames=config.frames, text_tokens=config.text_tokens,
+                         pretrained=toy_pretrained(config.world), frames=config.frames, text_tokens=config.text_tokens,
                          token_dtype=config.token_dtype, token_pool=config.token_pool, workers=config.workers,
                          device="cpu", overwrite=True)
 
@@ -106,10 +124,11 @@ def prepare_world(out: Path, config: DemoConfig, *, ks: tuple[int, ...] = (), cl
     from tvrerank.extract.runner import run_extraction
     from tvrerank.index.candidates import build_candidates, write_candidates
     from tvrerank.index.store import build_index_dir
+    from tvrerank.toy.truth import attach_world_truth
 
     clock = clock or _Stopwatch()
-    data = clock.time("make", make_toy_world, out / "data", ToyWorldConfig(videos=config.videos, seed=config.seed),
-                      progress=progress)
+    data = clock.time("make", make_toy_world, out / "data",
+                      ToyWorldConfig(videos=config.videos, seed=config.seed, world=config.world), progress=progress)
     base = demo_extraction(config, data)
     caches = {split: out / "cache" / f"{split}.h5" for split in SPLITS}
     every_k = sorted({config.k, *ks})
@@ -118,6 +137,7 @@ def prepare_world(out: Path, config: DemoConfig, *, ks: tuple[int, ...] = (), cl
         caches[split].parent.mkdir(parents=True, exist_ok=True)
         clock.time("extract", run_extraction, replace(base, annotations=(str(data / f"{split}.jsonl"),),
                                                       out=str(caches[split])), progress=progress)
+        clock.time("extract", attach_world_truth, caches[split], data)
         clock.time("index", build_index_dir, caches[split], out / "index" / split)
         for k in every_k:
             lists = clock.time("index", build_candidates, caches[split], k=k, index_dir=out / "index" / split)
@@ -131,7 +151,8 @@ def demo_training(config: DemoConfig):
     from tvrerank.train.loop import TrainConfig
 
     return TrainConfig(**dict(DEMO_TRAINING, optim=dict(DEMO_TRAINING["optim"], steps=config.steps),
-                              seed=config.seed, device="cpu", model=dict(DEMO_TRAINING["model"], **DEMO_MODEL)))
+                              seed=config.seed, device="cpu",
+                              model=dict(DEMO_TRAINING["model"], **DEMO_MODELS[config.world])))
 
 
 def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
@@ -160,8 +181,12 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
                val_candidates=trained_lists["val"], progress=progress)
     on_trained = clock.time("evaluate", evaluate_run, reranker, caches["test"], trained_lists["test"], device="cpu")
     metrics["first_stages"] = {name: {"stage1": r["stage1"], "reranked": r["reranked"], "recall_at_k": r["recall_at_k"],
-                                      "recall_curve": {k: r["recall_curve"][k] for k in ("stage1", "reranked")}}
+                                      "recall_curve": {k: r["recall_curve"][k] for k in ("stage1", "reranked")},
+                                      **({"selectors": r["selectors"]} if "selectors" in r else {})}
                                for name, r in (("zero-shot", result), ("trained", on_trained))}
+    metrics["world"] = config.world
+    if "selectors" in result:
+        metrics["selectors"] = result["selectors"]
     metrics["cache"] = {"token_dtype": config.token_dtype, "token_pool": config.token_pool}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_recall(metrics["recall_curve"], out / "recall_at_k.png", trained=metrics["first_stages"]["trained"])
@@ -286,6 +311,25 @@ def metric_columns(metrics: dict) -> dict[str, dict[str, float]]:
             "plain sum": metrics["plain_sum"], fusion_label(metrics): metrics["reranked"]}
 
 
+WORLD_TEXT = {
+    "events": "The test split is made of confuser groups that differ only in event order, a direction or a "
+              "small corner object.",
+    "detail": "Detail world (`--world detail`): each video also shows a small glyph in a few frames; captions "
+              "name it, the toy encoder was pretrained without ever hearing of it, and the test split's confuser "
+              "groups differ only in it, so stage 1 cannot tell them apart.",
+}
+
+
+def selector_section(metrics: dict) -> list[str]:
+    """The report's known-answer section (detail world), else nothing."""
+    from tvrerank.selector_recall import format_recalls
+
+    if "selectors" not in metrics:
+        return []
+    return ["## Do the selectors keep the detail? (test split)", "", "```", format_recalls(metrics["selectors"]),
+            "```", ""]
+
+
 def report(summary: dict) -> str:
     from tvrerank.evaluation import fusion_label
     from tvrerank.metrics import format_table
@@ -295,8 +339,7 @@ def report(summary: dict) -> str:
     return "\n".join([
         "# tvrerank demo (synthetic toy world)", "",
         "A known-answer check on generated videos (coloured shapes acting out events in order); "
-        "not a real dataset. The test split is made of confuser groups that differ only in event "
-        "order, a direction or a small detail.", "",
+        "not a real dataset. " + WORLD_TEXT[metrics.get("world", "events")], "",
         f"## Text→video on the test split ({metrics['evaluated']} captions, K = {metrics['k']})", "",
         f"Cached tokens: {summary['config']['token_dtype']}, pool {summary['config']['token_pool']} "
         "(`tvrerank demo --token-dtype`, `--pool`).", "",
@@ -312,6 +355,7 @@ def report(summary: dict) -> str:
         f"candidates. R@{metrics['k']} is the most re-ranking can reach.", "",
         "```", first_stage_table(metrics), "```", "",
         "![recall at k](recall_at_k.png)", "",
+        *selector_section(metrics),
         "## Three test queries, top 5 (* = the true video)", "", "```", format_examples(summary["examples"]), "```", "",
         "## Time per stage (s)", "", "```", json.dumps({k: round(v, 1) for k, v in summary["seconds"].items()},
                                                        indent=1),

@@ -7,10 +7,20 @@ Layout under DIR (paths in the JSONL are relative to DIR, so ``--videos DIR``)::
     DIR/distractor-SSSSSS-EEEEEE.jsonl  DIR/distractor-SSSSSS-EEEEEE.json  DIR/videos/distractor/NNNNNN.mp4
                               (``make_distractors``: extra gallery videos, written later into a made world)
 
-The test and validation splits are made of confuser groups (``world.confusers``): videos with
-the same objects that differ in event order, a direction or a small detail. The training split
-holds random scripts and confuser groups too; no script (event sequence) is in two splits.
-Deterministic for a seed.
+Two worlds (``ToyWorldConfig.world``, recorded in ``scripts.json``):
+
+- ``events`` (the default): the test and validation splits are made of confuser groups
+  (``world.confusers``): videos with the same objects that differ in event order, a direction or a
+  small corner object.
+- ``detail``: every video also shows a small glyph (``world.Detail``) in 2–5 of the clip's
+  ``detail_segments`` segments; captions name it, and the test and validation confuser groups
+  (``world.detail_confusers``) differ ONLY in it, so a first stage that cannot see it cannot
+  separate them. ``scripts.json`` records the ground truth of each video: the rendered frames that
+  show the glyph and the patches it covers on the toy encoder's grid (``world.TOY_GRID``) and on its
+  2×2-pooled grid (``tvrerank toy truth`` carries it into a cache, per sampled frame).
+
+The training split holds random scripts and confuser groups too; no script (what the captions
+describe) is in two splits. Deterministic for a seed.
 
 Distractors (``make_distractors``) are more videos of the same world for a larger gallery: drawn
 as the training split is, never a script of any split (by script key) nor of another distractor,
@@ -29,7 +39,8 @@ from pathlib import Path
 
 from tvrerank.errors import InputError
 from tvrerank.toy.videos import write_video
-from tvrerank.toy.world import Event, Script, captions_for, confusers, random_script, render
+from tvrerank.toy.world import (TOY_GRID, WORLDS, Detail, Event, Script, captions_for, confusers, detail_confusers,
+                                detail_frames, detail_patches, random_detail_script, random_script, render)
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +56,33 @@ class ToyWorldConfig:
     fps: int = 8
     size: int = 96  # pixels (the toy encoder sees 64)
     train_captions: int = 3  # paraphrases per training video (val/test videos get one, rotating)
+    world: str = "events"  # events | detail (module docstring)
+    detail_segments: int = 12  # the detail world's glyph shows in 2-5 of this many equal segments of a clip
+
+    def __post_init__(self):
+        if self.world not in WORLDS:
+            raise InputError(f"toy world must be one of {', '.join(WORLDS)}, got {self.world!r}")
 
 
-def _groups(rng: random.Random, count: int, size: int, seen: set) -> list[tuple[Script, int]]:
+def _draw(rng: random.Random, config: ToyWorldConfig) -> Script:
+    """A random script of the config's world."""
+    if config.world == "detail":
+        return random_detail_script(rng, segments=config.detail_segments)
+    return random_script(rng)
+
+
+def _group(script: Script, rng: random.Random, size: int, config: ToyWorldConfig) -> list[Script]:
+    """A confuser group of the config's world around ``script``."""
+    if config.world == "detail":
+        return detail_confusers(script, rng, size, segments=config.detail_segments)
+    return confusers(script, rng, size)
+
+
+def _groups(rng: random.Random, count: int, size: int, seen: set, config: ToyWorldConfig) -> list[tuple[Script, int]]:
     """``count`` videos in whole confuser groups of ``size``, none already in ``seen``."""
     scripts: list[tuple[Script, int]] = []
     while len(scripts) < count:
-        group = confusers(random_script(rng), rng, size)
+        group = _group(_draw(rng, config), rng, size, config)
         if len(group) < size or any(s.key() in seen for s in group):
             continue
         scripts += [(s, len(scripts) // size) for s in group]
@@ -59,10 +90,12 @@ def _groups(rng: random.Random, count: int, size: int, seen: set) -> list[tuple[
     return scripts
 
 
-def _draw(rng: random.Random, size: int) -> list[Script]:
+def _training_draw(rng: random.Random, config: ToyWorldConfig) -> list[Script]:
     """Scripts as the training split draws them: half the time a confuser group (hard negatives that differ
     in order, direction or a detail), else one random script."""
-    return confusers(random_script(rng), rng, size) if rng.random() < 0.5 else [random_script(rng)]
+    if rng.random() < 0.5:
+        return _group(_draw(rng, config), rng, config.group_size, config)
+    return [_draw(rng, config)]
 
 
 def _scripts(config: ToyWorldConfig) -> dict[str, list[tuple[Script, int | None]]]:
@@ -74,16 +107,27 @@ def _scripts(config: ToyWorldConfig) -> dict[str, list[tuple[Script, int | None]
         return max(size, round(config.videos * fraction / size) * size)
 
     seen: set = set()
-    test = _groups(rng, grouped(config.test_fraction), size, seen)
-    val = _groups(rng, grouped(config.val_fraction), size, seen)
+    test = _groups(rng, grouped(config.test_fraction), size, seen, config)
+    val = _groups(rng, grouped(config.val_fraction), size, seen, config)
     train: list[tuple[Script, int | None]] = []
     total = max(size, config.videos - len(test) - len(val))
     while len(train) < total:
-        for script in _draw(rng, size):
+        for script in _training_draw(rng, config):
             if script.key() not in seen and len(train) < total:
                 train.append((script, None))
                 seen.add(script.key())
     return {"train": train, "val": val, "test": test}
+
+
+def detail_record(script: Script, config: ToyWorldConfig) -> dict:
+    """A video's ground truth for ``scripts.json``: {} without a detail, else {"detail": the glyph,
+    its rendered frames (of ``config.frames``) and its patches on the toy encoder's grid, row-major,
+    unpooled and 2×2-pooled}."""
+    if script.detail is None:
+        return {}
+    return {"detail": {**asdict(script.detail), "frames": detail_frames(script, config.frames),
+                       "patches": {pool: detail_patches(script.detail, TOY_GRID, size=config.size, pool=pool)
+                                   for pool in ("none", "2x2")}}}
 
 
 def make_toy_world(out: str | Path, config: ToyWorldConfig = ToyWorldConfig(), *, progress: bool = True) -> Path:
@@ -105,11 +149,12 @@ def make_toy_world(out: str | Path, config: ToyWorldConfig = ToyWorldConfig(), *
             video_id = f"{split}-{i:06d}"
             lines += [json.dumps({"video": name, "caption": c, "video_id": video_id}) for c in chosen]
             records[split].append({"video_id": video_id, "group": group,
-                                   "events": [asdict(e) for e in script.events]})
+                                   "events": [asdict(e) for e in script.events], **detail_record(script, config)})
             bar.update()
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     bar.close()
-    (out / "scripts.json").write_text(json.dumps({"config": asdict(config), **records}, indent=1))
+    (out / "scripts.json").write_text(json.dumps({"world": config.world, "grid": list(TOY_GRID), "config": asdict(config),
+                                                  **records}, indent=1))
     log.info("toy world in %s: %s videos", out, ", ".join(f"{len(v)} {k}" for k, v in splits.items()))
     return out
 
@@ -120,8 +165,11 @@ DISTRACTOR_NOISE_SEED = 1_000_000_007
 
 
 def script_from_record(record: dict) -> Script:
-    """A ``scripts.json`` record ({"events": [{kind, colour, shape, where}, ...]}) → its Script (background 0)."""
-    return Script(tuple(Event(**event) for event in record["events"]))
+    """A ``scripts.json`` record ({"events": [{kind, colour, shape, where}, ...], "detail": {...} in the
+    detail world}) → its Script (background 0)."""
+    detail = record.get("detail")
+    detail = None if detail is None else Detail(**{k: v for k, v in detail.items() if k not in ("frames", "patches")})
+    return Script(tuple(Event(**event) for event in record["events"]), detail=detail)
 
 
 def world_config(world: str | Path) -> ToyWorldConfig:
@@ -140,11 +188,11 @@ def world_script_keys(world: str | Path) -> set:
     return {script_from_record(r).key() for split in ("train", "val", "test") for r in recorded.get(split, [])}
 
 
-def fresh_scripts(rng: random.Random, count: int, seen: set, size: int) -> list[Script]:
-    """The first ``count`` scripts ``_draw`` gives whose keys are not in ``seen`` (nor repeat each other)."""
+def fresh_scripts(rng: random.Random, count: int, seen: set, config: ToyWorldConfig) -> list[Script]:
+    """The first ``count`` scripts ``_training_draw`` gives whose keys are not in ``seen`` (nor repeat each other)."""
     seen, scripts = set(seen), []
     while len(scripts) < count:
-        for script in _draw(rng, size):
+        for script in _training_draw(rng, config):
             if script.key() not in seen and len(scripts) < count:
                 scripts.append(script)
                 seen.add(script.key())
@@ -155,7 +203,7 @@ def distractor_scripts(world: str | Path, count: int) -> list[Script]:
     """Distractors 0..count-1 of a made world: none is a script of its splits; prefix-stable in ``count``."""
     config = world_config(world)
     return fresh_scripts(random.Random(f"distractors of toy world seed {config.seed}"), count,
-                         world_script_keys(world), config.group_size)
+                         world_script_keys(world), config)
 
 
 def distractor_annotations(world: str | Path, start: int, stop: int) -> Path:

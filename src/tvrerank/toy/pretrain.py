@@ -6,6 +6,14 @@ and resized to the encoder's input like extraction does. Each frame's caption na
 with colour, shape, position and size ("a small red circle in the top left corner and a blue
 square"). The encoder never sees whole videos or the video captions of any split.
 
+``world="detail"`` pretrains the detail world's encoder: half the frames also show a detail glyph
+(``world.Detail``, at a random edge position) that their captions never name, as web captions rarely
+name small details; the frame embedding then has no reason to carry it, while the patch tokens,
+which carry what their patch shows, do (``toy/probe.py`` measures both). Shipped as
+``--pretrained toy-detail``::
+
+    tvrerank toy pretrain --world detail --out src/tvrerank/extract/weights/tvr-toy-detail.safetensors
+
 Deterministic for a seed (on the same machine and thread count). The result is saved as float16
 safetensors, which open_clip loads like any checkpoint::
 
@@ -25,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tvrerank.toy.world import Event, frame_caption, random_event, render_still
+from tvrerank.errors import InputError
+from tvrerank.toy.world import WORLDS, Detail, Event, frame_caption, random_detail, random_event, render_still
 from tvrerank.training import OptimConfig, build_optimizer, lr_at, resolve_optim, set_lr
 
 log = logging.getLogger(__name__)
@@ -43,9 +52,14 @@ class PretrainConfig:
     render_size: int = 96  # toy videos are 96 px
     bank_size: int = 20000  # distinct frames rendered up front and reused
     threads: int = 0  # torch threads (0: torch's default)
+    world: str = "events"  # detail: half the frames show an uncaptioned detail glyph
+    detail_rate: float = 0.5  # detail world: the share of frames that show a glyph
+    init: str = ""  # tvr-toy weights to start from (a shipped tag such as "toy", or a file); "": seeded random
 
     def __post_init__(self):
         resolve_optim(self, PRETRAIN_OPTIM)
+        if self.world not in WORLDS:
+            raise InputError(f"toy world must be one of {', '.join(WORLDS)}, got {self.world!r}")
 
 
 def random_frame_scene(rng: random.Random) -> tuple[list[tuple[Event, float]], str]:
@@ -66,22 +80,33 @@ def random_frame_scene(rng: random.Random) -> tuple[list[tuple[Event, float]], s
 
 def frame_bank(config: PretrainConfig, image_size: int, count: int, seed: int) -> tuple[np.ndarray, list[str]]:
     """``count`` rendered frames resized to ``image_size`` (PIL's bicubic, which extraction's resize
-    matches within a grey level) and captions."""
+    matches within a grey level) and captions (never naming a detail glyph)."""
+    frames, captions, _ = frame_bank_with_details(config, image_size, count, seed)
+    return frames, captions
+
+
+def frame_bank_with_details(config: PretrainConfig, image_size: int, count: int,
+                            seed: int) -> tuple[np.ndarray, list[str], list[Detail | None]]:
+    """``frame_bank`` and each frame's detail glyph (None: none; always None in the events world)."""
     from PIL import Image
 
     rng = random.Random(seed)
     frames = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
-    captions = []
+    captions, details = [], []
     for i in range(count):
         objects, caption = random_frame_scene(rng)
-        image = render_still(objects, size=config.render_size, seed=rng.randrange(1 << 30))
+        detail = None
+        if config.world == "detail" and rng.random() < config.detail_rate:
+            detail = random_detail(rng)
+        image = render_still(objects, size=config.render_size, seed=rng.randrange(1 << 30), detail=detail)
         frames[i] = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BICUBIC))
         captions.append(caption)
-    return frames, captions
+        details.append(detail)
+    return frames, captions, details
 
 
 def pretrain(config: PretrainConfig, out: str | Path, *, progress: bool = True) -> dict:
-    """Train tvr-toy from seeded random weights; writes float16 safetensors to ``out``."""
+    """Train tvr-toy from seeded random weights (or ``config.init``'s); writes float16 safetensors to ``out``."""
     import open_clip
     import torch
     from safetensors.torch import save_file
@@ -92,7 +117,7 @@ def pretrain(config: PretrainConfig, out: str | Path, *, progress: bool = True) 
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    encoder = FrozenClipEncoder(model="tvr-toy", pretrained=None, device="cpu")  # seeded random init
+    encoder = FrozenClipEncoder(model="tvr-toy", pretrained=config.init or None, device="cpu")  # "": seeded random
     clip = encoder.clip.train()
     for parameter in clip.parameters():
         parameter.requires_grad_(True)
