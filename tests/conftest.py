@@ -88,6 +88,17 @@ def flip_tensor_bytes(path: Path, nbytes: int = 256) -> None:
     path.write_bytes(bytes(data))
 
 
+def cli_output(*args) -> str:
+    """``tvrerank ARGS`` through click's CliRunner (arguments made strings), asserted to exit 0 → its output."""
+    from click.testing import CliRunner
+
+    from tvrerank.cli import main
+
+    result = CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
 def kill_at_first_checkpoint(command: list[str], out: Path, result_file: str) -> None:
     """Start a training command and SIGKILL it as soon as out/checkpoint.pt exists: it must die before
     writing its result file."""

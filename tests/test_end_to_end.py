@@ -7,9 +7,7 @@ import csv
 import json
 
 import pytest
-from click.testing import CliRunner
-
-from tvrerank.cli import main
+from conftest import cli_output
 
 K = 8
 TRAINING = {"captions": 8, "negatives": 4, "in_batch": 2, "lr": 1e-3, "warmup": 5, "eval_every": 10,
@@ -17,10 +15,7 @@ TRAINING = {"captions": 8, "negatives": 4, "in_batch": 2, "lr": 1e-3, "warmup": 
                       "perturb_samples": 8}}
 
 
-def invoke(*args):
-    result = CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
+invoke = cli_output
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from math import comb
 
 import numpy as np
 import pytest
+from conftest import cli_output
 
 from tvrerank.selector_recall import (detail_attention_mass, format_recalls, frame_selector_recall, kept_any_chance,
                                       video_selector_recall)
@@ -143,14 +144,7 @@ TRAINING = {"captions": 8, "negatives": 4, "in_batch": 2, "warmup": 2, "eval_eve
                       "perturb_samples": 8}}
 
 
-def invoke(*args):
-    from click.testing import CliRunner
-
-    from tvrerank.cli import main
-
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
+invoke = cli_output
 
 
 @pytest.fixture(scope="module")
