@@ -218,3 +218,23 @@ def test_detail_captions_fit_the_toy_encoders_context():
     captions = [c for _ in range(1000) for c in captions_for(random_detail_script(rng), 3)]
     lengths = (open_clip.get_tokenizer("ViT-B-32")(captions, context_length=77) != 0).sum(1)
     assert int(lengths.max()) <= 48
+
+
+def test_the_demo_writes_the_training_it_ran_for_train_config(served_demo, tmp_path):
+    """OUT/training.json is the demo's exact TrainConfig, and `tvrerank train --config` takes it as is."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tvrerank.cli import main
+    from tvrerank.toy.demo import DemoConfig, demo_training
+    from tvrerank.train.loop import load_train_config
+
+    recorded = served_demo / "training.json"
+    demo = DemoConfig(out=str(served_demo), videos=48, steps=4, workers=0, token_dtype="int8")
+    assert load_train_config(recorded) == demo_training(demo)
+    assert json.loads(recorded.read_text())["optim"]["steps"] == 4
+    result = CliRunner().invoke(main, ["train", "--cache", str(served_demo / "cache" / "train.h5"), "--candidates",
+                                       str(served_demo / "candidates" / "train.h5"), "--out", str(tmp_path / "run"),
+                                       "--config", str(recorded), "--steps", "2"])
+    assert result.exit_code == 0, result.output

@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from tvrerank.config import ExtractConfig
+from tvrerank.config import ExtractConfig, to_dict
 from tvrerank.errors import InputError
 from tvrerank.toy.make import ToyWorldConfig, make_toy_world
 
@@ -165,6 +165,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict:
     candidates = by_k[config.k]
 
     training = demo_training(config)
+    # the exact recipe, so that `tvrerank train --config OUT/training.json` reruns it with one change
+    (out / "training.json").write_text(json.dumps(to_dict(training), indent=2) + "\n")
     run = out / "run"
     _clear_run(run)
     clock.time("train", train, caches["train"], candidates["train"], run, training, val_cache=caches["val"],
