@@ -126,14 +126,30 @@ def test_gallery_store_gives_the_same_results(setup):
         np.testing.assert_allclose([h.score for h in a.results], [h.score for h in b.results], atol=2e-2)
 
 
-def test_gallery_store_records_are_memory_mapped_and_old_stores_are_ignored(setup, caplog):
+def test_gallery_store_records_are_memory_mapped_and_old_stores_are_ignored(setup, caplog, monkeypatch):
+    import mmap
+
+    class Mapped(mmap.mmap):  # records the read-ahead hint the store gives the kernel
+        hints: list = []
+
+        def madvise(self, *args):
+            Mapped.hints.append(args)
+            return super().madvise(*args)
+
+    def mapping(array):
+        while isinstance(array, np.ndarray):
+            array = array.base
+        return array.obj if isinstance(array, memoryview) else array
+
+    monkeypatch.setattr(mmap, "mmap", Mapped)
     root, cache = setup
     assert invoke("gallery", "--gallery", str(cache), "--reranker", str(root / "run"), "--device", "cpu").exit_code == 0
     with CacheReader(cache) as reader:
         store = GalleryStore.find(root / "run", reader)
         rows = store.rows[[3, 0, 2]]  # any order: records come back in that order
         selected = store.read(rows, torch.device("cpu"))
-        assert all(isinstance(store.arrays[name], np.memmap) for name in FIELDS)
+        assert all(isinstance(mapping(store.arrays[name]), Mapped) for name in FIELDS)  # views of the file's bytes
+        assert Mapped.hints == [(mmap.MADV_RANDOM,)]  # K scattered records per query: no read-ahead
         assert store.arrays["frame_tokens"].dtype == np.float16 and selected.frame_tokens.dtype == torch.float32
         with h5py.File(store.path, "r") as f:  # the same bytes h5py reads
             for name in FIELDS:

@@ -17,6 +17,7 @@ selections cost ~100 us each (milliseconds per query, more than the re-ranking i
 from __future__ import annotations
 
 import logging
+import mmap
 from pathlib import Path
 
 import h5py
@@ -119,7 +120,8 @@ class GalleryStore:
             raise StoreFormatError(f"{path} was made by an older version: rebuild it with `tvrerank gallery`")
         try:
             self.rows = self.file["rows"][()]
-            self.arrays = {name: _memory_map(path, self.file[name]) for name in FIELDS}
+            mapped = _map_for_random_reads(path)
+            self.arrays = {name: _memory_map(path, self.file[name], mapped) for name in FIELDS}
         except Exception:
             self.file.close()
             raise
@@ -198,14 +200,29 @@ class StoreFormatError(TvrerankError, ValueError):
     """A gallery store this version cannot read (made by an older one); `tvrerank gallery` rebuilds it."""
 
 
-def _memory_map(path: Path, dataset: h5py.Dataset) -> np.ndarray:
-    """A read-only view of a contiguous, unfiltered HDF5 dataset straight from the file's bytes."""
+def _map_for_random_reads(path: Path) -> mmap.mmap:
+    """The whole file mapped read-only, with the kernel told that reads are random: a query reads K
+    scattered records, and the default read-ahead around each page fault made a 1M-video store's
+    reader resident at 13.7 GB after 1,000 queries (``benchmarks/README.md``, the gallery at scale)."""
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):  # Linux and macOS; elsewhere a hint lost
+        mapped.madvise(mmap.MADV_RANDOM)
+    return mapped
+
+
+def _memory_map(path: Path, dataset: h5py.Dataset, mapped: mmap.mmap) -> np.ndarray:
+    """A read-only view of a contiguous, unfiltered HDF5 dataset straight from the file's bytes in ``mapped``."""
     if dataset.chunks is not None or dataset.compression is not None:
         raise StoreFormatError(f"{path}: {dataset.name} is chunked or compressed; rebuild it with `tvrerank gallery`")
     offset = dataset.id.get_offset()  # None until written
     if offset is None:
         raise StoreFormatError(f"{path}: {dataset.name} was never written; rebuild it with `tvrerank gallery`")
-    return np.memmap(path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
+    count = int(np.prod(dataset.shape))
+    if offset + count * dataset.dtype.itemsize > len(mapped):
+        raise StoreFormatError(f"{path}: {dataset.name} runs past the end of the file (truncated); rebuild it with "
+                               "`tvrerank gallery`")
+    return np.frombuffer(mapped, dtype=dataset.dtype, count=count, offset=offset).reshape(dataset.shape)
 
 
 def describe(path: Path) -> dict:
