@@ -74,10 +74,11 @@ SHAPES = {"toy": {"model": "tvr-toy", "pretrained": "toy", "text_tokens": 48, "r
 FRAMES, TOP, WARMUP, BLOCK = 12, 10, 5, 50_000
 
 
-def rss_bytes() -> int:
-    """This process's resident memory (Linux /proc)."""
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory (Linux /proc): ``VmRSS`` all of it, ``RssAnon`` its own memory,
+    ``RssFile`` pages of mapped files (the gallery store) that the page cache holds and may evict."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -196,6 +197,7 @@ def measure(work: Path, shape: str, queries: int, k: int, threads: int) -> dict:
                 for name, seconds in zip(times, (t1, t2, t3)):
                     times[name].append(seconds)
         out["rss_after"] = rss_bytes()
+        out["rss_anon_after"], out["rss_file_after"] = rss_bytes("RssAnon"), rss_bytes("RssFile")
     out["latency_ms"] = {name: [float(v) for v in np.percentile(np.array(t) * 1000, [50, 95])]
                          for name, t in times.items()}
     out["rerank_equals_search"] = same
@@ -297,7 +299,8 @@ def main() -> None:
                                                            for v in m["latency_ms"].values()))
         for threads, m in measured.items():
             print(f"{threads} thread(s): resident memory {m['rss_start'] / 1e9:.2f} GB after start "
-                  f"({m['start_s']:.1f} s), {m['rss_after'] / 1e9:.2f} GB after {m['queries']} queries; "
+                  f"({m['start_s']:.1f} s), {m['rss_after'] / 1e9:.2f} GB after {m['queries']} queries "
+                  f"({m['rss_anon_after'] / 1e9:.2f} GB its own, {m['rss_file_after'] / 1e9:.2f} GB mapped file pages); "
                   f"/rerank of the stage-1 top K equal to search in {m['rerank_equals_search']} of {m['queries']}")
 
         process, url = start_server(work, 1, args.k)
@@ -319,6 +322,7 @@ def main() -> None:
         one = measured[1]["latency_ms"]
         print(f"scale_build_s={total_s:.0f}")
         print(f"scale_rss_gb={max(m['rss_after'] for m in measured.values()) / 1e9:.2f}")
+        print(f"scale_rss_anon_gb={max(m['rss_anon_after'] for m in measured.values()) / 1e9:.2f}")
         print(f"scale_recall_at_{args.k}={recalls['gallery vectors + noise']:.3f}")
         print(f"scale_serve_p95_ms={np.percentile(loaded[0], 95):.1f}")
         print(f"scale_rerank_p50_ms={one[f're-ranked, K={args.k}'][0]:.2f}")

@@ -202,8 +202,9 @@ class StoreFormatError(TvrerankError, ValueError):
 
 def _map_for_random_reads(path: Path) -> mmap.mmap:
     """The whole file mapped read-only, with the kernel told that reads are random: a query reads K
-    scattered records, and the default read-ahead around each page fault made a 1M-video store's
-    reader resident at 13.7 GB after 1,000 queries (``benchmarks/README.md``, the gallery at scale)."""
+    scattered records, so read-ahead around each page fault would only pull in other records from a
+    cold disk. (It does not change how many page-cache pages a warm store maps into the process:
+    ``benchmarks/README.md``, "A million videos".)"""
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):  # Linux and macOS; elsewhere a hint lost
