@@ -373,11 +373,16 @@ def main() -> None:
         report(*results)
     finally:
         if not args.keep:  # only what this script made: a given --workdir may hold other things
-            for made in (cache_path, index_dir, run_dir) if args.workdir else (work,):
-                if made.is_dir():
-                    shutil.rmtree(made, ignore_errors=True)
-                else:
-                    made.unlink(missing_ok=True)
+            remove_made((cache_path, index_dir, run_dir) if args.workdir else (work,))
+
+
+def remove_made(paths) -> None:
+    """Delete the files and folders a benchmark made (missing ones are fine)."""
+    for made in paths:
+        if made.is_dir():
+            shutil.rmtree(made, ignore_errors=True)
+        else:
+            made.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

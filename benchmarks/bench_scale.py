@@ -38,7 +38,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,8 +49,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_index import clustered_unit_vectors  # noqa: E402
-from bench_retrieve import make_queries, save_random_reranker  # noqa: E402
-from bench_serve import Client, load, row, search_path  # noqa: E402
+from bench_retrieve import make_queries, remove_made, save_random_reranker  # noqa: E402
+from bench_serve import Client, load, row, search_path, serve_process  # noqa: E402
 
 from tvrerank.cache.identity import cache_video_ids_digest  # noqa: E402
 from tvrerank.cache.reader import CacheReader  # noqa: E402
@@ -215,32 +214,10 @@ def measure_in_fresh_process(work: Path, shape: str, queries: int, k: int, threa
 
 
 def start_server(work: Path, threads: int, k: int) -> tuple[subprocess.Popen, str]:
-    import queue
-    import re
-    import threading
-
     (work / "videos").mkdir(exist_ok=True)
-    process = subprocess.Popen([sys.executable, "-m", "tvrerank.cli", "serve", "--gallery", str(work / "gallery.h5"),
-                                "--index", str(work / "index"), "--reranker", str(work / "run"), "--videos",
-                                str(work / "videos"), "--port", "0", "--host", "127.0.0.1", "--device", "cpu",
-                                "--threads", str(threads), "--k", str(k)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    seen, deadline = [], time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            if process.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        match = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
-        if match:
-            return process, match.group(1)
-    process.kill()
-    raise SystemExit("tvrerank serve did not start:\n" + "".join(seen))
+    return serve_process(["--gallery", str(work / "gallery.h5"), "--index", str(work / "index"), "--reranker",
+                          str(work / "run"), "--videos", str(work / "videos"), "--port", "0", "--host", "127.0.0.1",
+                          "--device", "cpu", "--threads", str(threads), "--k", str(k)], timeout=600)
 
 
 def main() -> None:
@@ -328,11 +305,7 @@ def main() -> None:
         print(f"scale_rerank_p50_ms={one[f're-ranked, K={args.k}'][0]:.2f}")
     finally:
         if not args.keep:
-            for made in (cache_path, index_dir, run_dir, work / "videos") if args.workdir else (work,):
-                if made.is_dir():
-                    shutil.rmtree(made, ignore_errors=True)
-                else:
-                    made.unlink(missing_ok=True)
+            remove_made((cache_path, index_dir, run_dir, work / "videos") if args.workdir else (work,))
 
 
 if __name__ == "__main__":

@@ -41,13 +41,18 @@ from tvrerank.toy.demo import DemoConfig, run_demo
 
 
 def start_server(world: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "-m", "tvrerank.cli", "serve", str(world), "--port", "0",
-                                "--host", "127.0.0.1", "--device", "cpu", "--threads", str(threads)],
+    return serve_process([str(world), "--port", "0", "--host", "127.0.0.1", "--device", "cpu",
+                          "--threads", str(threads)], timeout=180)
+
+
+def serve_process(arguments: list[str], *, timeout: float) -> tuple[subprocess.Popen, str]:
+    """``tvrerank serve ARGUMENTS`` in a child process → (the process, its URL once it says it listens)."""
+    process = subprocess.Popen([sys.executable, "-m", "tvrerank.cli", "serve", *arguments],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     seen = []
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             line = lines.get(timeout=1)
