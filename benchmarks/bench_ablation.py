@@ -38,7 +38,8 @@ import torch
 
 from tvrerank.evaluation import compare_stages, load_lists
 from tvrerank.rerank.checkpoint import load_reranker
-from tvrerank.toy.demo import DEMO_TRAINING, SPLITS, DemoConfig, candidates_path, prepare_world
+from tvrerank.selector_recall import selector_recalls
+from tvrerank.toy.demo import DEMO_MODELS, DEMO_TRAINING, SPLITS, DemoConfig, candidates_path, prepare_world
 from tvrerank.train.data import BatchSpec, TrainingBatches
 from tvrerank.train.loop import TrainConfig, train
 
@@ -51,6 +52,15 @@ ROWS: dict[str, tuple[dict, dict, int]] = {
     "no weight sharing": ({"share_weights": False}, {}, 15),
     "all tokens instead of top-M": ({"frame_tokens": "all"}, {}, 15),
     "global token only": ({"frame_tokens": "global"}, {}, 15),
+    "random selection (M patches drawn at random)": ({"frame_tokens": "random"}, {}, 15),
+    "warm start: all patches for the first half": ({}, {"selector_warmup": 0.5}, 15),
+    "warm start + selector distilled from the attention": ({}, {"selector_warmup": 0.5, "selector_distill": 1.0}, 15),
+    "selector distilled from the attention (no warm start)": ({}, {"selector_distill": 1.0}, 15),
+    "selector sigma relative to the score spread": ({"perturb_sigma_relative": True, "perturb_sigma": 1.0}, {}, 15),
+    "selector learning rate x10": ({}, {"selector_lr_scale": 10.0}, 15),
+    "novelty prior on the frame scorer": ({"novelty_prior": True}, {}, 15),
+    "novelty prior + warm start + distilled selector": ({"novelty_prior": True},
+                                                        {"selector_warmup": 0.5, "selector_distill": 1.0}, 15),
     "without video selector": ({"video_selector": False}, {}, 15),
     "with word-to-patch term": ({"token_match": True}, {}, 15),
     "straight-through selection": ({"selection": "straight_through"}, {}, 15),
@@ -108,9 +118,22 @@ def run_row(row: str, seed: int, world: Path, caches: dict, by_k: dict, steps: i
     result = compare_stages(trained.model, caches["test"], lists, true_video, device=torch.device("cpu"),
                             alpha=trained.fusion_alpha if fusion == trained.fusion else None, fusion=fusion)
     gap = json.loads((run / "metrics.json").read_text()).get("selection_gap") or {}
+    recalls = selector_recalls(trained.model, caches["test"], device=torch.device("cpu"))
     return {"row": row, "seed": seed, "stage1_R1": result["stage1"]["R1"], "reranked_R1": result["reranked"]["R1"],
             "recall_at_k": result["recall_at_k"], "train_seconds": seconds, "captions": result["evaluated"],
-            "soft_minus_hard": -gap.get("hard_minus_soft", float("nan"))}
+            "soft_minus_hard": -gap.get("hard_minus_soft", float("nan")), **recall_columns(recalls)}
+
+
+def recall_columns(recalls: dict | None) -> dict:
+    """The known-answer figures of one run (``selector_recall.selector_recalls``) as flat columns: recall
+    and its chance per selector (None where the selector keeps nothing to check or the world has no truth)."""
+    columns = dict.fromkeys(("frame_recall", "frame_chance", "video_recall", "video_chance"))
+    if recalls is None:
+        return columns
+    for name, key in (("frame", "frame_selector"), ("video", "video_selector")):
+        if recalls.get(key):
+            columns[f"{name}_recall"], columns[f"{name}_chance"] = recalls[key]["recall"], recalls[key]["chance"]
+    return columns
 
 
 def selector_gradient_noise(caches: dict, candidates: dict, run: Path, samples=(8, 16, 32, 128, 512),
@@ -155,19 +178,22 @@ def world(out: Path, config: DemoConfig, ks: list[int]) -> tuple[dict, dict]:
     finished one; toy worlds are not bit-reproducible, so runs are only comparable on one world)."""
     marker = out / "world.json"
     made = json.loads(marker.read_text()) if marker.is_file() else None
-    if made is not None and made["videos"] == config.videos and set(ks) <= set(made["ks"]):
+    if made is not None and made.get("world", "events") == config.world and made["videos"] == config.videos \
+            and set(ks) <= set(made["ks"]):
         caches = {split: out / "cache" / f"{split}.h5" for split in SPLITS}
         return caches, {k: {split: candidates_path(out, split, k, config.k) for split in SPLITS} for k in made["ks"]}
     if made is not None:
         raise SystemExit(f"{out} holds another toy world ({made}); use another --out")
     _, caches, by_k = prepare_world(out, config, ks=tuple(ks), progress=False)
-    marker.write_text(json.dumps({"videos": config.videos, "ks": sorted(by_k)}) + "\n")
+    marker.write_text(json.dumps({"world": config.world, "videos": config.videos, "ks": sorted(by_k)}) + "\n")
     return caches, by_k
 
 
 def table(results: list[dict], rows: list[str]) -> str:
-    lines = ["| variant | options | stage-1 R@1 | re-ranked R@1 (mean ± sd) | gain | train s/run |",
-             "|---|---|---|---|---|---|"]
+    known = any(r["frame_recall"] is not None or r["video_recall"] is not None for r in results)
+    lines = ["| variant | options | stage-1 R@1 | re-ranked R@1 (mean ± sd) | gain | train s/run |"
+             + (" frame-selector recall (chance) | video-selector recall (chance) |" if known else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if known else "")]
     for row in rows:
         mine = [r for r in results if r["row"] == row]
         r1 = [r["reranked_R1"] for r in mine]
@@ -177,13 +203,26 @@ def table(results: list[dict], rows: list[str]) -> str:
         options += (", " if options else "") + f"K={k}" if k != ROWS["full"][2] else ""
         lines.append(f"| {row} | {options or 'defaults'} | {mine[0]['stage1_R1']:.1f} | {statistics.mean(r1):.1f} ± "
                      f"{sd:.1f} | {statistics.mean(r1) - mine[0]['stage1_R1']:+.1f} | "
-                     f"{statistics.mean(r['train_seconds'] for r in mine):.0f} |")
+                     f"{statistics.mean(r['train_seconds'] for r in mine):.0f} |"
+                     + (f" {recall_cell(mine, 'frame')} | {recall_cell(mine, 'video')} |" if known else ""))
     return "\n".join(lines)
+
+
+def recall_cell(runs: list[dict], selector: str) -> str:
+    """Mean recall over seeds (in %) and the chance rate, or "-" where the selector keeps nothing to check."""
+    recalls = [r[f"{selector}_recall"] for r in runs if r[f"{selector}_recall"] is not None]
+    if not recalls:
+        return "-"
+    chance = statistics.mean(r[f"{selector}_chance"] for r in runs if r[f"{selector}_recall"] is not None)
+    return f"{100 * statistics.mean(recalls):.1f} ({100 * chance:.1f})"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="ablation-out", help="The toy world and every run (reused when present).")
+    parser.add_argument("--world", choices=list(DEMO_MODELS), default="events",
+                        help="Toy world (toy/make.py): events, or detail (the selectors' known answers).")
+    parser.add_argument("--out", default=None, help="The toy world and every run, reused when present "
+                        "(default: ablation-out for events, ablation-WORLD-out otherwise).")
     parser.add_argument("--videos", type=int, default=1200, help="Toy-world size (a quarter is the test split).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds per row.")
     parser.add_argument("--steps", type=int, default=None, help="Training steps per run (default: the demo's).")
@@ -196,8 +235,8 @@ def main(argv=None) -> None:
         args.videos, args.seeds, args.steps, args.only = 96, [0], 6, list(SMOKE_ROWS)
     chosen = args.only or [row for row in ROWS if args.extra or row not in EXTRA_ROWS]
     rows = ["full", *[row for row in chosen if row != "full"]]
-    out = Path(args.out)
-    config = DemoConfig(out=str(out), videos=args.videos, seed=0)
+    out = Path(args.out or ("ablation-out" if args.world == "events" else f"ablation-{args.world}-out"))
+    config = DemoConfig(out=str(out), videos=args.videos, seed=0, world=args.world)
     started = time.perf_counter()
     ks = sorted({ROWS[row][2] for row in rows})
     caches, by_k = world(out, config, ks)
@@ -207,8 +246,11 @@ def main(argv=None) -> None:
         for seed in args.seeds:
             result = run_row(row, seed, out, caches, by_k, args.steps)
             results.append(result)
+            recalls = "".join(f", {name}-selector recall {100 * result[f'{name}_recall']:.1f}% "
+                              f"(chance {100 * result[f'{name}_chance']:.1f}%)"
+                              for name in ("frame", "video") if result[f"{name}_recall"] is not None)
             print(f"  {row} seed {seed}: R@1 {result['stage1_R1']:.1f} -> {result['reranked_R1']:.1f} "
-                  f"({result['train_seconds']:.0f} s)", flush=True)
+                  f"({result['train_seconds']:.0f} s{recalls})", flush=True)
     noise = selector_gradient_noise(caches, by_k[config.k], out / "runs" / f"full-{args.seeds[0]}",
                                     samples=(4, 16) if args.smoke else (8, 16, 32, 128, 512))
     print("selector gradient agreement on the trained full model (mean cosine of 8 draws): "

@@ -326,3 +326,49 @@ def test_a_reranker_is_refused_on_a_cache_of_another_token_encoding(tmp_path):
     compact = compact_cache(cache, tmp_path / "c8.h5", token_dtype="int8", progress=False)
     with pytest.raises(CacheMismatch, match=r"layout\.token_dtype float16 \(it\) vs int8"):
         evaluate_run(tmp_path / "run", compact, candidates, device="cpu")
+
+
+def test_the_selector_warm_start_reads_every_patch_then_selects_and_distils_the_scorer(data, tmp_path, monkeypatch):
+    """selector_warmup: the first steps keep every patch (the frame level's attention reads them all),
+    later steps the top-M; validation always selects (as the saved model will); selector_distill adds the
+    scorer's distillation loss, so the frame scorer changes even while the warm-up does not use it."""
+    from tvrerank.rerank.model import Reranker
+
+    root, (cache, candidates), (val_cache, val_candidates) = data
+    seen = []  # (training?, patches kept per frame) of every selection
+    select = Reranker.select
+
+    def recording(self, tokens, frame_emb, frame_mask, **kwargs):
+        videos = select(self, tokens, frame_emb, frame_mask, **kwargs)
+        seen.append((self.training, videos.frame_tokens.shape[2] - 1))
+        return videos
+
+    monkeypatch.setattr(Reranker, "select", recording)
+    model = {**SMALL_MODEL, "combine": "hierarchical", "token_match": False}
+    config = TrainConfig(optim={"steps": 4, "warmup": 1}, captions=8, negatives=2, in_batch=1, eval_every=2,
+                         model=model, selector_warmup=0.5, selector_distill=1.0)
+    train(cache, candidates, tmp_path / "run", config, val_cache=val_cache, val_candidates=val_candidates,
+          progress=False)
+    patches = load_reranker(tmp_path / "run").model.config.tokens_per_frame
+    trained = [kept for training, kept in seen if training]
+    assert trained == [patches, patches, 2, 2]  # two warm-up steps read all, then M = 2
+    assert {kept for training, kept in seen if not training} == {2}
+    assert load_reranker(tmp_path / "run").model.frame_selector.reads_all is False
+
+    # the distillation alone moves the scorer during the warm-up (the pair loss does not reach it there)
+    torch.manual_seed(0)
+    with CacheReader(cache) as reader:
+        reranker = build_reranker(model_config_for(reader, model))
+    before = [p.detach().clone() for p in reranker.frame_selector.score.parameters()]
+    lists = build_candidates(cache, k=6, index_dir=root / "train-index")
+    batches = TrainingBatches(cache, lists.video, spec=BatchSpec(captions=4, negatives=2, in_batch=0), steps=1)
+    from tvrerank.training import build_optimizer
+    optimizer = build_optimizer(reranker, TrainConfig().optim)
+    reranker.train()
+    reranker.frame_selector.reads_all = True
+    for weight, moved in ((0.0, False), (1.0, True)):
+        train_step(reranker, optimizer, iter([batches[0]]), config=dataclasses.replace(config, selector_distill=weight),
+                   lr=1e-2, device=torch.device("cpu"), step=0)
+        after = list(reranker.frame_selector.score.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(after, before)) == moved, weight
+        before = [p.detach().clone() for p in after]

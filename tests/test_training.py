@@ -17,7 +17,7 @@ from tvrerank.firststage.train import FirstStageTrainConfig, load_config, train_
 from tvrerank.index.candidates import build_candidates, write_candidates
 from tvrerank.toy.pretrain import PretrainConfig
 from tvrerank.train.loop import TrainConfig, load_train_config, train
-from tvrerank.training import (OptimConfig, RunLog, build_optimizer, held_out_videos, lr_at,
+from tvrerank.training import (OptimConfig, RunLog, build_optimizer, held_out_videos, lr_at, set_lr,
                                nest_optim_options)
 
 
@@ -139,3 +139,15 @@ def test_candidates_of_a_first_stage_trained_on_the_validation_videos_are_refuse
     write_candidates(tmp_path / "val-c.h5", build_candidates(val, k=6, index_dir=tmp_path / "val-index"), val)
     train(cache, candidates, tmp_path / "ok", TrainConfig(**{**options, "val_fraction": 0.0}), val_cache=val,
           val_candidates=tmp_path / "val-c.h5", progress=False)
+
+
+def test_parameters_under_a_prefix_learn_at_their_own_rate():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1), lr_scales={"1": 10.0, "unknown": 3.0})
+    set_lr(optimizer, 1e-3)
+    rates = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert rates[id(model[0].weight)] == pytest.approx(1e-3) and rates[id(model[0].bias)] == pytest.approx(1e-3)
+    assert rates[id(model[1][0].weight)] == pytest.approx(1e-2) and rates[id(model[1][0].bias)] == pytest.approx(1e-2)
+    assert len(rates) == 4  # every parameter once
+    # no scale (or scale 1): the two groups the optimizer always had, so older checkpoints resume
+    assert len(build_optimizer(model, OptimConfig(), lr_scales={"1": 1.0}).param_groups) == 2

@@ -99,11 +99,7 @@ def selector_outputs(model: Reranker, source: CacheRows, rows: np.ndarray, *, de
     for start in range(0, len(rows), batch):
         data = on_device(source.videos(rows[start : start + batch]), device)
         videos = model.select(data["tokens"], data["frame_emb"], data["frame_mask"], soft=False)
-        if model.token_in is None:
-            kept.append(np.zeros(data["tokens"].shape[:2] + (0,), dtype=np.int64))
-        else:
-            kept.append(model.frame_selector.kept_patches(model.token_in(data["tokens"].float()),
-                                                          model.global_in(data["frame_emb"])).cpu().numpy())
+        kept.append(model.kept_patches(data["tokens"], data["frame_emb"], data["frame_mask"]).cpu().numpy())
         picks.append(model.video_selector.picks(videos.frame_tokens, ~videos.frame_pad).cpu().numpy())
         parts.append(videos)
     return np.concatenate(kept), np.concatenate(picks), SelectedVideos.concatenate(parts)

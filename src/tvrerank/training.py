@@ -106,19 +106,29 @@ def decayed_parameters(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n and id(p) not in tables}
 
 
-def build_optimizer(model, optim: OptimConfig):
-    """AdamW over the model's trainable parameters (in their order), weight decay on ``decayed_parameters``."""
+def build_optimizer(model, optim: OptimConfig, lr_scales: dict[str, float] | None = None):
+    """AdamW over the model's trainable parameters (in their order), weight decay on ``decayed_parameters``;
+    ``lr_scales`` {name prefix: factor}: the parameters under a prefix learn at ``factor`` times the schedule's
+    rate (their own groups, with ``lr_scale``, which ``set_lr`` applies)."""
     import torch
 
+    scales = {prefix: factor for prefix, factor in (lr_scales or {}).items() if factor != 1.0}
+
+    def scale_of(name: str) -> float:
+        return next((factor for prefix, factor in scales.items() if name.startswith(prefix + ".")), 1.0)
+
     decayed, named = decayed_parameters(model), [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for n, p in named if n in decayed], "weight_decay": optim.weight_decay},
-                              {"params": [p for n, p in named if n not in decayed], "weight_decay": 0.0}],
-                             lr=optim.lr)
+    groups = []
+    for factor in (1.0, *sorted(set(scales.values()))):
+        mine = [(n, p) for n, p in named if scale_of(n) == factor]
+        groups += [{"params": [p for n, p in mine if n in decayed], "weight_decay": optim.weight_decay, "lr_scale": factor},
+                   {"params": [p for n, p in mine if n not in decayed], "weight_decay": 0.0, "lr_scale": factor}]
+    return torch.optim.AdamW([group for group in groups if group["params"] or group["lr_scale"] == 1.0], lr=optim.lr)
 
 
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def clip_gradients(model, optim: OptimConfig) -> None:

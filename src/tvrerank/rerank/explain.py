@@ -78,10 +78,7 @@ def explain_pair(model: Reranker, text_tokens: torch.Tensor, text_length: torch.
     model.eval()
     c = model.config
     videos = model.select(tokens, frame_emb, frame_mask, soft=False) if selected is None else selected
-    if model.token_in is None:
-        kept = torch.zeros(1, tokens.shape[1], 0, dtype=torch.long)
-    else:
-        kept = model.frame_selector.kept_patches(model.token_in(tokens.float()), model.global_in(frame_emb))  # (1, T, M)
+    kept = model.kept_patches(tokens, frame_emb, frame_mask)  # (1, T, M)
     per_frame = videos.frame_tokens.shape[2]  # F
     picks = model.video_selector.picks(videos.frame_tokens, ~videos.frame_pad)[0].cpu()  # (Nv,)
     trace: dict = {}

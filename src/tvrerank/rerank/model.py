@@ -43,7 +43,9 @@ from tvrerank.config import check_fields
 from tvrerank.errors import InputError
 
 COMBINE = ("hierarchical", "sum", "joint")
-FRAME_TOKENS = ("top_m", "all", "global")
+#: the softmax temperature of the frame scorer's tanh-bounded scores in ``Reranker.selector_distillation``
+DISTILL_TEMPERATURE = 0.1
+FRAME_TOKENS = ("top_m", "all", "global", "random")
 SELECTIONS = ("perturbed", "straight_through")
 
 
@@ -69,13 +71,22 @@ class RerankerConfig:
     video_level: bool = True  # attention over the video-level tokens
     combine: str = "hierarchical"  # hierarchical | sum | joint
     share_weights: bool = True  # the frame level uses the first video-level block's weights
-    frame_tokens: str = "top_m"  # per frame: global + top-M patches | global + all patches | global only
+    # per frame: global + top-M patches | global + all patches | global only | global + M patches drawn at
+    # random (what the frame selector must beat)
+    frame_tokens: str = "top_m"
     video_selector: bool = True  # False: the video level sees every frame-level token
     token_match: bool = False  # word-to-patch similarity term (not in the method), with a learned scale
     token_match_init: float = 0.0  # its scale at initialisation (0: it cannot dominate the attention path)
     # differentiable selection (training only)
     perturb_samples: int = 128
     perturb_sigma: float = 0.05
+    # True: the frame scorer's score adds each patch's temporal novelty (``temporal_novelty``: how far its
+    # cached token is from the same patch's median over the clip, standardised per frame) times a learned
+    # gain that starts at 1 (beyond the paper: change saliency, text-agnostic, so still precomputable)
+    novelty_prior: bool = False
+    # True: sigma is a fraction of each row's score spread (the std of its scores, not differentiated), so the
+    # perturbation means the same early in training, when the scorer's outputs are all near 0, as later
+    perturb_sigma_relative: bool = False
     # perturbed: training sees the perturbed mean of the top-k (blended tokens, TS2-Net);
     # straight_through: training sees the hard top-k too, with the perturbed gradient
     selection: str = "perturbed"
@@ -88,7 +99,8 @@ class RerankerConfig:
             raise InputError(f"model option 'width' ({self.width}) must be a multiple of 'heads' ({self.heads})")
         check_fields(self, "model",
                      numbers={"dropout": (0.0, 0.9), "perturb_sigma": (1e-6, 10.0), "token_match_init": (-100, 100)},
-                     flags=("frame_level", "video_level", "share_weights", "video_selector", "token_match"),
+                     flags=("frame_level", "video_level", "share_weights", "video_selector", "token_match",
+                            "perturb_sigma_relative", "novelty_prior"),
                      choices={"combine": COMBINE, "selection": SELECTIONS, "frame_tokens": FRAME_TOKENS})
         if not (self.frame_level or self.video_level):
             raise InputError("model options 'frame_level' and 'video_level' cannot both be false")
@@ -96,8 +108,8 @@ class RerankerConfig:
     @property
     def kept_per_frame(self) -> int:
         """F: tokens per frame after the frame selector, the frame's global token first."""
-        return {"top_m": 1 + min(self.frame_keep, self.tokens_per_frame), "all": 1 + self.tokens_per_frame,
-                "global": 1}[self.frame_tokens]
+        kept = min(self.frame_keep, self.tokens_per_frame)
+        return {"top_m": 1 + kept, "random": 1 + kept, "all": 1 + self.tokens_per_frame, "global": 1}[self.frame_tokens]
 
 
 # --------------------------------------------------------------------------- 1. top-k
@@ -105,8 +117,9 @@ class _PerturbedTopK(torch.autograd.Function):
     """E[one-hot top-k(x + σZ)] with the perturbed-optimizer gradient (Berthet et al. 2020)."""
 
     @staticmethod
-    def forward(ctx, scores, k: int, samples: int, sigma: float):
-        n, p = scores.shape  # (N, P)
+    def forward(ctx, scores, k: int, samples: int, sigma):
+        n, p = scores.shape  # (N, P); sigma a float or (N, 1), one per row
+        sigma = sigma.unsqueeze(1) if torch.is_tensor(sigma) else sigma  # (N, 1, 1)
         noise = torch.randn(n, samples, p, device=scores.device, dtype=scores.dtype)  # (N, S, P)
         perturbed = scores.unsqueeze(1) + sigma * noise
         indices = perturbed.topk(k, dim=-1).indices.sort(dim=-1).values  # (N, S, k), in token order
@@ -125,22 +138,36 @@ class _PerturbedTopK(torch.autograd.Function):
         # d/dx E[onehot] = E[onehot ⊗ Z] / σ; contract with grad without building (N, k, P, P)
         picked = torch.gather(grad.unsqueeze(1).expand(-1, indices.shape[1], -1, -1), 3,
                               indices.unsqueeze(-1)).squeeze(-1).sum(-1)  # (N, S)
-        grad_scores = torch.einsum("ns,nsp->np", picked, noise) / (noise.shape[1] * ctx.sigma)
+        sigma = ctx.sigma.squeeze(1) if torch.is_tensor(ctx.sigma) else ctx.sigma  # (N, 1) or a float
+        grad_scores = torch.einsum("ns,nsp->np", picked, noise) / (noise.shape[1] * sigma)
         return grad_scores, None, None, None
 
 
 def top_k_weights(scores: torch.Tensor, k: int, *, soft: bool, samples: int, sigma: float,
-                  straight_through: bool = False) -> torch.Tensor:
+                  straight_through: bool = False, relative: bool = False) -> torch.Tensor:
     """(N, P) scores → (N, k, P) selection weights: one-hot rows (hard), or the perturbed mean (soft);
-    ``straight_through`` (with soft): the hard one-hot forward, the perturbed mean's gradient.
+    ``straight_through`` (with soft): the hard one-hot forward, the perturbed mean's gradient;
+    ``relative``: the noise is ``sigma`` times each row's score std (over its real positions; not differentiated).
 
     Padded positions must carry -inf scores; they are never selected while k <= valid count.
     """
     if not soft:
         return _hard_top_k(scores, k)
-    finite = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -1e4))
+    real = torch.isfinite(scores)
+    finite = torch.where(real, scores, torch.full_like(scores, -1e4))
+    if relative:
+        sigma = sigma * row_spread(scores.detach(), real)  # (N, 1)
     perturbed = _PerturbedTopK.apply(finite, k, samples, sigma)
     return _hard_top_k(scores, k) + perturbed - perturbed.detach() if straight_through else perturbed
+
+
+def row_spread(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(N, P) scores, (N, P) bool real positions → (N, 1) the std of each row's real scores (at least 1e-6)."""
+    count = real.sum(-1, keepdim=True).clamp(min=1)
+    zeroed = torch.where(real, scores, torch.zeros_like(scores))
+    mean = zeroed.sum(-1, keepdim=True) / count
+    variance = (torch.where(real, scores - mean, torch.zeros_like(scores)) ** 2).sum(-1, keepdim=True) / count
+    return variance.sqrt().clamp(min=1e-6)
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -169,35 +196,85 @@ def saliency(scorer: nn.Module, features: torch.Tensor, mask: torch.Tensor | Non
         return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
 
 
-def selection_weights(scorer: nn.Module, features: torch.Tensor, k: int, *, soft: bool, samples: int,
-                      sigma: float, mask: torch.Tensor | None = None, straight_through: bool = False) -> torch.Tensor:
-    """features (N, P, 2d) → (N, k, P) float32 selection weights (scores and top-k in float32)."""
-    scores = saliency(scorer, features, mask)
-    with torch.autocast(device_type=features.device.type, enabled=False):
-        return top_k_weights(scores, k, soft=soft, samples=samples, sigma=sigma, straight_through=straight_through)
+@dataclass(frozen=True)
+class Perturbation:
+    """How a selector's top-k is made differentiable while training (the config's ``perturb_*`` and
+    ``selection`` fields)."""
+
+    samples: int = 128
+    sigma: float = 0.05
+    straight_through: bool = False
+    relative: bool = False  # sigma times each row's score std
+
+    @classmethod
+    def of(cls, config: "RerankerConfig") -> "Perturbation":
+        return cls(samples=config.perturb_samples, sigma=config.perturb_sigma,
+                   straight_through=config.selection == "straight_through", relative=config.perturb_sigma_relative)
+
+
+def selection_weights(scores: torch.Tensor, k: int, *, soft: bool, how: Perturbation) -> torch.Tensor:
+    """(N, P) float32 scores → (N, k, P) float32 selection weights (the top-k in float32, outside autocast)."""
+    with torch.autocast(device_type=scores.device.type, enabled=False):
+        return top_k_weights(scores, k, soft=soft, samples=how.samples, sigma=how.sigma,
+                             straight_through=how.straight_through, relative=how.relative)
+
+
+def temporal_novelty(tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """How much each patch differs from the same patch elsewhere in the clip: tokens (B, T, P, D), frame_mask
+    (B, T) bool → (B, T, P) float32, the distance of each token from its patch's median over the real frames,
+    standardised over each frame's patches (0 on padded frames). A patch that shows something only some
+    frames show (a glyph that flashes, an object that appears or moves) scores high, a static background low."""
+    tokens = tokens.float()
+    real = frame_mask[:, :, None, None]
+    median = torch.where(real, tokens, torch.full_like(tokens, float("nan"))).nanmedian(dim=1, keepdim=True).values
+    distance = (tokens - median.nan_to_num(0.0)).norm(dim=-1)  # (B, T, P)
+    standard = (distance - distance.mean(-1, keepdim=True)) / distance.std(-1, keepdim=True).clamp(min=1e-6)
+    return torch.where(frame_mask[:, :, None], standard, torch.zeros_like(standard))
 
 
 # --------------------------------------------------------------------------- 2. frame selector
 class FrameTokenSelector(nn.Module):
     """Keeps the frame's global token and ``keep`` of its ``tokens`` patch tokens: keep = 0 keeps the
-    global token only; with nothing to choose (keep >= tokens) it has no scorer and keeps every token."""
+    global token only; with nothing to choose (keep >= tokens) it has no scorer and keeps every token.
 
-    def __init__(self, *, width: int, keep: int, tokens: int, samples: int, sigma: float,
-                 straight_through: bool = False):
+    ``random``: no scorer; the kept patches are drawn at random per frame, afresh at every training step
+    and from a fixed seed when evaluating (the same draw for the same batch shape): the baseline a
+    learned selector must beat.
+
+    ``reads_all`` (not a parameter; the trainer's ``selector_warmup`` sets it for its first steps): keep
+    every patch, so the attention reads them all while the scorer is distilled toward it.
+
+    ``prior`` (B, T, P) (``novelty_prior``: ``temporal_novelty``) is added to the scorer's scores times the
+    learned ``prior_gain``."""
+
+    def __init__(self, *, width: int, keep: int, tokens: int, how: Perturbation = Perturbation(),
+                 random: bool = False, prior: bool = False):
         super().__init__()
-        self.keep, self.samples, self.sigma, self.straight_through = keep, samples, sigma, straight_through
-        self.score = _scorer(width) if 0 < keep < tokens else None
+        self.keep, self.how = keep, how
+        self.random = random and 0 < keep < tokens
+        self.score = _scorer(width) if 0 < keep < tokens and not random else None
+        self.reads_all = False
+        self.prior_gain = nn.Parameter(torch.ones(())) if prior and self.score is not None else None
 
-    def forward(self, tokens: torch.Tensor, frame_global: torch.Tensor, *, soft: bool) -> torch.Tensor:
-        # tokens (B, T, P, d), frame_global (B, T, d) → (B, T, F, d), the global token first
+    def random_scores(self, b: int, t: int, p: int, device) -> torch.Tensor:
+        """(B·T, P) uniform scores whose top ``keep`` are the random draw."""
+        generator = None if self.training else torch.Generator().manual_seed(0)
+        return torch.rand(b * t, p, generator=generator).to(device)
+
+    def forward(self, tokens: torch.Tensor, frame_global: torch.Tensor, *, soft: bool,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
+        # tokens (B, T, P, d), frame_global (B, T, d), prior (B, T, P) or None → (B, T, F, d), the global token first
         b, t, p, d = tokens.shape
         if self.keep == 0:
             return frame_global.unsqueeze(2)
-        if self.score is None:  # nothing to choose: keep every token
+        if self.random:
+            weights = _hard_top_k(self.random_scores(b, t, p, tokens.device), self.keep)  # (B·T, M, P)
+            kept = torch.bmm(weights.to(tokens.dtype), tokens.reshape(b * t, p, d)).reshape(b, t, self.keep, d)
+            return torch.cat([frame_global.unsqueeze(2), kept], dim=2)
+        if self.score is None or self.reads_all:  # nothing to choose (or the warm-up): keep every token
             return torch.cat([frame_global.unsqueeze(2), tokens], dim=2)
-        weights = selection_weights(self.score, self.features(tokens, frame_global), self.keep, soft=soft,
-                                    samples=self.samples,
-                                    sigma=self.sigma, straight_through=self.straight_through)  # (B·T, M, P) float32
+        weights = selection_weights(self.saliency(tokens, frame_global, prior).flatten(0, 1), self.keep, soft=soft,
+                                    how=self.how)  # (B·T, M, P) float32
         kept = torch.bmm(weights.to(tokens.dtype), tokens.reshape(b * t, p, d)).reshape(b, t, self.keep, d)
         return torch.cat([frame_global.unsqueeze(2), kept], dim=2)
 
@@ -208,24 +285,34 @@ class FrameTokenSelector(nn.Module):
         context = frame_global.unsqueeze(2).expand(-1, -1, p, -1)
         return torch.cat([tokens, context], dim=-1).reshape(b * t, p, 2 * d)
 
-    def kept_patches(self, tokens: torch.Tensor, frame_global: torch.Tensor) -> torch.Tensor:
-        """The patches hard selection keeps: (B, T, P, d), (B, T, d) → (B, T, M) patch indices, in order."""
+    def saliency(self, tokens: torch.Tensor, frame_global: torch.Tensor,
+                 prior: torch.Tensor | None = None) -> torch.Tensor:
+        """The score of every patch: (B, T, P, d), (B, T, d), prior (B, T, P) or None → (B, T, P) float32."""
+        scores = saliency(self.score, self.features(tokens, frame_global)).view(tokens.shape[:3])
+        if self.prior_gain is not None and prior is not None:
+            scores = scores + self.prior_gain * prior.float()
+        return scores
+
+    def kept_patches(self, tokens: torch.Tensor, frame_global: torch.Tensor,
+                     prior: torch.Tensor | None = None) -> torch.Tensor:
+        """The patches hard selection keeps: (B, T, P, d), (B, T, d), prior → (B, T, M) patch indices, in order."""
         b, t, p, _ = tokens.shape
         if self.keep == 0:
             return torch.zeros(b, t, 0, dtype=torch.long, device=tokens.device)
+        if self.random:
+            return top_k_indices(self.random_scores(b, t, p, tokens.device), self.keep).reshape(b, t, -1)
         if self.score is None:
             return torch.arange(p, device=tokens.device).expand(b, t, p)
-        return top_k_indices(saliency(self.score, self.features(tokens, frame_global)), self.keep).reshape(b, t, -1)
+        return top_k_indices(self.saliency(tokens, frame_global, prior).flatten(0, 1), self.keep).reshape(b, t, -1)
 
 
 # --------------------------------------------------------------------------- 3. video selector
 class VideoTokenSelector(nn.Module):
     """Keeps ``keep`` of a clip's ``tokens`` frame-level tokens (no scorer when keep >= tokens)."""
 
-    def __init__(self, *, width: int, keep: int, tokens: int, samples: int, sigma: float,
-                 straight_through: bool = False):
+    def __init__(self, *, width: int, keep: int, tokens: int, how: Perturbation = Perturbation()):
         super().__init__()
-        self.keep, self.samples, self.sigma, self.straight_through = keep, samples, sigma, straight_through
+        self.keep, self.how = keep, how
         self.score = _scorer(width) if keep < tokens else None
 
     def forward(self, frame_tokens: torch.Tensor, frame_mask: torch.Tensor, *, soft: bool):
@@ -233,9 +320,8 @@ class VideoTokenSelector(nn.Module):
         tokens, mask = self.flatten(frame_tokens, frame_mask)
         if not self.chooses(tokens.shape[1]):  # nothing to choose: keep every token, in order
             return tokens, mask
-        weights = selection_weights(self.score, self.features(tokens, mask), self.keep, soft=soft,
-                                    samples=self.samples, sigma=self.sigma, mask=mask,
-                                    straight_through=self.straight_through)  # (B, Nv, T·F) float32
+        weights = selection_weights(saliency(self.score, self.features(tokens, mask), mask), self.keep, soft=soft,
+                                    how=self.how)  # (B, Nv, T·F) float32
         selected = torch.bmm(weights.to(tokens.dtype), tokens)  # (B, Nv, d)
         selected_mask = torch.bmm(weights, mask.unsqueeze(-1).to(weights.dtype)).squeeze(-1) > 0.5
         return selected, selected_mask
@@ -432,17 +518,15 @@ class Reranker(nn.Module):
         if c.text_token_dim == c.token_dim and self.token_in is not None:  # one space (the joint CLIP space): start with one projection
             self.text_in.load_state_dict(self.token_in.state_dict())
         self.text_position = nn.Parameter(torch.zeros(c.text_tokens, c.width))
-        keep = {"top_m": c.frame_keep, "all": c.tokens_per_frame, "global": 0}[c.frame_tokens]
-        straight = c.selection == "straight_through"
+        keep = {"top_m": c.frame_keep, "random": c.frame_keep, "all": c.tokens_per_frame, "global": 0}[c.frame_tokens]
         self.frame_selector = FrameTokenSelector(width=c.width, keep=keep, tokens=c.tokens_per_frame,
-                                                 samples=c.perturb_samples, sigma=c.perturb_sigma,
-                                                 straight_through=straight)
+                                                 how=Perturbation.of(c), random=c.frame_tokens == "random",
+                                                 prior=c.novelty_prior)
         frame_level = c.frames * c.kept_per_frame  # the video selector's input
         self.temporal = nn.Parameter(torch.zeros(c.frames, c.width))  # frame position in the clip
         video_keep = c.video_keep if c.video_selector and c.video_level else frame_level  # frame_level: no scorer
-        self.video_selector = VideoTokenSelector(width=c.width, keep=video_keep,
-                                                 tokens=frame_level, samples=c.perturb_samples, sigma=c.perturb_sigma,
-                                                 straight_through=straight)
+        self.video_selector = VideoTokenSelector(width=c.width, keep=video_keep, tokens=frame_level,
+                                                 how=Perturbation.of(c))
         self.queries = nn.Parameter(torch.zeros(c.queries, c.width))
 
         def blocks(n: int) -> nn.ModuleList:
@@ -474,10 +558,25 @@ class Reranker(nn.Module):
             frame_level = frame_global.unsqueeze(2)  # (B, T, 1, d)
         else:
             # the cache's float16 tokens become float32 here, on the model's device
-            frame_level = self.frame_selector(self.token_in(tokens.float()), frame_global, soft=soft)  # (B, T, F, d)
+            frame_level = self.frame_selector(self.token_in(tokens.float()), frame_global, soft=soft,
+                                              prior=self.patch_prior(tokens, frame_mask))  # (B, T, F, d)
         frame_level = frame_level + self.temporal[: frame_level.shape[1], None, :]
         video_tokens, video_mask = self.video_selector(frame_level, frame_mask, soft=soft)
         return SelectedVideos(frame_level, ~frame_mask, video_tokens, ~video_mask)
+
+    def patch_prior(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor | None:
+        """The frame scorer's prior (B, T, P) from the cached tokens (B, T, P, D), or None without one."""
+        if self.frame_selector.prior_gain is None:
+            return None
+        return temporal_novelty(tokens, frame_mask)
+
+    def kept_patches(self, tokens: torch.Tensor, frame_emb: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """The patches hard selection keeps of each frame: tokens (B, T, P, D), frame_emb (B, T, E), frame_mask
+        (B, T) → (B, T, M) patch indices in order (M = 0 for global tokens only)."""
+        if self.token_in is None:
+            return torch.zeros(tokens.shape[:2] + (0,), dtype=torch.long, device=tokens.device)
+        return self.frame_selector.kept_patches(self.token_in(tokens.float()), self.global_in(frame_emb),
+                                                self.patch_prior(tokens, frame_mask))
 
     def frame_results(self, queries, query_pad, videos: SelectedVideos, pair_video, pair_text):
         """The frame level: X(t) per pair and frame (C, T, d), and its attention (C, T, h, Q, F)."""
@@ -543,7 +642,47 @@ class Reranker(nn.Module):
             score = score + self.head(masked_mean(frames, frame_pad)).squeeze(-1)
         return score
 
-    def forward(self, text_tokens, text_length, tokens, frame_emb, frame_mask, pair_video, pair_text=None):
-        # pair_video (C,) into the B videos, pair_text (C,) into the captions (see score) → scores (C,)
-        return self.score(text_tokens, text_length, self.select(tokens, frame_emb, frame_mask), pair_video,
-                          pair_text=pair_text)
+    def forward(self, text_tokens, text_length, tokens, frame_emb, frame_mask, pair_video, pair_text=None, *,
+                distill_pairs: torch.Tensor | None = None):
+        # pair_video (C,) into the B videos, pair_text (C,) into the captions (see score) → scores (C,);
+        # distill_pairs (c,) into the C pairs (training): → scores and the frame selector's distillation loss on them
+        scores = self.score(text_tokens, text_length, self.select(tokens, frame_emb, frame_mask), pair_video,
+                            pair_text=pair_text)
+        if distill_pairs is None:
+            return scores
+        pair_text = distill_pairs if pair_text is None else pair_text[distill_pairs]
+        return scores, self.selector_distillation(text_tokens[pair_text], text_length[pair_text],
+                                                  tokens[pair_video[distill_pairs]], frame_emb[pair_video[distill_pairs]],
+                                                  frame_mask[pair_video[distill_pairs]])
+
+    def patch_attention(self, text_tokens, text_length, patches: torch.Tensor, frame_global: torch.Tensor):
+        """The frame level's attention over EVERY patch of each pair's video, whatever the selector keeps:
+        text_tokens (C, L, Dt), text_length (C,), patches (C, T, P, d) and frame_global (C, T, d) in the
+        model's width → (C, T, P), the mean over heads and learnable queries of the attention each frame's
+        1 + P tokens would get, renormalised over the patches (what the frame selector is distilled toward)."""
+        block, q = self.frame_block(), self.config.queries
+        c, t, p, d = patches.shape
+        text, text_pad = self.caption(text_tokens, text_length, None)
+        conditioned = block.condition(*self.query_tokens(text, text_pad), rows=q)  # (C, Q, d)
+        every = torch.cat([frame_global.unsqueeze(2), patches], dim=2) + self.temporal[:t, None, :]  # (C, T, 1+P, d)
+        keys, _ = block.keys_values(every.flatten(0, 1))  # (C·T, h, 1+P, d/h)
+        attention = block.attention(conditioned.repeat_interleave(t, dim=0), keys,
+                                    torch.zeros(c * t, p + 1, dtype=torch.bool, device=patches.device))
+        on_patches = attention.mean(dim=(1, 2))[:, 1:].view(c, t, p)  # (C, T, P)
+        return on_patches / on_patches.sum(-1, keepdim=True).clamp(min=1e-12)
+
+    def selector_distillation(self, text_tokens, text_length, tokens, frame_emb, frame_mask) -> torch.Tensor:
+        """The frame selector scored against what the attention reads: per (caption, its video) pair and real
+        frame, the cross-entropy of the softmax of the scorer's patch scores (temperature
+        ``DISTILL_TEMPERATURE``) against ``patch_attention`` (not differentiated) → a scalar; 0 without a scorer.
+
+        text_tokens (C, L, Dt), text_length (C,), tokens (C, T, P, D), frame_emb (C, T, E), frame_mask (C, T)."""
+        if self.frame_selector.score is None:
+            return tokens.new_zeros((), dtype=torch.float32)
+        patches, frame_global = self.token_in(tokens.float()), self.global_in(frame_emb)
+        scores = self.frame_selector.saliency(patches, frame_global, self.patch_prior(tokens, frame_mask))  # (C, T, P)
+        with torch.no_grad():
+            target = self.patch_attention(text_tokens, text_length, patches, frame_global).float()
+        loss = -(target * F.log_softmax(scores / DISTILL_TEMPERATURE, dim=-1)).sum(-1)  # (C, T)
+        real = frame_mask.to(loss.dtype)
+        return (loss * real).sum() / real.sum().clamp(min=1)

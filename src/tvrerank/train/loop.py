@@ -66,6 +66,8 @@ CACHE_LAYOUT = ("frames", "tokens_per_frame", "token_dim", "embed_dim", "text_to
 
 
 #: the re-ranker's optimisation defaults (``TrainConfig.optim``)
+#: the selectors' scorers (parameter-name prefixes), which ``selector_lr_scale`` applies to
+SCORERS = ("frame_selector.score", "video_selector.score")
 RERANKER_OPTIM = OptimConfig(steps=2000, lr=5e-4, min_lr_ratio=0.1, warmup=100, weight_decay=0.05, grad_clip=1.0)
 
 
@@ -91,6 +93,12 @@ class TrainConfig:
     memory_budget_gb: float = 0.0  # host memory the cache's arrays may fill (in_memory auto); 0: half the available
     in_memory: str = "auto"  # auto | on | off: gather every step from arrays loaded once (cache.rows.CacheRows)
     model: dict = field(default_factory=dict)  # RerankerConfig overrides: width, layers, heads, ...
+    selector_lr_scale: float = 1.0  # the selectors' scorers learn at this times the schedule's rate
+    # the frame selector's warm start: for the first selector_warmup share of the steps every frame keeps all
+    # its patches (the attention reads them all); selector_distill > 0 adds that weight times the frame
+    # scorer's cross-entropy against the frame level's attention over every patch (Reranker.selector_distillation)
+    selector_warmup: float = 0.0
+    selector_distill: float = 0.0
 
     def __post_init__(self):
         resolve_optim(self, RERANKER_OPTIM)
@@ -99,7 +107,8 @@ class TrainConfig:
             integers={"captions": 2, "negatives": 0, "in_batch": 0, "grad_accum": 1,
                       "checkpoint_every": 1, "eval_every": 0, "seed": 0, "workers": 0, "negative_captions": 0},
             numbers={"fusion_alpha": (0.0, 1.0), "val_fraction": (0.0, 0.9), "negative_temperature": (1e-4, 100.0),
-                     "memory_budget_gb": (0.0, math.inf)},
+                     "memory_budget_gb": (0.0, math.inf), "selector_lr_scale": (1e-3, 1e3),
+                     "selector_distill": (0.0, 1e3), "selector_warmup": (0.0, 1.0)},
             choices={"loss": ("listwise", "binary", "both"), "negative_sampling": ("uniform", "similarity"),
                      "fusion": FUSIONS, "in_memory": IN_MEMORY})
         # types and ranges, before anything is read or written
@@ -116,6 +125,11 @@ def model_config_for(cache: CacheReader, overrides: dict) -> RerankerConfig:
     return RerankerConfig(frames=cache.header.sampling.frames, tokens_per_frame=layout.tokens_per_frame,
                           token_dim=layout.token_dim, embed_dim=layout.embed_dim,
                           text_token_dim=layout.text_token_dim, text_tokens=layout.text_tokens, **overrides)
+
+
+def warmup_steps(config: TrainConfig) -> int:
+    """How many of the first steps read every patch (``selector_warmup`` of ``optim.steps``, rounded)."""
+    return round(config.selector_warmup * config.optim.steps)
 
 
 def pair_loss(scores: torch.Tensor, kind: str, text_scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,12 +180,16 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro
             nc = negative_text.shape[1]
             pair_video = torch.cat([pair_video, batch["pair_video"][:, 0].repeat_interleave(nc)])
             pair_caption = torch.cat([pair_caption, negative_text.reshape(-1)])
+        distill = torch.arange(b, device=device) * g if config.selector_distill else None  # the positive pairs
         with skip_sync:
             with autocast_for(device):
                 scores = trained(batch["text_tokens"], batch["text_length"], batch["tokens"], batch["frame_emb"],
-                                 batch["frame_mask"], pair_video, pair_caption).float()
+                                 batch["frame_mask"], pair_video, pair_caption, distill_pairs=distill)
+                scores, distilled = scores if distill is not None else (scores, 0.0)
+                scores = scores.float()
                 text_scores = None if negative_text is None else scores[b * g :].view(b, -1)
-                loss = pair_loss(scores[: b * g].view(b, g), config.loss, text_scores) / config.grad_accum
+                loss = (pair_loss(scores[: b * g].view(b, g), config.loss, text_scores)
+                        + config.selector_distill * distilled) / config.grad_accum
             loss.backward()
         total += loss.detach()
     if torch.distributed.is_initialized():
@@ -312,7 +330,7 @@ def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *,
 
     torch.manual_seed(config.seed)
     model = build_reranker(model_config).to(device)
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = build_optimizer(model, config.optim, lr_scales=dict.fromkeys(SCORERS, config.selector_lr_scale))
     state = load_checkpoint(out, model, optimizer, resume=resume)
     start_step, history, best = (0, [], None) if state is None else (state["step"], state["history"], state.get("best"))
     trained = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -340,12 +358,14 @@ def _train(cache_path: Path, candidates_path, out: Path, config: TrainConfig, *,
                    initial=start_step, total=config.optim.steps)
         for step in bar:
             model.train()
+            model.frame_selector.reads_all = step < warmup_steps(config)
             lr = lr_at(step, config.optim)
             loss = train_step(trained, optimizer, loader, config=config, lr=lr, device=device, step=step)
             history.append(loss)
             bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}")
             done = step + 1
             row = [done, f"{lr:.3e}", f"{loss:.4f}", f"{time.perf_counter() - started:.1f}", "", ""]
+            model.frame_selector.reads_all = False  # validated (and saved) as it will be used
             if validation is not None and is_due(done, eval_every, config.optim.steps):
                 result = final_val = validate(model, validation, device=device, rank=rank, world=world,
                                          fusion=config.fusion)
