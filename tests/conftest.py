@@ -215,6 +215,22 @@ def served_demo(tmp_path_factory) -> Path:
     return demo
 
 
+@pytest.fixture(scope="session")
+def detail_demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """A finished small demo on the detail world (48 videos: 12 test videos, each cache carrying the
+    known answer; its re-ranker keeps top-M patches) and what `tvrerank demo` printed. Shared by the
+    selector recalls' and the search page's tests: one build (~1-2 min on two cores) for all."""
+    demo = tmp_path_factory.mktemp("detail") / "demo"
+    output = cli_output("demo", "--out", demo, "--world", "detail", "--videos", 48, "--steps", 4, "--workers", 0)
+    return demo, output
+
+
+@pytest.fixture(scope="session")
+def detail_demo(detail_demo_run) -> Path:
+    """The folder of ``detail_demo_run``'s demo."""
+    return detail_demo_run[0]
+
+
 def without_host_values():
     """A context in which tensors carry shapes but no values (torch's FakeTensorMode; real inputs are
     faked on entry): any operator that needs a tensor's value on the host raises, e.g. ``.item()``,

@@ -170,11 +170,10 @@ def detail_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_demo_on_the_detail_world_reports_the_selectors_recalls(tmp_path):
+def test_demo_on_the_detail_world_reports_the_selectors_recalls(detail_demo_run):
     import json
 
-    out = tmp_path / "demo"
-    output = invoke("demo", "--out", out, "--world", "detail", "--videos", 48, "--steps", 4, "--workers", 0)
+    out, output = detail_demo_run  # demo --world detail --videos 48 --steps 4 --workers 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world"] == "detail"
     selectors = metrics["selectors"]

@@ -80,6 +80,35 @@ def test_explain_matches_the_scores_and_the_selection(client, service):
         assert heat.sum() + data["global_attention"][t] == pytest.approx(1, abs=1e-3)
 
 
+def test_explain_on_a_detail_world_carries_its_known_answer(detail_demo):
+    """A detail world's gallery: each explain gives, per sampled frame, the patches that show the
+    detail, as the cache's truth/detail records them (read here with h5py, not through the service)."""
+    gallery = detail_demo / "cache" / "test.h5"
+    with h5py.File(gallery, "r") as f:
+        truth = f["truth/detail"][()]  # (N, T, P) bool
+        ids = [v.decode() if isinstance(v, bytes) else str(v) for v in f["videos/id"][()]]
+    service = open_service(detail_demo, run="run")
+    try:
+        client = TestClient(create_app(service))
+        shown = 0
+        for row, video_id in enumerate(ids):
+            caption = client.get(f"/api/videos/{video_id}").json()["captions"][0]
+            data = client.get("/api/explain", params={"q": caption, "video_id": video_id}).json()
+            expected = [np.flatnonzero(frame).tolist() for frame in truth[row]]
+            assert data["detail_patches"] == expected, video_id
+            assert all(not patches for patches, valid in zip(expected, data["frame_valid"]) if not valid)
+            shown += sum(map(len, data["detail_patches"]))
+        assert shown == int(truth.sum()) > len(ids)  # every video shows its detail in some frames
+    finally:
+        service.retriever.close()
+
+
+def test_explain_without_a_known_answer_has_no_detail(client):
+    """The events world's cache (like every real gallery) records no detail: the key is absent."""
+    data = client.get("/api/explain", params={"q": QUERY, "video_id": "test-000001"}).json()
+    assert "kept_patches" in data and "detail_patches" not in data
+
+
 def test_video_and_its_frame_strip(client, service, served_demo):
     video = client.get("/api/videos/test-000003").json()
     assert video["status"] == "ok" and video["exists"] and video["captions"] and video["duration"] > 0

@@ -9,7 +9,8 @@
                                             the JSON of /api/search (optional "stage1": their scores, "top")
     GET /api/videos/{video_id}              id, path, status, captions, duration
     GET /api/videos/{video_id}/frames       the sampled frames as one JPEG strip (a placeholder if unreadable)
-    GET /api/explain?q=&video_id=           kept patches, video selector picks, attention (rerank/explain.py)
+    GET /api/explain?q=&video_id=           kept patches, video selector picks, attention (rerank/explain.py);
+                                            on a detail world's cache also detail_patches, the known answer
 
 Errors are JSON ``{"error": message}``: 400 for a bad query or parameter, 404 for an unknown video
 or path, 503 with ``Retry-After`` when the server is busy, 500 (logged, with no detail) for a bug.

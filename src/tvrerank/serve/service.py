@@ -11,6 +11,10 @@ cache's frame count, input size, interpolation and resize method, so each strip 
 and the cache's patch grid lies on it. Encoded strips are kept in memory within a byte budget
 (least recently used out first); a strip costs ~5-40 ms to decode and encode on the toy world
 (benchmarks/bench_serve.py measures it).
+
+A toy detail world's cache carries the known answer (``cache/truth.py``: which patches of which
+sampled frames show the detail); the service reads it once, at start-up, and ``explain`` adds it as
+``detail_patches`` so the page can outline it beside what the selectors kept. Other caches: absent.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from tvrerank.errors import InputError, MissingInput, TvrerankError, reason_of
 from tvrerank.cache.identity import cache_video_ids_digest
 from tvrerank.cache.schema import FAILED, OK, PENDING
 from tvrerank.cache.rows import on_device
+from tvrerank.cache.truth import read_truth
 from tvrerank.extract.frames import VideoDecodeError, sample_frames, seconds_per_tick
 from tvrerank.extract.preprocess import resize_options
 from tvrerank.rerank.explain import explain_pair
@@ -139,6 +144,25 @@ def encode_jpeg(image: np.ndarray, quality: int = 85) -> bytes:
     return out.getvalue()
 
 
+def known_detail(cache, layout: StripLayout) -> np.ndarray | None:
+    """The cache's known answer, (N, T, P) bool: where sampled frame t of video n shows a detail world's
+    detail; None for a cache without one (every real gallery), or one whose grid is not the cache's."""
+    truth = read_truth(cache)
+    if truth is None or truth.detail is None:
+        return None
+    if tuple(truth.grid) != tuple(layout.grid) or truth.detail.shape[1] != layout.frames:
+        log.warning("%s: its known answer is on a %s grid of %d frames, not the cache's %s of %d; not shown "
+                    "(tvrerank cache check names the problem)", cache.path, list(truth.grid), truth.detail.shape[1],
+                    list(layout.grid), layout.frames)
+        return None
+    return truth.detail
+
+
+def detail_patches(detail: np.ndarray) -> list[list[int]]:
+    """(T, P) bool → per frame, the patch indices (row-major on the token grid) that show the detail."""
+    return [np.flatnonzero(frame).tolist() for frame in detail]
+
+
 def placeholder_strip(layout: StripLayout, reason: str) -> np.ndarray:
     """A grey strip with a darker cross in each cell: what the page shows for a frame it cannot decode."""
     s = layout.image_size
@@ -181,6 +205,7 @@ class SearchService:
         caption_video = cache["texts/video"][:]
         self._caption_order = np.argsort(caption_video, kind="stable")
         self._caption_video = caption_video[self._caption_order]
+        self.detail = known_detail(cache, self.layout)  # (N, T, P) bool or None, read once
         self.strips = StripCache(strip_budget)
         self.gallery_tag = cache_video_ids_digest(cache)[:16]  # strips' ETags: another gallery, other tags
         self.model_gate = Gate("search", workers=1, waiting=waiting)
@@ -283,6 +308,8 @@ class SearchService:
         out = {"query": query, "video_id": video_id, "frames": self.layout.frames,
                "image_size": self.layout.image_size, "grid": list(self.layout.grid), "tokens_per_frame": patches,
                "frame_tokens": retriever.reranker.model.config.frame_tokens, **explanation.to_json(patches)}
+        if self.detail is not None:  # a detail world's known answer: per frame, the patches showing the detail
+            out["detail_patches"] = detail_patches(self.detail[row])
         warning = "; ".join(w for w in (warning, retriever.truncation_warning(query)) if w)
         return {**out, "warning": warning} if warning else out
 

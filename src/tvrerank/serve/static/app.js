@@ -149,8 +149,32 @@ function loadImage(url) {
   });
 }
 
+// A detail world's known answer on frame t: each patch showing the detail outlined dashed, magenta
+// over a dark line (visible on any colour), inside the kept-patch outline. Returns how many it drew.
+function drawDetail(canvas, data, t) {
+  const [rows, cols] = data.grid, side = canvas.width;
+  const ctx = canvas.getContext("2d");
+  const cellW = side / cols, cellH = side / rows, width = Math.max(1.5, side / 120), inset = 2.5 * width;
+  const patches = data.detail_patches[t];
+  ctx.save();
+  ctx.lineWidth = width;
+  patches.forEach((patch) => {
+    const x = (patch % cols) * cellW + inset, y = Math.floor(patch / cols) * cellH + inset;
+    const w = cellW - 2 * inset, h = cellH - 2 * inset;
+    ctx.setLineDash([]);
+    ctx.strokeStyle = "#1d232b";
+    ctx.strokeRect(x, y, w, h);
+    ctx.setLineDash([3 * width, 2 * width]);
+    ctx.strokeStyle = "#ff2bd6";
+    ctx.strokeRect(x, y, w, h);
+  });
+  ctx.restore();
+  return patches.length;
+}
+
 // One canvas per sampled frame: the frame as the encoder saw it, the attention heat on each patch,
 // the kept patches outlined, the video selector's picks marked. Returns how many overlay marks it drew.
+// (A detail world's known answer is drawn over it by drawDetail.)
 function drawFrame(canvas, strip, data, t, weightMax, heatMax) {
   const size = data.image_size, [rows, cols] = data.grid, side = canvas.width;
   const ctx = canvas.getContext("2d");
@@ -206,6 +230,8 @@ async function explain(id) {
   setURL(false);
   panel.hidden = false;
   delete panel.dataset.drawn;
+  delete panel.dataset.detail;
+  delete panel.dataset.detailKept;
   frames.replaceChildren();
   $("explain-title").textContent = `“${state.query}” × ${id}`;
   $("explain-note").textContent = "loading…";
@@ -222,7 +248,9 @@ async function explain(id) {
     const weights = data.frame_weight || [];
     const weightMax = Math.max(...weights, 1e-9);
     const heatMax = Math.max(...data.patch_heat.flat(), 1e-9);
-    let marks = 0;
+    let marks = 0, detailDrawn = 0, detailKept = 0;
+    const detail = data.detail_patches || null;  // a detail world's known answer, else absent
+    $("legend-detail").hidden = !detail;
     for (let t = 0; t < data.frames; t++) {
       const box = element("figure", "frame" + (data.frame_valid[t] ? "" : " padding"));
       box.style.margin = "0";
@@ -240,12 +268,28 @@ async function explain(id) {
         box.append(bar);
         caption.textContent += ` · ${(100 * data.frame_weight[t]).toFixed(1)}%`;
       }
+      if (detail && data.frame_valid[t] && detail[t].length) {
+        // did the frame selector keep a patch that shows the detail?
+        const kept = data.kept_patches[t].some((patch) => detail[t].includes(patch));
+        const selecting = data.frame_tokens === "top_m";
+        box.classList.add(selecting ? (kept ? "detail-kept" : "detail-missed") : "detail-shown");
+        caption.append(element("span", "detail-note", selecting ? (kept ? " · detail kept" : " · detail missed")
+          : " · detail"));
+        if (selecting && kept) detailKept += 1;
+      }
       box.append(caption);
       frames.append(box);
-      if (data.frame_valid[t]) marks += drawFrame(canvas, strip, data, t, weightMax, heatMax);
+      if (data.frame_valid[t]) {
+        marks += drawFrame(canvas, strip, data, t, weightMax, heatMax);
+        if (detail) detailDrawn += drawDetail(canvas, data, t);
+      }
     }
     panel.dataset.drawn = String(data.frames);
     panel.dataset.marks = String(marks);
+    if (detail) {
+      panel.dataset.detail = String(detailDrawn);  // detail patches outlined
+      panel.dataset.detailKept = String(detailKept);  // frames whose kept patches include one
+    }
   } catch (err) {
     if (seq === state.explainSeq) $("explain-note").textContent = `could not explain ${id}: ${err.message}`;
   }
