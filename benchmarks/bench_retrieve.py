@@ -11,7 +11,7 @@ encoder from the cache as in production. Every video is ok, with random unit
 unpooled layout is used when the tokens fit ``--max-token-gb`` (default 24), else the same
 encoder's 2x2-pooled layout (ViT-B-32: 16 x 512-d per frame, 19.7 GB for 100k videos x 12
 frames), and the script says so. Then a FAISS index (``build_index_dir``, ``--factory``, default
-``auto``: HNSW32 above 50k videos), a randomly initialised re-ranker (``torch.manual_seed(0)``) of
+``auto``: IVF-Flat above 50k videos), a randomly initialised re-ranker (``torch.manual_seed(0)``) of
 ``--reranker-size``: ``default`` = ``RerankerConfig``'s defaults, what ``tvrerank train`` builds
 (width 256, 2 layers, 4 heads, 8 queries, frame_keep 4, video_keep 16), or ``demo`` = the toy
 demo's (width 96, 1 layer), saved with ``save_reranker``, and the gallery store

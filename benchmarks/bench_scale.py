@@ -9,7 +9,7 @@ re-ranker), nothing decoded:
   (``bench_index.clustered_unit_vectors``); its token and frame-embedding datasets are allocated but
   never written (HDF5 keeps unwritten chunks off the disk), as serving with a gallery store never reads
   them — the disk figure is the cache a store-backed server needs beside it, not an extraction's;
-- the index with the library's builder (``build_index_dir``, ``--factory auto``: HNSW32 or IVF-PQ,
+- the index with the library's builder (``build_index_dir``, ``--factory auto``: IVF-Flat or IVF-PQ,
   whichever fits the 4 GB budget);
 - a randomly initialised re-ranker (``bench_retrieve.save_random_reranker``) and its gallery store
   written by the library's writer (``write_gallery_store``, memory-mapped by readers) with drawn
@@ -30,6 +30,15 @@ text queries themselves.
     python benchmarks/bench_scale.py --videos 50000 --queries 300          # what 2 shared cores allow
 
 The last line is ``scale_rerank_p50_ms=<p50 re-ranked, 1 thread>``.
+
+``--sweep`` measures stage 1 only: the same drawn video embeddings (no cache, no store), each index of
+``SWEEP`` built once on one thread and searched at each of its search parameters (HNSW's efSearch,
+IVF's nprobe), one query at a time: recall@K against exact search on the two query sets of the
+recall figure above, and per-query FAISS latency p50 / p95 (the re-ranked query adds the text encoder
+and the re-ranker on top, ~4.4 ms at toy shapes). Its last line is ``sweep_best=<setting>`` (the
+fastest one whose text-query recall is at least ``--recall-target``, or ``none``).
+
+    python benchmarks/bench_scale.py --sweep [--videos 1000000] [--recall-sample 500] [--sweep-index NAME ...]
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ from tvrerank.cache.schema import OK, CacheHeader  # noqa: E402
 from tvrerank.cache.writer import create_cache  # noqa: E402
 from tvrerank.config import SamplingConfig  # noqa: E402
 from tvrerank.extract.encoder import FrozenClipEncoder  # noqa: E402
-from tvrerank.index.faiss_index import import_faiss, search  # noqa: E402
+from tvrerank.index.faiss_index import build_index, import_faiss, ivf_lists, search  # noqa: E402
 from tvrerank.index.store import build_index_dir, load_index_dir  # noqa: E402
 from tvrerank.rerank.checkpoint import load_reranker  # noqa: E402
 from tvrerank.rerank.inference import select_videos  # noqa: E402
@@ -101,6 +110,11 @@ def make_encoder(shape: str) -> FrozenClipEncoder:
                              device="cpu")
 
 
+def gallery_vectors(videos: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """(videos, dim) float32 clustered unit vectors: the gallery's ``video_emb``."""
+    return clustered_unit_vectors(videos, dim, rng, clusters=max(10, min(2000, videos // 50)))
+
+
 def build_cache(path: Path, encoder: FrozenClipEncoder, videos: int, seed: int = 0) -> dict:
     """A cache of ``videos`` ok videos whose only written video arrays are the embeddings; its fingerprint."""
     rng = np.random.default_rng(seed)
@@ -116,7 +130,7 @@ def build_cache(path: Path, encoder: FrozenClipEncoder, videos: int, seed: int =
         f["videos/status"][:] = OK
         f["videos/frame_mask"][:] = True
         f["texts/emb"][:], f["texts/tokens"][:], f["texts/length"][:] = text_emb, text_tokens, text_length
-        emb = clustered_unit_vectors(videos, layout.embed_dim, rng, clusters=max(10, min(2000, videos // 50)))
+        emb = gallery_vectors(videos, layout.embed_dim, rng)
         for start in range(0, videos, BLOCK):
             f["videos/video_emb"][start : start + BLOCK] = emb[start : start + BLOCK]
     with CacheReader(path) as cache:
@@ -156,23 +170,92 @@ def build_store(cache_path: Path, run_dir: Path, videos: int) -> Path:
                                per_video=store_bytes_per_video(config))
 
 
-def recall(cache_path: Path, index_dir: Path, encoder: FrozenClipEncoder, k: int, sample: int) -> dict[str, float]:
-    """Recall@k of the index against exact search, on noisy gallery vectors and on text queries."""
-    faiss = import_faiss()
-    index, _, _ = load_index_dir(index_dir)
-    with CacheReader(cache_path) as cache:
-        vectors = cache["videos/video_emb"][()].astype(np.float32)
+def recall_queries(vectors: np.ndarray, encoder: FrozenClipEncoder, sample: int) -> dict[str, np.ndarray]:
+    """The two query sets of the recall figures, unit rows (sample, E): gallery vectors with noise, and
+    text queries encoded by the gallery's text encoder."""
     rng = np.random.default_rng(7)
     noisy = vectors[rng.choice(len(vectors), sample, replace=False)]
     noisy = noisy + rng.normal(scale=0.5 / np.sqrt(vectors.shape[1]), size=noisy.shape).astype(np.float32)
     text, _, _ = encoder.encode_texts(make_queries(sample, encoder.config.model, seed=3))
-    out = {}
-    for name, queries in (("gallery vectors + noise", noisy), ("text queries", text)):
-        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-        _, exact = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-        _, found = search(index, queries, k)
-        out[name] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(exact, found)]))
-    return out
+    return {name: np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True), dtype=np.float32)
+            for name, q in (("gallery vectors + noise", noisy), ("text queries", text))}
+
+
+def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """queries (Q, E) → positions (Q, k) of their exact top k by inner product."""
+    return import_faiss().knn(queries, vectors, k, metric=import_faiss().METRIC_INNER_PRODUCT)[1]
+
+
+def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
+    """found, exact (Q, k) positions → the mean share of each query's exact top k that was found."""
+    return float(np.mean([len(set(a) & set(b)) / exact.shape[1] for a, b in zip(exact, found)]))
+
+
+def recall(cache_path: Path, index_dir: Path, encoder: FrozenClipEncoder, k: int, sample: int) -> dict[str, float]:
+    """Recall@k of the index against exact search, on noisy gallery vectors and on text queries."""
+    index, _, _ = load_index_dir(index_dir)
+    with CacheReader(cache_path) as cache:
+        vectors = cache["videos/video_emb"][()].astype(np.float32)
+    return {name: recall_at(search(index, queries, k)[1], exact_neighbours(vectors, queries, k))
+            for name, queries in recall_queries(vectors, encoder, sample).items()}
+
+
+# --------------------------------------------------------------------------- stage-1 sweep (--sweep)
+# factory (nlist: 4·sqrt(n) as auto picks it) → the search parameter swept and its values
+SWEEP = {"HNSW32": ("efSearch", (128, 256, 512, 1024, 2048)),
+         "IVF{nlist},Flat": ("nprobe", (16, 32, 64, 128, 256, 512)),
+         "IVF{nlist},PQ{m}x8": ("nprobe", (32, 128, 256))}
+SMOKE_SWEEP = {"HNSW32": ("efSearch", (16, 128)), "IVF{nlist},Flat": ("nprobe", (1, 8))}
+
+
+def sweep_factory(template: str, n: int, dim: int) -> str:
+    """A SWEEP key → its faiss factory string for n vectors of dim (auto's nlist and PQ width)."""
+    return template.format(nlist=ivf_lists(n), m=max(1, dim // 8))
+
+
+def per_query_ms(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[float]]:
+    """Search one query at a time → (positions (Q, k), [p50, p95] ms per query)."""
+    found, seconds = np.empty((len(queries), k), dtype=np.int64), []
+    for i in range(len(queries)):
+        start = time.perf_counter()
+        _, found[i : i + 1] = search(index, queries[i : i + 1], k)
+        seconds.append(time.perf_counter() - start)
+    return found, [float(v) for v in np.percentile(np.array(seconds) * 1000, [50, 95])]
+
+
+def sweep(videos: int, shape: str, k: int, sample: int, grid: dict, recall_target: float) -> list[dict]:
+    """Every (index, search parameter) of ``grid`` on one thread: recall@k of both query sets, ms per query."""
+    faiss = import_faiss()
+    set_cpu_threads(1)
+    encoder = make_encoder(shape)
+    vectors = gallery_vectors(videos, encoder.layout.embed_dim, np.random.default_rng(0))
+    queries = recall_queries(vectors, encoder, sample)
+    del encoder
+    exact = {name: exact_neighbours(vectors, q, k) for name, q in queries.items()}
+    print(f"\nstage-1 sweep: {videos} videos of width {vectors.shape[1]}, 1 thread, {sample} queries of each set, "
+          f"recall@{k} vs exact")
+    print(f"{'index':<22} {'parameter':<14} {'build s':>8} {'recall gallery+noise':>21} {'recall text':>12} "
+          f"{'ms p50 / p95 (text)':>20}")
+    rows = []
+    for template, (parameter, values) in grid.items():
+        factory = sweep_factory(template, videos, vectors.shape[1])
+        index, build_s = timed(build_index, vectors, factory)
+        for value in values:
+            setting = f"{parameter}={value}"
+            faiss.ParameterSpace().set_index_parameters(index, setting)
+            found_noisy, _ = per_query_ms(index, queries["gallery vectors + noise"], k)
+            found_text, ms = per_query_ms(index, queries["text queries"], k)
+            row = {"factory": factory, "search_params": setting, "build_s": build_s,
+                   "recall_gallery": recall_at(found_noisy, exact["gallery vectors + noise"]),
+                   "recall_text": recall_at(found_text, exact["text queries"]), "ms": ms}
+            rows.append(row)
+            print(f"{factory:<22} {setting:<14} {build_s:>8.1f} {row['recall_gallery']:>21.3f} "
+                  f"{row['recall_text']:>12.3f} {'%.2f / %.2f' % tuple(ms):>20}", flush=True)
+        del index
+    met = [r for r in rows if min(r["recall_text"], r["recall_gallery"]) >= recall_target]
+    best = min(met, key=lambda r: r["ms"][0]) if met else None
+    print(f"sweep_best={'none' if best is None else best['factory'] + ' ' + best['search_params']}")
+    return rows
 
 
 # --------------------------------------------------------------------------- measuring (a fresh process)
@@ -233,11 +316,21 @@ def main() -> None:
     parser.add_argument("--workdir")
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
     parser.add_argument("--smoke", action="store_true", help="2,000 toy videos, 10 queries, 2 clients")
+    parser.add_argument("--sweep", action="store_true", help="stage 1 only: recall and latency of index settings")
+    parser.add_argument("--recall-target", type=float, default=0.95, help="for --sweep's best setting")
+    parser.add_argument("--sweep-index", action="append", choices=sorted(SWEEP),
+                        help="--sweep only these indexes (repeat; default: all)")
     parser.add_argument("--phase", choices=["all", "measure"], default="all", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase == "measure":
         print(json.dumps(measure(Path(args.workdir), args.shape, args.queries, args.k, args.threads)))
+        return
+    if args.sweep:
+        if args.smoke:
+            args.videos, args.recall_sample = 2000, 50
+        grid = SMOKE_SWEEP if args.smoke else {name: SWEEP[name] for name in args.sweep_index or SWEEP}
+        sweep(args.videos, args.shape, args.k, args.recall_sample, grid, args.recall_target)
         return
     if args.smoke:
         args.videos, args.shape, args.queries, args.clients, args.per_client = 2000, "toy", 10, 2, 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import struct
 import subprocess
 import time
@@ -240,3 +241,55 @@ def without_host_values():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@pytest.fixture(scope="session")
+def split_demo(served_demo, tmp_path_factory) -> dict[str, Path]:
+    """The served demo's test gallery split in 2 shards (`tvrerank split`): DIR/run, a copy of run-top-m with
+    its gallery store, and DIR/shards/shard-{1,2}-of-2."""
+    root = tmp_path_factory.mktemp("split")
+    run = root / "run"
+    shutil.copytree(served_demo / "run-top-m", run)
+    gallery = served_demo / "cache" / "test.h5"
+    cli_output("gallery", "--gallery", gallery, "--reranker", run, "--device", "cpu")
+    cli_output("split", "--gallery", gallery, "--index", served_demo / "index" / "test", "--reranker", run,
+               "--shards", 2, "--out", root / "shards", "--videos", served_demo / "data")
+    return {"gallery": gallery, "index": served_demo / "index" / "test", "run": run,
+            "shards": [root / "shards" / f"shard-{i}-of-2" for i in (1, 2)]}
+
+
+def serve_process(*arguments, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """A real `tvrerank serve ARGUMENTS` in a child process on a free loopback port → (process, its URL)."""
+    import queue
+    import re
+    import sys
+    import threading
+
+    process = subprocess.Popen([sys.executable, "-m", "tvrerank.cli", "serve", *map(str, arguments), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        match = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
+        if match:
+            return process, match.group(1)
+    process.kill()
+    process.wait()
+    raise AssertionError("tvrerank serve did not start:\n" + "".join(seen))
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

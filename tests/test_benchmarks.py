@@ -39,3 +39,18 @@ def test_benchmark_runs_at_smoke_size(script, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert re.search(LAST_LINE[script], last), last
+
+
+@pytest.mark.slow
+def test_scale_sweep_runs_at_smoke_size(tmp_path):
+    """bench_scale.py --sweep: every index setting's recall and latency, and the best one."""
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_scale.py"), "--sweep", "--smoke"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    rows = [line for line in lines if re.match(r"^(HNSW32|IVF128,Flat) +(efSearch|nprobe)=\d+ ", line)]
+    assert len(rows) == 4, result.stdout
+    for row in rows:  # recall of both query sets in [0, 1], then p50 / p95 ms
+        assert re.search(r" (0|1)\.\d{3} +(0|1)\.\d{3} +\d+\.\d\d / \d+\.\d\d$", row), row
+    assert re.fullmatch(r"sweep_best=(HNSW32 efSearch=\d+|IVF128,Flat nprobe=\d+|none)", lines[-1]), lines[-1]

@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from tvrerank.index.faiss_index import EXACT_MAX, auto_factory, build_index, search
+from tvrerank.index.faiss_index import EXACT_MAX, IVF_PROBES, auto_factory, build_index, search, whole_vectors
 
 
 def exact_search(gallery, queries, k):
@@ -44,8 +44,19 @@ def test_approximate_indexes_recall_against_exact(factory, params, floor):
 
 def test_auto_factory_scales_with_size_and_budget():
     assert auto_factory(1000, 512).factory == "Flat"
-    assert auto_factory(EXACT_MAX + 1, 512).factory.startswith("HNSW")
+    mid = auto_factory(1_000_000, 64)  # bench_scale's 1M toy gallery: IVF-Flat, whose text-query recall is 0.98
+    assert (mid.factory, mid.search_params) == ("IVF4096,Flat", f"nprobe={IVF_PROBES}")
+    assert auto_factory(EXACT_MAX + 1, 512).factory == "IVF1024,Flat"
     big = auto_factory(10_000_000, 512, memory_budget=4 << 30)
     assert big.factory.startswith("IVF") and ",PQ64x8" in big.factory and big.search_params == "nprobe=32"
     # a small budget forces compression even for a mid-sized collection
     assert auto_factory(200_000, 512, memory_budget=100 << 20).factory.startswith("IVF")
+
+
+def test_whole_vectors_are_the_added_ones_where_the_index_keeps_them():
+    rng = np.random.default_rng(2)
+    gallery = unit(rng, 3000, 16)
+    positions = np.array([5, 2999, 0, 17])
+    for factory in ("Flat", "HNSW16", "IVF16,Flat"):
+        np.testing.assert_array_equal(whole_vectors(build_index(gallery, factory), positions), gallery[positions])
+    assert whole_vectors(build_index(gallery, "IVF16,PQ4x4"), positions) is None

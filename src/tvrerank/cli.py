@@ -554,7 +554,8 @@ def retrieve(queries, gallery, index_dir, run_dir, queries_file, top, k, no_rera
         with Retriever(gallery, index_dir, run_dir, device=device, use_store=not no_store,
                        first_stage=first_stage) as retriever:
             for line in lines:  # every id checked before anything is scored
-                candidate_rows(line.video_ids, retriever.row_of, retriever.indexed, k, where=line.where)
+                candidate_rows(line.video_ids, retriever.row_of, retriever.indexed, k, where=line.where,
+                               not_indexed=retriever.not_indexed)
             results = [retriever.rerank(line.query, line.video_ids, stage1=line.stage1, k=k, top=top)
                        for line in lines]
         _print_results(results, as_json)
@@ -622,18 +623,30 @@ def gallery(gallery: str, run_dir: str, device: str) -> None:
 @click.option("--first-stage", "first_stage", type=click.Path(exists=True, file_okay=False),
               help="A trained first stage; --index must hold its video embeddings.")
 @click.option("--device", default="auto", show_default=True)
-def serve(demo_dir, gallery, index_dir, run_dir, videos, host, port, k, threads, first_stage, device) -> None:
+@click.option("--shards", default=None, help="URL,URL,...: search the shard servers (`tvrerank serve SHARD_DIR` each) "
+              "as one gallery; this process holds no model (K is the shards' --k).")
+def serve(demo_dir, gallery, index_dir, run_dir, videos, host, port, k, threads, first_stage, device, shards) -> None:
     """A local search page: stage 1 beside re-ranked, and what the re-ranker looked at.
 
-    DEMO_DIR, a `tvrerank demo` output folder, stands for its test gallery, index and run.
+    DEMO_DIR, a `tvrerank demo` output folder, stands for its test gallery, index and run; a shard folder of
+    `tvrerank split` for its slice of a gallery.
     """
     from tvrerank.serve import server
 
     server.require_web_stack()
+    if shards is not None:
+        if demo_dir or gallery or index_dir or run_dir or first_stage:
+            raise click.UsageError("--shards serves shard servers' answers: give no folder, --gallery, --index, "
+                                   "--reranker or --first-stage")
+        _serve_front([url.strip() for url in shards.split(",") if url.strip()], host, port)
+        return
     if demo_dir is not None:
-        found = server.demo_artifacts(demo_dir)
+        from tvrerank.retrieve.shards import is_shard_folder, read_shard
+
+        found = read_shard(demo_dir) if is_shard_folder(demo_dir) else server.demo_artifacts(demo_dir)
         gallery, index_dir, run_dir = gallery or found["gallery"], index_dir or found["index"], run_dir or found["reranker"]
         videos = videos or found["videos"]  # the demo records its videos folder as it was given, maybe relative
+        # (a shard's: the one given to split, else None: the cache's record)
     missing = [name for name, value in (("--gallery", gallery), ("--index", index_dir), ("--reranker", run_dir))
                if value is None]
     if missing:
@@ -653,6 +666,42 @@ def serve(demo_dir, gallery, index_dir, run_dir, videos, host, port, k, threads,
         click.echo(f"serving {gallery} ({len(service.row_of)} videos) at {server.url_of(sock, host)} "
                    "(Ctrl-C stops)", err=False)
         server.run(create_app(service, allowed_hosts=server.allowed_hosts(host)), sock)
+
+
+def _serve_front(urls: list[str], host: str, port: int) -> None:
+    """``serve --shards``: one search API over the shard servers at ``urls``."""
+    from tvrerank.retrieve.sharded import ShardedRetriever
+    from tvrerank.serve import server
+    from tvrerank.serve.front import create_front_app
+
+    sock = server.bind(host, port)
+    with sock, ShardedRetriever(urls) as sharded:
+        if not server.is_loopback(host):
+            click.echo(f"warning: listening on {host} with no authentication", err=True)
+        click.echo(f"serving {len(urls)} shards ({sharded.searchable} videos) at {server.url_of(sock, host)} "
+                   "(Ctrl-C stops)")
+        server.run(create_front_app(sharded, allowed_hosts=server.allowed_hosts(host)), sock)
+
+
+@main.command()
+@click.option("--gallery", required=True, type=click.Path(exists=True, dir_okay=False), help="The gallery's cache.")
+@click.option("--index", "index_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Index folder of --gallery.")
+@click.option("--reranker", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The re-ranker run folder (its gallery store is split too).")
+@click.option("--shards", required=True, type=click.IntRange(min=1), help="Number of shards.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), callback=_writable,
+              help="Folder of the shard folders (shard-I-of-N), replaced whole.")
+@click.option("--videos", type=click.Path(exists=True, file_okay=False),
+              help="The videos folder the shards serve frames from (default: the one recorded in the cache).")
+def split(gallery, index_dir, run_dir, shards, out, videos) -> None:
+    """Split a gallery's index and gallery store into shard folders, one `tvrerank serve SHARD_DIR` each."""
+    from tvrerank.retrieve.shards import split_gallery
+
+    for path in split_gallery(gallery, index_dir, run_dir, out, shards, videos=videos):
+        click.echo(f"{path}")
+    click.echo("serve each with `tvrerank serve SHARD_DIR --port P`, then one front with "
+               "`tvrerank serve --shards http://127.0.0.1:P1/,...`")
 
 
 @main.group()

@@ -2,7 +2,7 @@
 
 Small pure helpers in the spirit of faiss ``contrib/``: choose a factory string, build, search.
 ``Flat`` is exact and the default; ``auto`` picks by collection size and a memory budget the
-way autofaiss does (exact while small, HNSW while the graph fits, IVF-PQ beyond). The GPU is
+way autofaiss does (exact while small, IVF-Flat while the whole vectors fit, IVF-PQ beyond). The GPU is
 used for search when FAISS sees one (``faiss-gpu``) and the index type supports it.
 """
 
@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 EXACT_MAX = 50_000  # below this, exact search is fast enough for any query load we expect
 HNSW_LINKS = 32
+# IVF lists probed per query: text-query recall@15 0.980 / 0.984 / 0.983 of exact at 100k / 1M / 3M videos
+# (128: 0.945 / 0.959 / 0.949), 0.34 / 0.91 / 1.42 ms a query on one thread (benchmarks/README.md,
+# "Stage-1 recall: the sweep"); HNSW32 reached 0.85 at 1M only at efSearch 2048 (4.5 ms)
+IVF_PROBES = 256
 
 
 class FaissMissing(TvrerankError, ImportError):
@@ -50,6 +54,8 @@ def bytes_per_vector(factory: str, dim: int) -> float:
     if ",PQ" in factory:
         m = int(factory.split(",PQ")[1].split("x")[0])
         return m + 8
+    if factory.startswith("IVF"):  # IVF-Flat: the whole vector and its id in a list
+        return dim * 4 + 8
     return dim * 4
 
 
@@ -57,19 +63,28 @@ def auto_factory(n: int, dim: int, memory_budget: int = 4 << 30) -> IndexChoice:
     """Pick an index for ``n`` vectors of ``dim`` within ``memory_budget`` bytes.
 
     - n <= EXACT_MAX and it fits: ``Flat`` (exact);
-    - the HNSW graph with full vectors fits: ``HNSW32`` (no training, recall ~0.99 at efSearch 128);
-    - else ``IVF{nlist},PQ{m}x8`` with nlist ~ 4·sqrt(n) and m = dim/8 codes (64 B per 512-d vector).
+    - the whole vectors fit: ``IVF{nlist},Flat`` probing IVF_PROBES lists (text-query recall@15 ≥ 0.98 of
+      exact from 100k to 3M videos, where HNSW32 at efSearch 128 gave 0.77 at 100k and 0.28 at 1M: text
+      queries lie apart from the video embeddings, where the graph navigates badly);
+    - else ``IVF{nlist},PQ{m}x8`` with m = dim/8 codes (64 B per 512-d vector);
+    nlist ~ 4·sqrt(n) (``ivf_lists``).
     """
     if n <= EXACT_MAX and n * bytes_per_vector("Flat", dim) <= memory_budget:
         return IndexChoice("Flat", "", f"{n} vectors: exact search is cheap")
-    hnsw = f"HNSW{HNSW_LINKS}"
-    if n * bytes_per_vector(hnsw, dim) <= memory_budget:
-        return IndexChoice(hnsw, "efSearch=128", f"{n} vectors: an HNSW graph fits in the memory budget")
-    nlist = max(64, 2 ** round(math.log2(4 * math.sqrt(n))))
+    nlist = ivf_lists(n)
+    ivf_flat = f"IVF{nlist},Flat"
+    if n * bytes_per_vector(ivf_flat, dim) <= memory_budget:
+        return IndexChoice(ivf_flat, f"nprobe={min(nlist, IVF_PROBES)}",
+                           f"{n} vectors: an inverted file of the whole vectors fits in the memory budget")
     m = max(1, dim // 8)
     while dim % m:
         m -= 1
     return IndexChoice(f"IVF{nlist},PQ{m}x8", "nprobe=32", f"{n} vectors: compressed (IVF-PQ) to fit the budget")
+
+
+def ivf_lists(n: int) -> int:
+    """The number of IVF lists for n vectors: the power of two nearest 4·sqrt(n), at least 64."""
+    return max(64, 2 ** round(math.log2(4 * math.sqrt(n))))
 
 
 def build_index(vectors: np.ndarray, factory: str = "Flat", search_params: str = ""):
@@ -96,6 +111,24 @@ def build_index(vectors: np.ndarray, factory: str = "Flat", search_params: str =
     if search_params:
         faiss.ParameterSpace().set_index_parameters(index, search_params)
     return index
+
+
+def whole_vectors(index, positions: np.ndarray) -> np.ndarray | None:
+    """The vectors (n, E) float32 at ``positions`` (n,) as they were added, for an index that keeps them
+    whole (Flat, HNSW over a flat storage, IVF-Flat: its direct map is made on first use); None for
+    one that compresses them (PQ) or a GPU copy."""
+    faiss = import_faiss()
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexHNSW):
+        base = faiss.downcast_index(base.storage)
+    if isinstance(base, faiss.IndexIVFFlat):
+        if base.direct_map.type == faiss.DirectMap.NoMap:
+            base.make_direct_map()
+    elif not isinstance(base, faiss.IndexFlat):
+        return None
+    if len(positions) == 0:
+        return np.empty((0, index.d), dtype=np.float32)
+    return np.stack([base.reconstruct(int(p)) for p in positions]).astype(np.float32)
 
 
 def to_gpu_if_available(index):

@@ -45,6 +45,8 @@ class IndexConfig:
     first_stage_sha256: str = ""
     # {"index.faiss": {"bytes": n, "sha256": hex}, "video_rows.npy": {...}}; empty: written before checksums
     files: dict = field(default_factory=dict)
+    # {"shard": i, "shards": n}: this index holds the i-th of n slices of the gallery (`tvrerank split`); empty: all
+    shard: dict = field(default_factory=dict)
 
 
 INDEX_FILES = ("index.faiss", "video_rows.npy", "config.json", "config.json.sha256")
@@ -69,7 +71,7 @@ def build_index_dir(cache_path: str | Path, out: str | Path, factory: str = "Fla
                     memory_budget: int = 4 << 30, video_emb: str | Path | None = None) -> IndexConfig:
     """Build and save the index of ``cache_path``'s ok videos under ``out``: of their cached
     ``video_emb``, or of a trained first stage's ``video_emb.npy`` (``tvrerank firststage embed``)."""
-    faiss = import_faiss()
+    import_faiss()  # before any work: a clear error when FAISS is missing
     out = Path(out)
     first_stage = ""
     with CacheReader(cache_path) as cache:
@@ -92,11 +94,17 @@ def build_index_dir(cache_path: str | Path, out: str | Path, factory: str = "Fla
         first_stage_sha256=first_stage,
     )
     with replaced_folder(out, owned=set(INDEX_FILES)) as folder:  # never a new index beside an old config
-        faiss.write_index(index, str(folder / "index.faiss"))
-        np.save(folder / "video_rows.npy", rows)
-        config = IndexConfig(**config, files={name: file_record(folder / name) for name in DATA_FILES})
-        (folder / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
-        write_checksum(folder / "config.json")
+        return write_index_files(folder, index, rows, config)
+
+
+def write_index_files(folder: Path, index, rows: np.ndarray, fields: dict) -> IndexConfig:
+    """Write an index folder's files into ``folder``: the index, its row map rows (N,) and config.json
+    (``fields`` of IndexConfig, with the files' sizes and digests) with its checksum."""
+    import_faiss().write_index(index, str(folder / "index.faiss"))
+    np.save(folder / "video_rows.npy", rows)
+    config = IndexConfig(**fields, files={name: file_record(folder / name) for name in DATA_FILES})
+    (folder / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    write_checksum(folder / "config.json")
     return config
 
 

@@ -26,7 +26,7 @@ from tvrerank.errors import CacheMismatch, InputError
 from tvrerank.extract.encoder import FrozenClipEncoder, TextLayout
 from tvrerank.extract.models import register_model_config
 from tvrerank.firststage.store import load_first_stage
-from tvrerank.index.faiss_index import import_faiss, search, to_gpu_if_available
+from tvrerank.index.faiss_index import import_faiss, search, to_gpu_if_available, whole_vectors
 from tvrerank.index.store import check_index_matches, load_index_dir
 from tvrerank.rerank.checkpoint import load_reranker
 from tvrerank.rerank.inference import select_videos
@@ -46,10 +46,14 @@ class CandidateError(InputError):
     """A candidate list that cannot be re-ranked: empty, too long, a duplicate or an unknown video id."""
 
 
+NOT_INDEXED = "not searchable (its extraction failed, so it is not in the index)"
+
+
 def candidate_rows(video_ids: Sequence[str], row_of: dict[str, int], indexed: np.ndarray, k: int,
-                   where: str = "video_ids") -> np.ndarray:
+                   where: str = "video_ids", not_indexed: str = NOT_INDEXED) -> np.ndarray:
     """A caller's candidate ids → their cache rows (n,), checked: 1..k ids, no duplicate, each a gallery
-    video that is in the index (``indexed`` (N,) bool by cache row). Raises CandidateError naming the id."""
+    video that is in the index (``indexed`` (N,) bool by cache row; ``not_indexed`` says why one is not).
+    Raises CandidateError naming the id."""
     if isinstance(video_ids, (str, bytes)) or not isinstance(video_ids, Sequence):
         raise CandidateError(f"{where} must be a list of video ids")
     if len(video_ids) == 0:
@@ -68,8 +72,7 @@ def candidate_rows(video_ids: Sequence[str], row_of: dict[str, int], indexed: np
         if row is None:
             raise CandidateError(f"{where}: no video {video_id!r} in the gallery")
         if not indexed[row]:
-            raise CandidateError(f"{where}: video {video_id!r} is not searchable (its extraction failed, so it is "
-                                 "not in the index)")
+            raise CandidateError(f"{where}: video {video_id!r} is {not_indexed}")
         rows.append(row)
     return np.asarray(rows, dtype=np.int64)
 
@@ -109,6 +112,18 @@ def set_cpu_threads(threads: int) -> None:
         raise InputError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
     import_faiss().omp_set_num_threads(threads)
+
+
+def require_store_covers(store: GalleryStore, index_rows: np.ndarray, index_dir) -> None:
+    """Refuse a gallery store that lacks a record of some video of the index (index_rows (N,) cache rows):
+    the store of another slice of the gallery (another shard's), or of another build."""
+    positions = np.clip(np.searchsorted(store.rows, index_rows), 0, max(len(store.rows) - 1, 0))
+    held = (store.rows[positions] == index_rows) if len(store.rows) else np.zeros(len(index_rows), dtype=bool)
+    if not held.all():
+        raise CacheMismatch(f"{store.path}: the gallery store holds no record of {int((~held).sum())} of the "
+                            f"{len(index_rows)} videos of index {index_dir} (the store of another shard or build "
+                            "beside it); split the gallery again with `tvrerank split`, or rebuild the store with "
+                            "`tvrerank gallery`")
 
 
 def text_encoder_for(cache: CacheReader, device: str) -> FrozenClipEncoder:
@@ -170,6 +185,7 @@ class Retriever:
             self.reranker.require_cache(self.cache)
             self.store = GalleryStore.find(run_dir, self.cache) if use_store else None
             if self.store is not None:
+                require_store_covers(self.store, self.index_rows, index_dir)
                 log.info("using the gallery store %s", self.store.path)
             elif use_store:
                 log.info("no gallery store for %s: selecting tokens per query (`tvrerank gallery --gallery %s "
@@ -259,7 +275,7 @@ class Retriever:
         check_queries([query], ["the query"])
         if self.reranker is None:
             raise InputError("re-ranking candidates needs a trained re-ranker: pass --reranker RUN_DIR")
-        rows = candidate_rows(video_ids, self.row_of, self.indexed, k)
+        rows = candidate_rows(video_ids, self.row_of, self.indexed, k, not_indexed=self.not_indexed)
         emb, tokens, lengths = self.encode_queries([query])
         if stage1 is None:
             scores = self.stage1_scores(self.query_embeddings(emb)[0], rows)
@@ -274,6 +290,15 @@ class Retriever:
         result = self.rank_hits(query, scores, rows, n, n if top is None else min(top, n), reranked[0])
         warning = self.truncation_warning(query)
         return result if warning is None else replace(result, warning=warning)
+
+    @property
+    def not_indexed(self) -> str:
+        """Why a gallery video is not in the index: its extraction failed, or another shard holds it."""
+        shard = self.index_config.shard
+        if not shard:
+            return NOT_INDEXED
+        return (f"not in this shard (it holds shard {shard['shard']} of {shard['shards']} of the gallery's videos); "
+                "send it to the shard that holds it")
 
     @property
     def row_of(self) -> dict[str, int]:
@@ -294,7 +319,7 @@ class Retriever:
         """query_vector (E,) → the first stage's score of each of ``rows`` (n,) cache rows: (n,) float32.
 
         The inner products FAISS would give: with the vectors the index holds when it keeps them whole
-        (Flat, HNSW: exact, in memory), else the cache's video embeddings (an index of the cache's own
+        (Flat, HNSW, IVF-Flat: exact, in memory), else the cache's video embeddings (an index of the cache's own
         embeddings), computed by a FAISS flat index, as the index's exact search computes them.
         """
         faiss = import_faiss()
@@ -308,15 +333,12 @@ class Retriever:
 
     def indexed_vectors(self, rows: np.ndarray) -> np.ndarray:
         """rows (n,) cache rows in the index → the vectors (n, E) float32 stage 1 scores them by."""
-        faiss = import_faiss()
-        base = faiss.downcast_index(self.index)
-        if isinstance(base, faiss.IndexHNSW):
-            base = faiss.downcast_index(base.storage)
-        if isinstance(base, faiss.IndexFlat):
-            if self._index_position is None:
-                self._index_position = np.full(len(self.video_ids), -1, dtype=np.int64)
-                self._index_position[self.index_rows] = np.arange(len(self.index_rows))
-            return np.stack([self.index.reconstruct(int(p)) for p in self._index_position[rows]]).astype(np.float32)
+        if self._index_position is None:
+            self._index_position = np.full(len(self.video_ids), -1, dtype=np.int64)
+            self._index_position[self.index_rows] = np.arange(len(self.index_rows))
+        vectors = whole_vectors(self.index, self._index_position[rows])
+        if vectors is not None:
+            return vectors
         if self.first_stage is not None:
             raise InputError(f"the index ({self.index_config.factory}) keeps no whole vectors of the trained first "
                              "stage: give each candidate's stage-1 score (\"stage1\": [...])")
@@ -412,21 +434,34 @@ class Retriever:
               rerank: np.ndarray | None) -> QueryResult:
         """One query's hits by the ranking rule (``rerank.ranking``): the top K by fused score, then
         stage-1 order; stage1 (depth,), rows (depth,) cache rows (-1: none), rerank (K,) or None."""
-        order, fused = np.arange(len(rows)), None
-        if rerank is not None:
-            present = rows[None, :k] >= 0
-            fused = fused_scores(stage1[None, :k], rerank[None, :k], fusion=self.reranker.fusion,
-                                 alpha=self.reranker.fusion_alpha, present=present)[0]  # (K,)
-            order = np.concatenate([order_candidates(fused[None], stage1[None, :k])[0], order[k:]])
-        hits = []
-        for slot in order:
-            if rows[slot] < 0:
-                continue
-            in_head = fused is not None and slot < k
-            hits.append(Hit(video_id=str(self.video_ids[rows[slot]]), path=str(self.video_paths[rows[slot]]),
-                            stage1=float(stage1[slot]), rerank=float(rerank[slot]) if in_head else None,
-                            score=float(fused[slot] if in_head else stage1[slot]),
-                            ranked_by="fused" if in_head else "stage1", stage1_rank=int(slot) + 1))
-            if len(hits) == top:
-                break
-        return QueryResult(query=query, results=hits)
+        present = rows >= 0
+        ids = [str(self.video_ids[row]) if ok else None for row, ok in zip(rows, present)]
+        paths = [str(self.video_paths[row]) if ok else None for row, ok in zip(rows, present)]
+        fusion = None if rerank is None else (self.reranker.fusion, self.reranker.fusion_alpha)
+        return QueryResult(query=query, results=ranked_hits(stage1, ids, paths, k, top, rerank, fusion))
+
+
+def ranked_hits(stage1: np.ndarray, video_ids: Sequence[str | None], paths: Sequence[str | None], k: int, top: int,
+                rerank: np.ndarray | None, fusion: tuple[str, float | None] | None) -> list[Hit]:
+    """The ranking rule over one query's stage-1 list: stage1 (depth,) scores in stage-1 order, their
+    video ids and paths (None: no candidate), rerank (K,) the re-ranker's scores of the first K (or None:
+    stage 1 only), fusion the run's (fusion, alpha) → the top ``top`` hits: the first K by fused score
+    (ties by stage-1 score, then place), then the rest in stage-1 order."""
+    order, fused = np.arange(len(video_ids)), None
+    if rerank is not None:
+        present = np.array([video_id is not None for video_id in video_ids[:k]])[None]
+        fused = fused_scores(stage1[None, :k], rerank[None, :k], fusion=fusion[0], alpha=fusion[1],
+                             present=present)[0]  # (K,)
+        order = np.concatenate([order_candidates(fused[None], stage1[None, :k])[0], order[k:]])
+    hits = []
+    for slot in order:
+        if video_ids[slot] is None:
+            continue
+        in_head = fused is not None and slot < k
+        hits.append(Hit(video_id=video_ids[slot], path=paths[slot], stage1=float(stage1[slot]),
+                        rerank=float(rerank[slot]) if in_head else None,
+                        score=float(fused[slot] if in_head else stage1[slot]),
+                        ranked_by="fused" if in_head else "stage1", stage1_rank=int(slot) + 1))
+        if len(hits) == top:
+            break
+    return hits

@@ -40,6 +40,7 @@ from tvrerank.cache.truth import read_truth
 from tvrerank.extract.frames import VideoDecodeError, sample_frames, seconds_per_tick
 from tvrerank.extract.preprocess import resize_options
 from tvrerank.rerank.explain import explain_pair
+from tvrerank.retrieve.gallery_store import reranker_digest
 from tvrerank.retrieve.retriever import QueryError, Retriever, check_queries
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,9 @@ class SearchService:
         self._caption_video = caption_video[self._caption_order]
         self.detail = known_detail(cache, self.layout)  # (N, T, P) bool or None, read once
         self.strips = StripCache(strip_budget)
-        self.gallery_tag = cache_video_ids_digest(cache)[:16]  # strips' ETags: another gallery, other tags
+        self.gallery_ids_sha256 = cache_video_ids_digest(cache)
+        self.gallery_tag = self.gallery_ids_sha256[:16]  # strips' ETags: another gallery, other tags
+        self.reranker_sha256 = reranker_digest(retriever.reranker.run_dir)
         self.model_gate = Gate("search", workers=1, waiting=waiting)
         self.decode_gate = Gate("frame decoding", workers=2, waiting=waiting)
 
@@ -223,7 +226,10 @@ class SearchService:
         return {"gallery": str(self.retriever.gallery), "videos": len(self.row_of),
                 "searchable": int(len(self.retriever.index_rows)), "model": header.encoder.model, "k": self.k,
                 "frames": self.layout.frames, "image_size": self.layout.image_size, "grid": list(self.layout.grid),
-                "frame_tokens": model.frame_tokens, "fusion": self.retriever.reranker.fusion}
+                "frame_tokens": model.frame_tokens, "fusion": self.retriever.reranker.fusion,
+                # what a front over shards (retrieve/sharded.py) checks and fuses with
+                "fusion_alpha": self.retriever.reranker.fusion_alpha, "shard": self.retriever.index_config.shard or None,
+                "gallery_ids_sha256": self.gallery_ids_sha256, "reranker_sha256": self.reranker_sha256}
 
     def row(self, video_id: str) -> int:
         row = self.row_of.get(video_id)
