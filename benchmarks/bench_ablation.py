@@ -1,6 +1,7 @@
-"""The re-ranker part by part on the known-answer toy world: one row per variant, 3 training seeds.
+"""The re-ranker part by part on a known-answer toy world: one row per variant, 3 training seeds.
 
     python benchmarks/bench_ablation.py                       # the table in docs/ablation.md (2 cores: < 60 min)
+    python benchmarks/bench_ablation.py --world detail        # the detail world's (toy/make.py), with selector recalls
     python benchmarks/bench_ablation.py --extra               # and the selector-perturbation rows (+17 min)
     python benchmarks/bench_ablation.py --only full "K = 5"   # some rows
     python benchmarks/bench_ablation.py --smoke               # seconds: a tiny world, 2 rows, 1 seed
@@ -18,7 +19,9 @@ full model's frame-selector scorer on one training batch, drawn 8 times per samp
 mean cosine between two draws (1.0: the same gradient every time; near 0: noise).
 
 Prints a markdown table (variant, options, stage-1 R@1, re-ranked R@1 mean ± sd over seeds,
-gain, training seconds per run) and writes it with every run's numbers to OUT/ablation.json.
+gain, training seconds per run; on a world that knows where its detail is, the frame and video
+selectors' recall of it beside their chance rates, ``selector_recall.py``) and writes it with every
+run's numbers to OUT/ablation.json.
 """
 
 from __future__ import annotations
