@@ -54,6 +54,26 @@ class RerankRequest(BaseModel):
     top: int | None = Field(None, ge=1)
 
 
+def handle_request_errors(app: FastAPI) -> None:
+    """The JSON errors every tvrerank API answers with: a bad parameter 400 naming it, an unknown path
+    404, anything unexpected 500 (logged with its traceback, never sent)."""
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}"
+                             for e in exc.errors())
+        return error(400, problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, "not found" if exc.status_code == 404 else str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception):
+        log.exception("error answering %s", request.url.path)
+        return error(500, "internal error; the server log has the details")
+
+
 def create_app(service: SearchService, *, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The app over ``service``. ``allowed_hosts``: the Host header values served (others get 400),
     which stops a web page from reaching a loopback server through DNS rebinding; None: any."""
@@ -80,20 +100,7 @@ def create_app(service: SearchService, *, allowed_hosts: list[str] | None = None
     async def user_error(request: Request, exc: TvrerankError):
         return error(400, str(exc))
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_parameter(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}"
-                             for e in exc.errors())
-        return error(400, problems)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, "not found" if exc.status_code == 404 else str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def bug(request: Request, exc: Exception):
-        log.exception("error answering %s", request.url.path)
-        return error(500, "internal error; the server log has the details")
+    handle_request_errors(app)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():

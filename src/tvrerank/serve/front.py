@@ -11,17 +11,11 @@ goes to the shard that holds them. Errors are JSON ``{"error": ...}``: a shard's
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from tvrerank.retrieve.sharded import ShardedRetriever, ShardRefused, ShardUnavailable
-from tvrerank.serve.app import error
-
-log = logging.getLogger(__name__)
+from tvrerank.serve.app import error, handle_request_errors
 
 
 def create_front_app(sharded: ShardedRetriever, *, allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -38,18 +32,7 @@ def create_front_app(sharded: ShardedRetriever, *, allowed_hosts: list[str] | No
     async def unavailable(request: Request, exc: ShardUnavailable):
         return error(502, str(exc))
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_parameter(request: Request, exc: RequestValidationError):
-        return error(400, "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, "not found" if exc.status_code == 404 else str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def bug(request: Request, exc: Exception):
-        log.exception("error answering %s", request.url.path)
-        return error(500, "internal error; the server log has the details")
+    handle_request_errors(app)
 
     @app.get("/api/info")
     def info():
