@@ -184,7 +184,8 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro
         with skip_sync:
             with autocast_for(device):
                 scores = trained(batch["text_tokens"], batch["text_length"], batch["tokens"], batch["frame_emb"],
-                                 batch["frame_mask"], pair_video, pair_caption, distill_pairs=distill)
+                                 batch["frame_mask"], pair_video, pair_caption,
+                                 **({} if distill is None else {"distill_pairs": distill}))
                 scores, distilled = scores if distill is not None else (scores, 0.0)
                 scores = scores.float()
                 text_scores = None if negative_text is None else scores[b * g :].view(b, -1)
