@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
 import signal
 import shutil
 import struct
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -260,11 +264,6 @@ def split_demo(served_demo, tmp_path_factory) -> dict[str, Path]:
 
 def serve_process(*arguments, timeout: float = 180) -> tuple[subprocess.Popen, str]:
     """A real `tvrerank serve ARGUMENTS` in a child process on a free loopback port → (process, its URL)."""
-    import queue
-    import re
-    import sys
-    import threading
-
     process = subprocess.Popen([sys.executable, "-m", "tvrerank.cli", "serve", *map(str, arguments), "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()

@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import re
 import shutil
-import subprocess
-import sys
-import threading
 from pathlib import Path
 from urllib.parse import urlencode
 
 import h5py
 import numpy as np
 import pytest
+from conftest import serve_process, stop
 
 from tvrerank.cache.schema import OK
 
@@ -83,25 +79,11 @@ def detail_server(request):
 @contextlib.contextmanager
 def serving(demo: Path, run: Path):
     """A real `tvrerank serve` of ``demo`` with ``run`` on a free loopback port: its URL; stopped afterwards."""
-    process = subprocess.Popen([sys.executable, "-m", "tvrerank.cli", "serve", str(demo), "--reranker",
-                                str(run), "--port", "0", "--device", "cpu", "--threads", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
-    seen = []
+    process, url = serve_process(demo, "--reranker", run, "--device", "cpu", "--threads", "1", timeout=120)
     try:
-        while True:
-            line = lines.get(timeout=120)
-            seen.append(line)
-            match = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
-            if match:
-                break
-        yield match.group(1)
-    except queue.Empty:
-        pytest.fail("tvrerank serve printed no URL:\n" + "".join(seen))
+        yield url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop(process)
 
 
 def test_page_shows_both_columns_with_thumbnails_and_draws_the_explain_view(server):

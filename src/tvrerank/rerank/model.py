@@ -269,12 +269,11 @@ class FrameTokenSelector(nn.Module):
             return frame_global.unsqueeze(2)
         if self.random:
             weights = _hard_top_k(self.random_scores(b, t, p, tokens.device), self.keep)  # (B·T, M, P)
-            kept = torch.bmm(weights.to(tokens.dtype), tokens.reshape(b * t, p, d)).reshape(b, t, self.keep, d)
-            return torch.cat([frame_global.unsqueeze(2), kept], dim=2)
-        if self.score is None or self.reads_all:  # nothing to choose (or the warm-up): keep every token
+        elif self.score is None or self.reads_all:  # nothing to choose (or the warm-up): keep every token
             return torch.cat([frame_global.unsqueeze(2), tokens], dim=2)
-        weights = selection_weights(self.saliency(tokens, frame_global, prior).flatten(0, 1), self.keep, soft=soft,
-                                    how=self.how)  # (B·T, M, P) float32
+        else:
+            weights = selection_weights(self.saliency(tokens, frame_global, prior).flatten(0, 1), self.keep,
+                                        soft=soft, how=self.how)  # (B·T, M, P) float32
         kept = torch.bmm(weights.to(tokens.dtype), tokens.reshape(b * t, p, d)).reshape(b, t, self.keep, d)
         return torch.cat([frame_global.unsqueeze(2), kept], dim=2)
 

@@ -65,9 +65,9 @@ LOG_HEADER = ["step", "lr", "loss", "seconds", "val_stage1_R1", "val_reranked_R1
 CACHE_LAYOUT = ("frames", "tokens_per_frame", "token_dim", "embed_dim", "text_token_dim", "text_tokens")
 
 
-#: the re-ranker's optimisation defaults (``TrainConfig.optim``)
 #: the selectors' scorers (parameter-name prefixes), which ``selector_lr_scale`` applies to
 SCORERS = ("frame_selector.score", "video_selector.score")
+#: the re-ranker's optimisation defaults (``TrainConfig.optim``)
 RERANKER_OPTIM = OptimConfig(steps=2000, lr=5e-4, min_lr_ratio=0.1, warmup=100, weight_decay=0.05, grad_clip=1.0)
 
 
